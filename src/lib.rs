@@ -2,6 +2,14 @@
 //!
 //! See `docs/architecture.md` for how a request flows through these modules.
 
+pub mod api;
+pub mod app;
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod role;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

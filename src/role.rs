@@ -15,15 +15,8 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
-        Role::Admin,
-        Role::Clinician,
-        Role::Nurse,
-        Role::FrontDesk,
-        Role::Billing,
-        Role::Patient,
-        Role::Auditor,
-    ];
+    pub const ALL: [Role; 7] =
+        [Role::Admin, Role::Clinician, Role::Nurse, Role::FrontDesk, Role::Billing, Role::Patient, Role::Auditor];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,0 +1,3 @@
+DROP TABLE search_index;
+DROP TABLE resource_history;
+DROP TABLE resources;

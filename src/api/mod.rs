@@ -1,0 +1,98 @@
+//! HTTP only: routes are registered in one place ([`routes`]); handlers parse, call a service, render.
+
+pub mod health;
+
+use crate::app::AppState;
+use crate::error::{AppError, FHIR_JSON, operation_outcome};
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::{ErrorHandlerResponse, Next};
+use actix_web::{HttpResponse, web};
+use futures_util::StreamExt;
+
+/// Every route of the service.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
+        .service(web::resource("/health/ready").route(web::get().to(health::ready)));
+}
+
+/// Unknown routes answer 404 with an OperationOutcome.
+pub async fn not_found() -> HttpResponse {
+    actix_web::ResponseError::error_response(&AppError::NotFound)
+}
+
+/// Security headers on every response (CONTRACT §2).
+pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add((header::STRICT_TRANSPORT_SECURITY, "max-age=63072000"))
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::CACHE_CONTROL, "no-store"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"))
+        .add((header::REFERRER_POLICY, "no-referrer"))
+}
+
+/// Any error response not already an OperationOutcome (extractor failures, the rate limiter, actix defaults)
+/// gets a generic one for its status, so no framework text (which can quote input) reaches a client.
+pub fn outcome_for_plain_errors<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_fhir =
+        res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(FHIR_JSON.as_bytes()));
+    if is_fhir {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let (code, text) = generic_issue(status);
+    let (req, mut resp) = res.into_parts();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if status == StatusCode::UNAUTHORIZED && !resp.headers().contains_key(header::WWW_AUTHENTICATE) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carevault\""));
+    }
+    let resp = resp.set_body(operation_outcome("error", code, text, None).to_string()).map_into_boxed_body();
+    Ok(ErrorHandlerResponse::Response(ServiceResponse::new(req, resp).map_into_right_body()))
+}
+
+fn generic_issue(status: StatusCode) -> (&'static str, &'static str) {
+    match status {
+        StatusCode::NOT_FOUND => ("not-found", "The resource was not found."),
+        StatusCode::METHOD_NOT_ALLOWED => ("not-supported", "The operation is not supported."),
+        StatusCode::PAYLOAD_TOO_LARGE => ("too-costly", "The request body is too large."),
+        StatusCode::TOO_MANY_REQUESTS => ("throttled", "Too many requests; retry later."),
+        StatusCode::UNAUTHORIZED => ("login", "Authentication is required."),
+        StatusCode::FORBIDDEN => ("forbidden", "The operation is not permitted."),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("not-supported", "The content type is not supported."),
+        s if s.is_server_error() => ("exception", "An internal error occurred."),
+        _ => ("invalid", "The request is invalid."),
+    }
+}
+
+/// Rejects a declared body above the limit before anything reads it (413).
+pub async fn body_limit(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
+    let max = req
+        .app_data::<web::Data<AppState>>()
+        .map_or(crate::config::LimitsConfig::default().max_body_bytes, |s| s.config.limits.max_body_bytes);
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        let resp = actix_web::ResponseError::error_response(&AppError::PayloadTooLarge);
+        return Ok(req.into_response(resp).map_into_right_body());
+    }
+    next.call(req).await.map(ServiceResponse::map_into_left_body)
+}
+
+/// Reads a request body, enforcing the limit also for chunked bodies that declared no length.
+pub async fn read_body(mut payload: web::Payload, max: usize) -> Result<web::Bytes, AppError> {
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| AppError::invalid("body", "The request body could not be read."))?;
+        if buf.len() + chunk.len() > max {
+            return Err(AppError::PayloadTooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}

@@ -1,0 +1,99 @@
+//! Builds the actix application and server from a [`Config`]: the one place where middleware order is set.
+//! Tests build it with port 0 and ask for the port.
+
+use crate::api;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::store::{Db, StoreError};
+use crate::tls::{self, TlsError};
+use actix_web::dev::Server;
+use actix_web::middleware::{ErrorHandlers, from_fn};
+use actix_web::{App, HttpServer, web};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+/// What every handler can reach. Cheap to clone (everything inside is shared).
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub clock: SharedClock,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {0} (`listen`): address in use or not permitted")]
+    Bind(SocketAddr),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A built, bound, not yet running server.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects the database, runs migrations, prepares TLS and binds the listener.
+    pub fn build(config: Config, clock: SharedClock) -> Result<Application, StartError> {
+        let db = Db::connect(&config.database()?, 16)?;
+        db.migrate()?;
+        let state = AppState { config: Arc::new(config), db, clock };
+        Self::build_with_state(state)
+    }
+
+    pub fn build_with_state(state: AppState) -> Result<Application, StartError> {
+        let cfg = state.config.clone();
+        let listener = TcpListener::bind(cfg.listen).map_err(|_| StartError::Bind(cfg.listen))?;
+        let port = listener.local_addr().map_err(|_| StartError::Bind(cfg.listen))?.port();
+        let data = web::Data::new(state.clone());
+        let factory = move || {
+            App::new()
+                .app_data(data.clone())
+                .wrap(ErrorHandlers::new().default_handler(api::outcome_for_plain_errors))
+                .wrap(from_fn(api::body_limit))
+                .wrap(api::security_headers())
+                .wrap(from_fn(crate::telemetry::request_log))
+                .configure(api::routes)
+                .default_service(web::to(api::not_found))
+        };
+        let server = HttpServer::new(factory).workers(worker_count()).disable_signals();
+        let server = if cfg.insecure_http {
+            server.listen(listener).map_err(|_| StartError::Bind(cfg.listen))?
+        } else {
+            let (cert, key) = tls::cert_paths(&cfg)?;
+            let tls_config = tls::server_config(&cert, &key, cfg.profile)?;
+            server.listen_rustls_0_23(listener, tls_config).map_err(|_| StartError::Bind(cfg.listen))?
+        };
+        Ok(Application { port, server: server.run(), state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// A handle that can stop the server (tests, signals).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}

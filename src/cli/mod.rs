@@ -1,0 +1,63 @@
+//! The command line (CONTRACT §1): one module per subcommand group. Every subcommand takes `--data-dir`
+//! (before or after it) and reads the same configuration as the server.
+
+pub mod serve;
+
+use crate::config::{Config, ConfigError, Overrides};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "carevault", version, about = "A HIPAA-grade FHIR R4 patient-records API")]
+pub struct Cli {
+    /// Data directory (database, generated certificate and keys in development).
+    #[arg(long, global = true, env = "CAREVAULT_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// TOML configuration file; `CAREVAULT_*` environment variables override it.
+    #[arg(long, global = true, env = "CAREVAULT_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTPS server.
+    Serve(serve::ServeArgs),
+    /// Run pending database migrations and exit.
+    Migrate,
+}
+
+impl Cli {
+    /// Loads the configuration shared by every subcommand.
+    pub fn load_config(&self, extra: impl FnOnce(&mut Overrides)) -> Result<Config, ConfigError> {
+        let mut over =
+            Overrides { config_file: self.config.clone(), data_dir: self.data_dir.clone(), ..Default::default() };
+        extra(&mut over);
+        Config::load(&over)
+    }
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match &cli.command {
+        None => serve::run(&cli, &serve::ServeArgs { demo: true, ..Default::default() }),
+        Some(Command::Serve(args)) => serve::run(&cli, args),
+        Some(Command::Migrate) => migrate(&cli),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("carevault: {message}");
+            1
+        }
+    }
+}
+
+fn migrate(cli: &Cli) -> Result<(), String> {
+    let cfg = cli.load_config(|_| {}).map_err(|e| e.to_string())?;
+    let db = crate::store::Db::connect(&cfg.database().map_err(|e| e.to_string())?, 1).map_err(|e| e.to_string())?;
+    let n = db.migrate().map_err(|e| e.to_string())?;
+    println!("{n} migration(s) applied");
+    Ok(())
+}

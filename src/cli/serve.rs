@@ -1,0 +1,45 @@
+//! `carevault serve [--listen ADDR:PORT] [--demo] [--insecure-http-behind-proxy]`.
+
+use super::Cli;
+use crate::app::Application;
+use std::net::SocketAddr;
+
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default from `listen`, 127.0.0.1:8443).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Seed demo accounts and synthetic patients (development profile only).
+    #[arg(long)]
+    pub demo: bool,
+    /// Serve plain HTTP behind a TLS-terminating proxy (refused in production).
+    #[arg(long)]
+    pub insecure_http_behind_proxy: bool,
+}
+
+pub fn run(cli: &Cli, args: &ServeArgs) -> Result<(), String> {
+    let cfg = cli
+        .load_config(|o| {
+            o.listen = args.listen;
+            o.demo = args.demo;
+            o.insecure_http = args.insecure_http_behind_proxy;
+        })
+        .map_err(|e| e.to_string())?;
+    crate::telemetry::init_logging();
+    crate::telemetry::install_panic_hook();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let scheme = if cfg.insecure_http { "http" } else { "https" };
+        let app = Application::build(cfg, crate::clock::system()).map_err(|e| e.to_string())?;
+        let addr = format!("{scheme}://{}:{}", app.state().config.listen.ip(), app.port());
+        tracing::info!(listen = %addr, "carevault is serving");
+        println!("carevault is serving on {addr}");
+        let handle = app.handle();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                handle.stop(true).await;
+            }
+        });
+        app.run_until_stopped().await.map_err(|e| e.to_string())
+    })
+}

@@ -1,0 +1,477 @@
+//! Typed settings (CONTRACT §1, §10): a TOML file (`--config`) overridden by `CAREVAULT_*` environment variables
+//! (`__` between levels). Unknown keys are an error. Every secret can come from a file (`…_file`) and lives in a
+//! `secrecy` type whose `Debug` prints nothing. The production profile refuses every development convenience and
+//! names the setting that is missing.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Environment variables with the `CAREVAULT_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["TEST_POSTGRES_URL", "DATA_DIR", "CONFIG", "LOG"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+    #[error("production profile: `{setting}` must be set ({why})")]
+    Production { setting: &'static str, why: &'static str },
+    #[error("configuration: cannot read the file named by `{setting}`")]
+    Unreadable { setting: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub profile: Profile,
+    /// `sqlite://PATH` or `postgres://…`; default `sqlite://DATA_DIR/carevault.db`.
+    #[serde(default)]
+    database_url: Option<SecretString>,
+    #[serde(default)]
+    database_url_file: Option<PathBuf>,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Public base URL used in links (`Location`, Bundle links); default `https://{listen}`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub access: AccessConfig,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Set from the command line only.
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+    /// Set from the command line only (`--insecure-http-behind-proxy`).
+    #[serde(skip)]
+    pub insecure_http: bool,
+    /// Set from the command line only (`--demo`).
+    #[serde(skip)]
+    pub demo: bool,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    pub master_key_file: Option<PathBuf>,
+    /// The master key itself (base64); prefer `master_key_file`.
+    pub master_key: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub access_token_ttl_secs: u64,
+    pub session_idle_secs: u64,
+    pub session_max_secs: u64,
+    /// `iss` of own tokens; default the base URL.
+    pub issuer: Option<String>,
+    pub oidc: Option<OidcConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { access_token_ttl_secs: 300, session_idle_secs: 900, session_max_secs: 43_200, issuer: None, oidc: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    #[serde(default = "default_link_claim")]
+    pub link_claim: String,
+    /// Expected `aud` of the provider's access tokens (resource-server mode); default `client_id`.
+    pub audience: Option<String>,
+    /// Where the provider sends the browser back; default `{base_url}/auth/oidc/callback`.
+    pub redirect_url: Option<String>,
+}
+
+fn default_roles_claim() -> String {
+    "carevault_roles".into()
+}
+fn default_link_claim() -> String {
+    "fhirUser".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    pub break_glass_minutes: u64,
+    /// Folder with the casbin model, policy and field rules; default `./policies`.
+    pub policy_dir: Option<PathBuf>,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self { break_glass_minutes: 60, policy_dir: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    pub failed_logins_threshold: u32,
+    pub bulk_access_patients: u32,
+    pub bulk_access_window_secs: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self { failed_logins_threshold: 10, bulk_access_patients: 50, bulk_access_window_secs: 600 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<SecretString>,
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_body_bytes: usize,
+    pub requests_per_second: u64,
+    pub burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 1_048_576, requests_per_second: 200, burst: 400 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub retention_days: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { retention_days: 6 * 365 }
+    }
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Sqlite(PathBuf),
+    Postgres(SecretStringEq),
+}
+
+/// A secret URL that can be compared (tests) but never printed.
+#[derive(Clone)]
+pub struct SecretStringEq(pub SecretString);
+impl PartialEq for SecretStringEq {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.expose_secret() == other.0.expose_secret()
+    }
+}
+impl Eq for SecretStringEq {}
+impl std::fmt::Debug for SecretStringEq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// What the command line contributes.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub insecure_http: bool,
+    pub demo: bool,
+}
+
+impl Config {
+    /// Loads the file (if any), then the environment, then the command line.
+    pub fn load(over: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(path) = &over.config_file {
+            if !path.is_file() {
+                return Err(ConfigError::Unreadable { setting: "--config" });
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(Env::prefixed("CAREVAULT_").ignore(NON_CONFIG_ENV).split("__"));
+        Self::from_figment(fig, over)
+    }
+
+    /// Builds a configuration from TOML text and the command line alone (no environment): for tests.
+    pub fn from_toml(text: &str, over: &Overrides) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)), over)
+    }
+
+    fn from_figment(fig: Figment, over: &Overrides) -> Result<Config, ConfigError> {
+        let fig = match over.listen {
+            Some(addr) => fig.merge(Serialized::default("listen", addr.to_string())),
+            None => fig,
+        };
+        let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Invalid(describe(&e)))?;
+        cfg.data_dir = over.data_dir.clone();
+        cfg.insecure_http = over.insecure_http;
+        cfg.demo = over.demo;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.auth.access_token_ttl_secs == 0 || self.auth.access_token_ttl_secs > 900 {
+            return Err(ConfigError::Invalid("`auth.access_token_ttl_secs` must be between 1 and 900".into()));
+        }
+        if self.auth.session_idle_secs == 0 || self.auth.session_idle_secs > self.auth.session_max_secs {
+            return Err(ConfigError::Invalid(
+                "`auth.session_idle_secs` must be positive and at most `auth.session_max_secs`".into(),
+            ));
+        }
+        if self.limits.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid("`limits.max_body_bytes` must be at least 1024".into()));
+        }
+        if self.limits.requests_per_second == 0 {
+            return Err(ConfigError::Invalid("`limits.requests_per_second` must be positive".into()));
+        }
+        self.database()?;
+        if self.profile == Profile::Production {
+            self.check_production()?;
+        }
+        Ok(())
+    }
+
+    /// The production profile refuses every development convenience, naming the missing setting.
+    fn check_production(&self) -> Result<(), ConfigError> {
+        let prod = |setting, why| Err(ConfigError::Production { setting, why });
+        if self.insecure_http {
+            return prod("--insecure-http-behind-proxy", "plain HTTP is refused in production; remove the flag");
+        }
+        if self.demo {
+            return prod("--demo", "demo seeding is refused in production; remove the flag");
+        }
+        if matches!(self.database()?, DatabaseTarget::Sqlite(_)) {
+            return prod("database_url", "a postgres:// URL; SQLite is for development");
+        }
+        if self.tls.cert_file.is_none() {
+            return prod("tls.cert_file", "a certificate file; self-signed generation is for development");
+        }
+        if self.tls.key_file.is_none() {
+            return prod("tls.key_file", "the certificate's private key file");
+        }
+        if self.keys.master_key_file.is_none() && self.keys.master_key.is_none() {
+            return prod("keys.master_key_file", "the master key; generated keys are for development");
+        }
+        if let Some(file) = &self.keys.master_key_file
+            && file.starts_with(self.data_dir.join("keys"))
+        {
+            return prod("keys.master_key_file", "a key kept outside the data directory, not the generated one");
+        }
+        Ok(())
+    }
+
+    /// Parses `database_url` (or `database_url_file`); any scheme but `sqlite://` and `postgres://` is an error.
+    pub fn database(&self) -> Result<DatabaseTarget, ConfigError> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(u), _) => u.expose_secret().trim().to_owned(),
+            (None, Some(f)) => read_secret_file(f, "database_url_file")?.expose_secret().trim().to_owned(),
+            (None, None) => return Ok(DatabaseTarget::Sqlite(self.data_dir.join("carevault.db"))),
+        };
+        parse_database_url(&url)
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.access.policy_dir.clone().unwrap_or_else(|| PathBuf::from("policies"))
+    }
+
+    pub fn base_url(&self) -> String {
+        self.base_url.clone().unwrap_or_else(|| format!("https://{}", self.listen))
+    }
+
+    pub fn oidc_client_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        match &self.auth.oidc {
+            None => Ok(None),
+            Some(o) => secret_from(&o.client_secret, &o.client_secret_file, "auth.oidc.client_secret_file"),
+        }
+    }
+
+    pub fn webhook_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        secret_from(&self.alerts.webhook_secret, &self.alerts.webhook_secret_file, "alerts.webhook_secret_file")
+    }
+}
+
+pub fn parse_database_url(url: &str) -> Result<DatabaseTarget, ConfigError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(ConfigError::Invalid("`database_url` names no SQLite file".into()));
+        }
+        Ok(DatabaseTarget::Sqlite(PathBuf::from(path)))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(DatabaseTarget::Postgres(SecretStringEq(SecretString::from(url.to_owned()))))
+    } else {
+        Err(ConfigError::Invalid("`database_url` must start with sqlite:// or postgres://".into()))
+    }
+}
+
+fn secret_from(
+    value: &Option<SecretString>,
+    file: &Option<PathBuf>,
+    setting: &'static str,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (value, file) {
+        (Some(v), _) => Ok(Some(v.clone())),
+        (None, Some(f)) => read_secret_file(f, setting).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Reads a one-line secret from a file; the error names the setting, never the content.
+pub fn read_secret_file(path: &Path, setting: &'static str) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|_| ConfigError::Unreadable { setting })?;
+    Ok(SecretString::from(text.trim().to_owned()))
+}
+
+/// figment's messages name the key and expected type; keep that, drop any value it quotes.
+fn describe(e: &figment::Error) -> String {
+    let mut out = Vec::new();
+    for err in e.clone() {
+        let key = err.path.join(".");
+        let what = match &err.kind {
+            figment::error::Kind::UnknownField(f, _) => {
+                let full = if key.is_empty() || key.ends_with(f.as_str()) { key.clone() } else { format!("{key}.{f}") };
+                format!("unknown key `{}`", if full.is_empty() { f } else { &full })
+            }
+            figment::error::Kind::MissingField(f) => format!("missing key `{f}`"),
+            figment::error::Kind::InvalidType(_, exp) => format!("`{key}` must be {exp}"),
+            figment::error::Kind::InvalidValue(_, exp) => format!("`{key}` must be {exp}"),
+            figment::error::Kind::UnknownVariant(_, exp) => format!("`{key}` must be one of {}", exp.join(", ")),
+            _ => format!("`{key}` is invalid"),
+        };
+        out.push(what);
+    }
+    out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn over() -> Overrides {
+        Overrides { data_dir: PathBuf::from("/tmp/cv-data"), ..Default::default() }
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::from_toml("", &over()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.auth.access_token_ttl_secs, 300);
+        assert_eq!(c.auth.session_idle_secs, 900);
+        assert_eq!(c.auth.session_max_secs, 43_200);
+        assert_eq!(c.access.break_glass_minutes, 60);
+        assert_eq!(c.limits.max_body_bytes, 1_048_576);
+        assert_eq!((c.monitor.failed_logins_threshold, c.monitor.bulk_access_patients), (10, 50));
+        assert_eq!(c.database().unwrap(), DatabaseTarget::Sqlite(PathBuf::from("/tmp/cv-data/carevault.db")));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_and_named() {
+        let e = Config::from_toml("[auth]\naccess_token_ttl = 5\n", &over()).unwrap_err().to_string();
+        assert!(e.contains("unknown key `auth.access_token_ttl`"), "{e}");
+    }
+
+    #[test]
+    fn ttl_above_fifteen_minutes_is_refused() {
+        assert!(Config::from_toml("[auth]\naccess_token_ttl_secs = 901\n", &over()).is_err());
+    }
+
+    #[test]
+    fn database_scheme_is_checked_without_echoing_the_url() {
+        let e = Config::from_toml("database_url = \"mysql://u:hunter2@h/db\"\n", &over()).unwrap_err().to_string();
+        assert!(e.contains("database_url") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_toml("[keys]\nmaster_key = \"c2VjcmV0LW1hc3Rlci1rZXk=\"\n", &over()).unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn production_names_each_missing_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        let cases = [
+            ("profile = \"production\"\n", "database_url"),
+            ("profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n", "tls.cert_file"),
+            (
+                "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c.pem\"\n",
+                "tls.key_file",
+            ),
+            (
+                "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n",
+                "keys.master_key_file",
+            ),
+        ];
+        for (toml, setting) in cases {
+            let e = Config::from_toml(toml, &over()).unwrap_err().to_string();
+            assert!(e.contains(setting), "{toml}: {e}");
+        }
+        let ok = format!(
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            key.display()
+        );
+        assert!(Config::from_toml(&ok, &over()).is_ok());
+        let demo = Overrides { demo: true, ..over() };
+        assert!(Config::from_toml(&ok, &demo).unwrap_err().to_string().contains("--demo"));
+        let http = Overrides { insecure_http: true, ..over() };
+        assert!(Config::from_toml(&ok, &http).unwrap_err().to_string().contains("insecure-http"));
+    }
+}

@@ -1,0 +1,217 @@
+//! Storage: diesel over PostgreSQL and SQLite through one code path (`AnyConnection`), pooled with r2d2.
+//!
+//! Migrations are embedded, one folder per backend with identical names (`migrations/{postgres,sqlite}`), and run
+//! at start and by `carevault migrate`. SQLite runs in WAL mode with foreign keys on, a busy timeout, and
+//! `synchronous = FULL` so a commit (an audit record above all) is durable when it returns.
+
+pub mod schema;
+
+use crate::config::DatabaseTarget;
+use crate::error::AppError;
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
+use diesel::sqlite::SqliteConnection;
+use diesel::{Connection, MultiConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use secrecy::ExposeSecret;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// One connection type over both backends.
+#[derive(MultiConnection)]
+pub enum AnyConnection {
+    Postgresql(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+impl AnyConnection {
+    pub fn backend(&self) -> Backend {
+        match self {
+            AnyConnection::Postgresql(_) => Backend::Postgres,
+            AnyConnection::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: cannot connect (check `database_url`)")]
+    Connect,
+    #[error("database: cannot create the directory for the SQLite file")]
+    Directory,
+    #[error("database: migrations failed: {0}")]
+    Migration(String),
+}
+
+/// Opens connections for the pool; SQLite connections get their pragmas here.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    target: DatabaseTarget,
+}
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = r2d2::Error;
+
+    fn connect(&self) -> Result<AnyConnection, r2d2::Error> {
+        match &self.target {
+            DatabaseTarget::Postgres(url) => PgConnection::establish(url.0.expose_secret())
+                .map(AnyConnection::Postgresql)
+                .map_err(r2d2::Error::ConnectionError),
+            DatabaseTarget::Sqlite(path) => {
+                let mut conn =
+                    SqliteConnection::establish(&path.to_string_lossy()).map_err(r2d2::Error::ConnectionError)?;
+                conn.batch_execute(
+                    "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                     PRAGMA foreign_keys = ON;",
+                )
+                .map_err(r2d2::Error::QueryError)?;
+                Ok(AnyConnection::Sqlite(conn))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), r2d2::Error> {
+        conn.batch_execute("SELECT 1").map_err(r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, _conn: &mut AnyConnection) -> bool {
+        false
+    }
+}
+
+pub type DbPool = Pool<Manager>;
+pub type DbConn = PooledConnection<Manager>;
+
+/// The database handle shared by the service: a pool plus which backend it is.
+#[derive(Clone)]
+pub struct Db {
+    pool: DbPool,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("backend", &self.backend).finish()
+    }
+}
+
+impl Db {
+    /// Connects (creating the SQLite file's directory, never a file for an unknown scheme) and builds the pool.
+    pub fn connect(target: &DatabaseTarget, max_size: u32) -> Result<Db, StoreError> {
+        let backend = match target {
+            DatabaseTarget::Postgres(_) => Backend::Postgres,
+            DatabaseTarget::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    crate::fsutil::private_dir(dir).map_err(|_| StoreError::Directory)?;
+                }
+                Backend::Sqlite
+            }
+        };
+        let pool = Pool::builder()
+            .max_size(max_size)
+            .connection_timeout(Duration::from_secs(10))
+            .build(Manager { target: target.clone() })
+            .map_err(|_| StoreError::Connect)?;
+        Ok(Db { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A pooled connection, or 503 (fail closed) when the database cannot be reached.
+    pub fn conn(&self) -> Result<DbConn, AppError> {
+        self.pool.get().map_err(AppError::unavailable)
+    }
+
+    /// Runs pending migrations; returns how many ran.
+    pub fn migrate(&self) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().map_err(|_| StoreError::Connect)?;
+        run_migrations(&mut conn)
+    }
+
+    /// True when the database answers and no migration is pending.
+    pub fn ready(&self) -> bool {
+        let Ok(mut conn) = self.pool.get() else { return false };
+        let pending = match &mut *conn {
+            AnyConnection::Postgresql(c) => c.has_pending_migration(PG_MIGRATIONS),
+            AnyConnection::Sqlite(c) => c.has_pending_migration(SQLITE_MIGRATIONS),
+        };
+        matches!(pending, Ok(false))
+    }
+
+    /// Runs blocking database work off the async executor.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, AppError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, AppError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        actix_web::web::block(move || {
+            let mut conn = pool.get().map_err(AppError::unavailable)?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(AppError::internal)?
+    }
+}
+
+pub fn run_migrations(conn: &mut AnyConnection) -> Result<usize, StoreError> {
+    let ran = match conn {
+        AnyConnection::Postgresql(c) => c.run_pending_migrations(PG_MIGRATIONS).map(|v| v.len()),
+        AnyConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+    };
+    ran.map_err(|e| StoreError::Migration(e.to_string()))
+}
+
+/// Reverts every applied migration (tests check that each migration goes down and up again).
+pub fn revert_all(conn: &mut AnyConnection) -> Result<usize, StoreError> {
+    let reverted = match conn {
+        AnyConnection::Postgresql(c) => c.revert_all_migrations(PG_MIGRATIONS).map(|v| v.len()),
+        AnyConnection::Sqlite(c) => c.revert_all_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+    };
+    reverted.map_err(|e| StoreError::Migration(e.to_string()))
+}
+
+/// Any diesel error on a request path: logged generically, answered 503/500 without detail.
+pub fn db_err(e: diesel::result::Error) -> AppError {
+    match e {
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ClosedConnection, _) => {
+            AppError::unavailable("database connection closed")
+        }
+        diesel::result::Error::NotFound => AppError::NotFound,
+        other => AppError::internal(format_args!("database error: {}", kind_of(&other))),
+    }
+}
+
+/// A description of a diesel error that carries no values (messages can quote data).
+fn kind_of(e: &diesel::result::Error) -> &'static str {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(K::UniqueViolation, _) => "unique violation",
+        E::DatabaseError(K::ForeignKeyViolation, _) => "foreign key violation",
+        E::DatabaseError(K::SerializationFailure, _) => "serialization failure",
+        E::DatabaseError(K::NotNullViolation, _) => "not null violation",
+        E::DatabaseError(_, _) => "database error",
+        E::DeserializationError(_) => "deserialization error",
+        E::SerializationError(_) => "serialization error",
+        E::RollbackTransaction => "rollback",
+        _ => "query error",
+    }
+}
+
+/// The default SQLite location under a data directory.
+pub fn default_sqlite(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("carevault.db")
+}

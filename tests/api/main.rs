@@ -1,0 +1,9 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+//! Every integration test lives in this one binary. Each test starts the real server on port 0 over HTTPS with
+//! its own fresh database: a temporary SQLite file and, when `CAREVAULT_TEST_POSTGRES_URL` is set, the same test
+//! on a fresh PostgreSQL database created for it and dropped after.
+
+mod helpers;
+
+mod foundation;
