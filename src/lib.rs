@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod records;
 pub mod role;
 pub mod store;
 pub mod telemetry;

@@ -34,4 +34,13 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(resources, resource_history, search_index);
+
+diesel::table! {
+    care_relationships (careteam_id, practitioner_id, patient_id) {
+        careteam_id -> Text,
+        patient_id -> Text,
+        practitioner_id -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(resources, resource_history, search_index, care_relationships);

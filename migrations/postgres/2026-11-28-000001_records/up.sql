@@ -37,3 +37,13 @@ CREATE TABLE search_index (
     PRIMARY KEY (resource_type, param, value, id)
 );
 CREATE INDEX search_index_resource ON search_index (resource_type, id);
+
+-- Care relationships derived from active CareTeam resources (subject + participant.member Practitioner);
+-- rebuilt on every write of a CareTeam, read on every request of a clinician or nurse.
+CREATE TABLE care_relationships (
+    careteam_id     TEXT NOT NULL,
+    patient_id      TEXT NOT NULL,
+    practitioner_id TEXT NOT NULL,
+    PRIMARY KEY (careteam_id, practitioner_id, patient_id)
+);
+CREATE INDEX care_relationships_practitioner ON care_relationships (practitioner_id, patient_id);

@@ -1,0 +1,311 @@
+//! Resource storage: current version, full history, search index, care relationships. Each write is one
+//! transaction; reads are one indexed query; search is narrowed by scope *in SQL*, so counts and paging never
+//! see rows the caller may not.
+
+use crate::error::{AppError, AppResult};
+use crate::store::schema::{care_relationships, resource_history, resources, search_index};
+use crate::store::{AnyConnection, db_err};
+use diesel::prelude::*;
+
+/// One stored version of a resource. `content` is the stored document (PHI elements opaque).
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = resources)]
+pub struct Row {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub patient_id: Option<String>,
+    pub key_version: i32,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = resource_history)]
+pub struct HistoryRow {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub key_version: i32,
+    pub content: String,
+}
+
+impl From<&Row> for HistoryRow {
+    fn from(r: &Row) -> Self {
+        HistoryRow {
+            resource_type: r.resource_type.clone(),
+            id: r.id.clone(),
+            version_id: r.version_id,
+            last_updated: r.last_updated,
+            deleted: r.deleted,
+            key_version: r.key_version,
+            content: r.content.clone(),
+        }
+    }
+}
+
+/// Which rows a caller may reach, expressed as SQL (never filtered after fetching).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeFilter {
+    /// Every row of the type.
+    All,
+    /// Rows in these patients' compartments only (own compartment, or a fixed set).
+    Patients(Vec<String>),
+    /// Rows of patients in the practitioner's active care teams, plus the extra patients (break-glass grants).
+    CareTeam { practitioner_id: String, extra_patients: Vec<String> },
+    /// Nothing at all.
+    Nothing,
+}
+
+/// The search index values of one resource: (parameter, value) pairs.
+pub type IndexValues = Vec<(String, String)>;
+
+/// A care relationship derived from a CareTeam: (patient, practitioner).
+pub type CarePairs = Vec<(String, String)>;
+
+/// Side effects of a write beyond the resource row.
+#[derive(Debug, Default, Clone)]
+pub struct WriteExtras {
+    pub index: IndexValues,
+    /// For CareTeam writes: the relationships to store (empty when the team is not active).
+    pub care: Option<CarePairs>,
+}
+
+fn replace_extras(conn: &mut AnyConnection, row: &Row, extras: &WriteExtras) -> QueryResult<()> {
+    diesel::delete(
+        search_index::table
+            .filter(search_index::resource_type.eq(&row.resource_type))
+            .filter(search_index::id.eq(&row.id)),
+    )
+    .execute(conn)?;
+    if !row.deleted && !extras.index.is_empty() {
+        let mut seen = std::collections::BTreeSet::new();
+        let rows: Vec<_> = extras
+            .index
+            .iter()
+            .filter(|(p, v)| seen.insert((p.clone(), v.clone())))
+            .map(|(p, v)| {
+                (
+                    search_index::resource_type.eq(&row.resource_type),
+                    search_index::id.eq(&row.id),
+                    search_index::param.eq(p),
+                    search_index::value.eq(v),
+                )
+            })
+            .collect();
+        // MultiConnection has no batch insert; the rows go in one transaction all the same.
+        for r in rows {
+            diesel::insert_into(search_index::table).values(r).execute(conn)?;
+        }
+    }
+    if let Some(pairs) = &extras.care {
+        diesel::delete(care_relationships::table.filter(care_relationships::careteam_id.eq(&row.id))).execute(conn)?;
+        if !row.deleted {
+            let mut seen = std::collections::BTreeSet::new();
+            for (patient, practitioner) in pairs.iter().filter(|p| seen.insert((*p).clone())) {
+                diesel::insert_into(care_relationships::table)
+                    .values((
+                        care_relationships::careteam_id.eq(&row.id),
+                        care_relationships::patient_id.eq(patient),
+                        care_relationships::practitioner_id.eq(practitioner),
+                    ))
+                    .execute(conn)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Inserts version 1 of a new resource, its history row and its index, in the caller's transaction.
+pub fn insert(conn: &mut AnyConnection, row: &Row, extras: &WriteExtras) -> AppResult<()> {
+    diesel::insert_into(resources::table).values(row).execute(conn).map_err(db_err)?;
+    diesel::insert_into(resource_history::table).values(HistoryRow::from(row)).execute(conn).map_err(db_err)?;
+    replace_extras(conn, row, extras).map_err(db_err)
+}
+
+/// Replaces the current version when it is still `expected_version` (optimistic concurrency, no lost update).
+/// Returns `PreconditionFailed` when another writer got there first.
+pub fn replace(conn: &mut AnyConnection, row: &Row, expected_version: i64, extras: &WriteExtras) -> AppResult<()> {
+    let n = diesel::update(
+        resources::table
+            .filter(resources::resource_type.eq(&row.resource_type))
+            .filter(resources::id.eq(&row.id))
+            .filter(resources::version_id.eq(expected_version)),
+    )
+    .set((
+        resources::version_id.eq(row.version_id),
+        resources::last_updated.eq(row.last_updated),
+        resources::deleted.eq(row.deleted),
+        resources::patient_id.eq(&row.patient_id),
+        resources::key_version.eq(row.key_version),
+        resources::content.eq(&row.content),
+    ))
+    .execute(conn)
+    .map_err(db_err)?;
+    if n != 1 {
+        return Err(AppError::PreconditionFailed);
+    }
+    diesel::insert_into(resource_history::table).values(HistoryRow::from(row)).execute(conn).map_err(db_err)?;
+    replace_extras(conn, row, extras).map_err(db_err)
+}
+
+/// The current row of a resource (deleted or not), without any scope: for internal checks only.
+pub fn current_unscoped(conn: &mut AnyConnection, rtype: &str, id: &str) -> AppResult<Option<Row>> {
+    resources::table
+        .filter(resources::resource_type.eq(rtype))
+        .filter(resources::id.eq(id))
+        .select(Row::as_select())
+        .first(conn)
+        .optional()
+        .map_err(db_err)
+}
+
+/// The current row, only when it is within `scope` (one indexed query).
+pub fn current(conn: &mut AnyConnection, rtype: &str, id: &str, scope: &ScopeFilter) -> AppResult<Option<Row>> {
+    let mut q = resources::table
+        .filter(resources::resource_type.eq(rtype))
+        .filter(resources::id.eq(id))
+        .select(Row::as_select())
+        .into_boxed();
+    q = apply_scope(q, scope);
+    q.first(conn).optional().map_err(db_err)
+}
+
+/// One version from the history (the caller has checked scope on the current row).
+pub fn version(conn: &mut AnyConnection, rtype: &str, id: &str, vid: i64) -> AppResult<Option<HistoryRow>> {
+    resource_history::table
+        .filter(resource_history::resource_type.eq(rtype))
+        .filter(resource_history::id.eq(id))
+        .filter(resource_history::version_id.eq(vid))
+        .select(HistoryRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(db_err)
+}
+
+/// Every version, newest first.
+pub fn history(conn: &mut AnyConnection, rtype: &str, id: &str, limit: i64) -> AppResult<Vec<HistoryRow>> {
+    resource_history::table
+        .filter(resource_history::resource_type.eq(rtype))
+        .filter(resource_history::id.eq(id))
+        .order(resource_history::version_id.desc())
+        .limit(limit)
+        .select(HistoryRow::as_select())
+        .load(conn)
+        .map_err(db_err)
+}
+
+type BoxedRows<'a> = diesel::internal::table_macro::BoxedSelectStatement<
+    'a,
+    diesel::dsl::AsSelect<Row, crate::store::MultiBackend>,
+    diesel::internal::table_macro::FromClause<resources::table>,
+    crate::store::MultiBackend,
+>;
+
+fn apply_scope<'a>(q: BoxedRows<'a>, scope: &ScopeFilter) -> BoxedRows<'a> {
+    match scope {
+        ScopeFilter::All => q,
+        ScopeFilter::Nothing => q.filter(resources::id.eq("").and(resources::id.ne(""))),
+        ScopeFilter::Patients(ids) => q.filter(resources::patient_id.eq_any(ids.clone())),
+        ScopeFilter::CareTeam { practitioner_id, extra_patients } => {
+            let team = care_relationships::table
+                .filter(care_relationships::practitioner_id.eq(practitioner_id.clone()))
+                .select(care_relationships::patient_id.nullable());
+            q.filter(resources::patient_id.eq_any(team).or(resources::patient_id.eq_any(extra_patients.clone())))
+        }
+    }
+}
+
+/// A search: AND over clauses, each an OR over index values of one parameter.
+#[derive(Debug, Clone, Default)]
+pub struct IndexQuery {
+    pub clauses: Vec<(String, Vec<String>)>,
+    /// Restrict to these ids (the `_id` parameter), OR-ed.
+    pub ids: Option<Vec<String>>,
+    /// Restrict to these compartments (the `patient` parameter when it is a plain column match).
+    pub patients: Option<Vec<String>>,
+}
+
+/// Live rows matching `query` within `scope`, ordered by id, after the keyset `after` (exclusive).
+pub fn search(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    query: &IndexQuery,
+    scope: &ScopeFilter,
+    after: Option<&str>,
+    limit: i64,
+) -> AppResult<Vec<Row>> {
+    let mut q = base_search(rtype, query, scope);
+    if let Some(after) = after {
+        q = q.filter(resources::id.gt(after.to_owned()));
+    }
+    q.order(resources::id.asc()).limit(limit).load(conn).map_err(db_err)
+}
+
+/// How many live rows match (for `_summary=count` and `Bundle.total`).
+pub fn count(conn: &mut AnyConnection, rtype: &str, query: &IndexQuery, scope: &ScopeFilter) -> AppResult<i64> {
+    let ids: Vec<String> =
+        base_search(rtype, query, scope).load::<Row>(conn).map_err(db_err)?.into_iter().map(|r| r.id).collect();
+    i64::try_from(ids.len()).map_err(AppError::internal)
+}
+
+fn base_search<'a>(rtype: &str, query: &IndexQuery, scope: &ScopeFilter) -> BoxedRows<'a> {
+    let mut q = resources::table
+        .filter(resources::resource_type.eq(rtype.to_owned()))
+        .filter(resources::deleted.eq(false))
+        .select(Row::as_select())
+        .into_boxed();
+    q = apply_scope(q, scope);
+    if let Some(ids) = &query.ids {
+        q = q.filter(resources::id.eq_any(ids.clone()));
+    }
+    if let Some(p) = &query.patients {
+        q = q.filter(resources::patient_id.eq_any(p.clone()));
+    }
+    for (param, values) in &query.clauses {
+        let matching = search_index::table
+            .filter(search_index::resource_type.eq(rtype.to_owned()))
+            .filter(search_index::param.eq(param.clone()))
+            .filter(search_index::value.eq_any(values.clone()))
+            .select(search_index::id);
+        q = q.filter(resources::id.eq_any(matching));
+    }
+    q
+}
+
+/// The patients a practitioner reaches through active care teams.
+pub fn care_team_patients(conn: &mut AnyConnection, practitioner_id: &str) -> AppResult<Vec<String>> {
+    care_relationships::table
+        .filter(care_relationships::practitioner_id.eq(practitioner_id))
+        .select(care_relationships::patient_id)
+        .distinct()
+        .load(conn)
+        .map_err(db_err)
+}
+
+/// Whether a practitioner is in an active care team of the patient.
+pub fn in_care_team(conn: &mut AnyConnection, practitioner_id: &str, patient_id: &str) -> AppResult<bool> {
+    let n: i64 = care_relationships::table
+        .filter(care_relationships::practitioner_id.eq(practitioner_id))
+        .filter(care_relationships::patient_id.eq(patient_id))
+        .count()
+        .get_result(conn)
+        .map_err(db_err)?;
+    Ok(n > 0)
+}
+
+/// Live rows of a patient's compartment of one type, ordered by id (for `$everything`).
+pub fn compartment(conn: &mut AnyConnection, rtype: &str, patient_id: &str, limit: i64) -> AppResult<Vec<Row>> {
+    resources::table
+        .filter(resources::resource_type.eq(rtype))
+        .filter(resources::patient_id.eq(patient_id))
+        .filter(resources::deleted.eq(false))
+        .order(resources::id.asc())
+        .limit(limit)
+        .select(Row::as_select())
+        .load(conn)
+        .map_err(db_err)
+}
