@@ -1,0 +1,12 @@
+//! Authentication building blocks without I/O: the authenticated caller ([`Principal`]), password hashing
+//! and policy, signed access tokens and their key ring, session and refresh-token rules, login throttling.
+//!
+//! Persistence and HTTP live elsewhere; every type here that must be stored says which fields to store.
+
+pub mod password;
+pub mod principal;
+pub mod session;
+pub mod throttle;
+pub mod token;
+
+pub use principal::Principal;
