@@ -3,5 +3,6 @@
 //! See `docs/architecture.md` for how a request flows through these modules.
 
 pub mod clock;
+pub mod crypto;
 pub mod error;
 pub mod role;
