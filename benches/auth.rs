@@ -16,12 +16,7 @@ use uuid::Uuid;
 
 fn tokens(c: &mut Criterion) {
     let now = datetime!(2026-01-01 08:00 UTC);
-    let keys = TokenKeys::new(
-        "https://carevault.test",
-        "carevault",
-        vec![SigningKey::generate(now).unwrap()],
-    )
-    .unwrap();
+    let keys = TokenKeys::new("https://carevault.test", "carevault", vec![SigningKey::generate(now).unwrap()]).unwrap();
     let principal = Principal {
         subject: "user-1".into(),
         username: None,
@@ -33,12 +28,8 @@ fn tokens(c: &mut Criterion) {
         client_id: None,
     };
     let (token, _) = keys.issue(&principal, now, DEFAULT_TTL).unwrap();
-    c.bench_function("token verify", |b| {
-        b.iter(|| keys.verify(black_box(&token), now).unwrap())
-    });
-    c.bench_function("token issue", |b| {
-        b.iter(|| keys.issue(black_box(&principal), now, DEFAULT_TTL).unwrap())
-    });
+    c.bench_function("token verify", |b| b.iter(|| keys.verify(black_box(&token), now).unwrap()));
+    c.bench_function("token issue", |b| b.iter(|| keys.issue(black_box(&principal), now, DEFAULT_TTL).unwrap()));
 }
 
 fn passwords(c: &mut Criterion) {
@@ -46,15 +37,9 @@ fn passwords(c: &mut Criterion) {
     let phc = hash_password(&pw).unwrap();
     let mut g = c.benchmark_group("argon2id m=19456 t=2 p=1");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-    g.bench_function("hash", |b| {
-        b.iter(|| hash_password(black_box(&pw)).unwrap())
-    });
-    g.bench_function("verify (known user)", |b| {
-        b.iter(|| verify_password(Some(&phc), black_box(&pw)))
-    });
-    g.bench_function("verify (unknown user, dummy)", |b| {
-        b.iter(|| verify_password(None, black_box(&pw)))
-    });
+    g.bench_function("hash", |b| b.iter(|| hash_password(black_box(&pw)).unwrap()));
+    g.bench_function("verify (known user)", |b| b.iter(|| verify_password(Some(&phc), black_box(&pw))));
+    g.bench_function("verify (unknown user, dummy)", |b| b.iter(|| verify_password(None, black_box(&pw))));
     g.finish();
 }
 

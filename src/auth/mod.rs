@@ -5,6 +5,7 @@
 
 pub mod password;
 pub mod principal;
+pub mod service;
 pub mod session;
 pub mod throttle;
 pub mod token;

@@ -46,7 +46,8 @@ pub const MAX_LENGTH: usize = 128;
 
 /// Hash of a random, discarded password with the current parameters. Verifying against it costs what a real
 /// verification costs; its result is never used.
-const DUMMY_PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$VAWhthTr0pZqJEy16ghDgw$WuKBoETjm7qck8VO46Q8Ja9JuQj6BgaIkBzo8Fe0558";
+const DUMMY_PHC: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$VAWhthTr0pZqJEy16ghDgw$WuKBoETjm7qck8VO46Q8Ja9JuQj6BgaIkBzo8Fe0558";
 
 /// The 20 000 most common passwords (lowercase), from Django 5.2.19
 /// `django/contrib/auth/common-passwords.txt.gz` (BSD-3-Clause; list by Royce Williams).
@@ -110,9 +111,7 @@ pub fn hash_password(password: &SecretString) -> AppResult<String> {
     rand::rngs::OsRng.fill_bytes(&mut salt);
     let salt = SaltString::encode_b64(&salt).map_err(AppError::internal)?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, current_params()?);
-    let hash = argon
-        .hash_password(normalized(password).as_bytes(), &salt)
-        .map_err(AppError::internal)?;
+    let hash = argon.hash_password(normalized(password).as_bytes(), &salt).map_err(AppError::internal)?;
     Ok(hash.to_string())
 }
 
@@ -126,25 +125,16 @@ pub fn verify_password(phc: Option<&str>, password: &SecretString) -> Verificati
         if let Ok(dummy) = PasswordHash::new(DUMMY_PHC) {
             let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
         }
-        return Verification {
-            ok: false,
-            needs_rehash: false,
-        };
+        return Verification { ok: false, needs_rehash: false };
     };
     // `verify_password` takes algorithm, version and parameters from the PHC string itself.
-    let ok = Argon2::default()
-        .verify_password(password.as_bytes(), &hash)
-        .is_ok();
-    Verification {
-        ok,
-        needs_rehash: ok && is_outdated(&hash),
-    }
+    let ok = Argon2::default().verify_password(password.as_bytes(), &hash).is_ok();
+    Verification { ok, needs_rehash: ok && is_outdated(&hash) }
 }
 
 /// True when a hash is not argon2id v19 or any parameter is below the current minimum.
 fn is_outdated(hash: &PasswordHash<'_>) -> bool {
-    if hash.algorithm != Algorithm::Argon2id.ident() || hash.version != Some(Version::V0x13.into())
-    {
+    if hash.algorithm != Algorithm::Argon2id.ident() || hash.version != Some(Version::V0x13.into()) {
         return true;
     }
     match Params::try_from(hash) {
@@ -172,14 +162,10 @@ pub fn check_policy(password: &SecretString, username: &str) -> Result<(), Polic
         return Err(PolicyViolation::ContainsUsername);
     }
     let core = lower.trim_matches(|c: char| !c.is_alphabetic());
-    if COMMON_PASSWORDS.contains(lower.as_str())
-        || (!core.is_empty() && COMMON_PASSWORDS.contains(core))
-    {
+    if COMMON_PASSWORDS.contains(lower.as_str()) || (!core.is_empty() && COMMON_PASSWORDS.contains(core)) {
         return Err(PolicyViolation::Common);
     }
-    if repeated_unit(&lower)
-        .is_some_and(|unit| unit.chars().count() <= 4 || COMMON_PASSWORDS.contains(unit))
-    {
+    if repeated_unit(&lower).is_some_and(|unit| unit.chars().count() <= 4 || COMMON_PASSWORDS.contains(unit)) {
         return Err(PolicyViolation::Repetitive);
     }
     Ok(())
@@ -208,13 +194,7 @@ mod tests {
         let pw = secret("correct horse battery staple");
         let phc = hash_password(&pw).unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        assert_eq!(
-            verify_password(Some(&phc), &pw),
-            Verification {
-                ok: true,
-                needs_rehash: false
-            }
-        );
+        assert_eq!(verify_password(Some(&phc), &pw), Verification { ok: true, needs_rehash: false });
         let wrong = verify_password(Some(&phc), &secret("correct horse battery stapler"));
         assert!(!wrong.ok);
         // Salted: the same password hashes differently.
@@ -237,49 +217,24 @@ mod tests {
             .hash_password(pw.expose_secret().as_bytes(), &salt)
             .unwrap()
             .to_string();
-        assert_eq!(
-            verify_password(Some(&old), &pw),
-            Verification {
-                ok: true,
-                needs_rehash: true
-            }
-        );
+        assert_eq!(verify_password(Some(&old), &pw), Verification { ok: true, needs_rehash: true });
         // Wrong password: no rehash advice.
         assert_eq!(
             verify_password(Some(&old), &secret("nope nope nope")),
-            Verification {
-                ok: false,
-                needs_rehash: false
-            }
+            Verification { ok: false, needs_rehash: false }
         );
         // Another variant (argon2i) with current parameters also asks for rehash.
-        let argon2i = Argon2::new(
-            Algorithm::Argon2i,
-            Version::V0x13,
-            current_params().unwrap(),
-        )
-        .hash_password(pw.expose_secret().as_bytes(), &salt)
-        .unwrap()
-        .to_string();
-        assert_eq!(
-            verify_password(Some(&argon2i), &pw),
-            Verification {
-                ok: true,
-                needs_rehash: true
-            }
-        );
+        let argon2i = Argon2::new(Algorithm::Argon2i, Version::V0x13, current_params().unwrap())
+            .hash_password(pw.expose_secret().as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        assert_eq!(verify_password(Some(&argon2i), &pw), Verification { ok: true, needs_rehash: true });
     }
 
     #[test]
     fn unknown_user_and_garbage_hash_fail_closed() {
         let pw = secret("correct horse battery staple");
-        assert_eq!(
-            verify_password(None, &pw),
-            Verification {
-                ok: false,
-                needs_rehash: false
-            }
-        );
+        assert_eq!(verify_password(None, &pw), Verification { ok: false, needs_rehash: false });
         assert!(!verify_password(Some("not a phc string"), &pw).ok);
         assert!(!verify_password(Some(""), &pw).ok);
     }
@@ -289,10 +244,7 @@ mod tests {
         let dummy = PasswordHash::new(DUMMY_PHC).unwrap();
         assert!(!is_outdated(&dummy));
         let p = Params::try_from(&dummy).unwrap();
-        assert_eq!(
-            (p.m_cost(), p.t_cost(), p.p_cost()),
-            (ARGON2_M_KIB, ARGON2_T, ARGON2_P)
-        );
+        assert_eq!((p.m_cost(), p.t_cost(), p.p_cost()), (ARGON2_M_KIB, ARGON2_T, ARGON2_P));
     }
 
     #[test]
@@ -313,10 +265,7 @@ mod tests {
             unknown += time(None);
         }
         let ratio = known.as_secs_f64() / unknown.as_secs_f64();
-        assert!(
-            (1.0 / 3.0..3.0).contains(&ratio),
-            "known {known:?} vs unknown {unknown:?}"
-        );
+        assert!((1.0 / 3.0..3.0).contains(&ratio), "known {known:?} vs unknown {unknown:?}");
     }
 
     #[test]
@@ -324,24 +273,15 @@ mod tests {
         let check = |pw: &str| check_policy(&secret(pw), "jdoe.nurse");
         assert_eq!(check("short pass"), Err(PolicyViolation::TooShort));
         assert_eq!(check(&"x7".repeat(65)), Err(PolicyViolation::TooLong));
-        assert_eq!(
-            check("my name is JDoe.Nurse ok"),
-            Err(PolicyViolation::ContainsUsername)
-        );
-        assert_eq!(
-            check_policy(&secret("abcdefghijkl"), "abcdefghijkl"),
-            Err(PolicyViolation::ContainsUsername)
-        );
+        assert_eq!(check("my name is JDoe.Nurse ok"), Err(PolicyViolation::ContainsUsername));
+        assert_eq!(check_policy(&secret("abcdefghijkl"), "abcdefghijkl"), Err(PolicyViolation::ContainsUsername));
         assert_eq!(check("1q2w3e4r5t6y"), Err(PolicyViolation::Common));
         assert_eq!(check("QWERTY123456"), Err(PolicyViolation::Common));
         assert_eq!(check("Password2024!"), Err(PolicyViolation::Common));
         assert_eq!(check("!!sunshine!!2024"), Err(PolicyViolation::Common));
         assert_eq!(check("aaaaaaaaaaaaaaa"), Err(PolicyViolation::Repetitive));
         assert_eq!(check("abcdabcdabcd"), Err(PolicyViolation::Repetitive));
-        assert_eq!(
-            check("dragondragondragon"),
-            Err(PolicyViolation::Repetitive)
-        );
+        assert_eq!(check("dragondragondragon"), Err(PolicyViolation::Repetitive));
         // Length counts code points, not bytes: 12 accented letters pass, 11 do not.
         assert_eq!(check("ééééééééééé"), Err(PolicyViolation::TooShort));
         assert!(check("glacier ferry lantern").is_ok());

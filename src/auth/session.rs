@@ -47,10 +47,7 @@ pub struct SessionPolicy {
 
 impl Default for SessionPolicy {
     fn default() -> Self {
-        Self {
-            idle: DEFAULT_IDLE,
-            absolute: DEFAULT_ABSOLUTE,
-        }
+        Self { idle: DEFAULT_IDLE, absolute: DEFAULT_ABSOLUTE }
     }
 }
 
@@ -59,10 +56,7 @@ impl SessionPolicy {
     /// the idle timeout no longer than the absolute lifetime.
     pub fn from_secs(idle_secs: u32, max_secs: u32) -> AppResult<Self> {
         if idle_secs == 0 || max_secs == 0 {
-            return Err(AppError::invalid(
-                "auth.session_idle_secs",
-                "Session timeouts must be positive.",
-            ));
+            return Err(AppError::invalid("auth.session_idle_secs", "Session timeouts must be positive."));
         }
         if idle_secs > max_secs {
             return Err(AppError::invalid(
@@ -70,19 +64,11 @@ impl SessionPolicy {
                 "The idle timeout must not exceed the session lifetime.",
             ));
         }
-        Ok(Self {
-            idle: Duration::seconds(idle_secs.into()),
-            absolute: Duration::seconds(max_secs.into()),
-        })
+        Ok(Self { idle: Duration::seconds(idle_secs.into()), absolute: Duration::seconds(max_secs.into()) })
     }
 
     /// Whether a session created at `created_at` and last used at `last_seen` is still open at `now`.
-    pub fn is_live(
-        &self,
-        created_at: OffsetDateTime,
-        last_seen: OffsetDateTime,
-        now: OffsetDateTime,
-    ) -> bool {
+    pub fn is_live(&self, created_at: OffsetDateTime, last_seen: OffsetDateTime, now: OffsetDateTime) -> bool {
         now < created_at + self.absolute && now < last_seen + self.idle
     }
 }
@@ -178,10 +164,7 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        assert_eq!(
-            SessionPolicy::from_secs(900, 43_200).unwrap(),
-            SessionPolicy::default()
-        );
+        assert_eq!(SessionPolicy::from_secs(900, 43_200).unwrap(), SessionPolicy::default());
         assert!(SessionPolicy::from_secs(0, 43_200).is_err());
         assert!(SessionPolicy::from_secs(900, 0).is_err());
         assert!(SessionPolicy::from_secs(3600, 600).is_err());
@@ -190,65 +173,23 @@ mod tests {
     #[test]
     fn refresh_decisions() {
         let p = SessionPolicy::default();
-        let session = SessionRecord {
-            id: Uuid::now_v7(),
-            subject: "u1".into(),
-            created_at: T0,
-            last_seen: T0,
-            revoked_at: None,
-        };
+        let session =
+            SessionRecord { id: Uuid::now_v7(), subject: "u1".into(), created_at: T0, last_seen: T0, revoked_at: None };
         let (_, hash) = new_refresh_token();
-        let fresh = RefreshTokenRecord {
-            hash,
-            session_id: session.id,
-            spent_at: None,
-        };
-        let spent = RefreshTokenRecord {
-            spent_at: Some(T0),
-            ..fresh.clone()
-        };
+        let fresh = RefreshTokenRecord { hash, session_id: session.id, spent_at: None };
+        let spent = RefreshTokenRecord { spent_at: Some(T0), ..fresh.clone() };
         let now = T0 + Duration::minutes(5);
 
-        assert_eq!(
-            p.decide_refresh(Some(&fresh), Some(&session), now),
-            RefreshDecision::Rotate
-        );
-        assert_eq!(
-            p.decide_refresh(None, Some(&session), now),
-            RefreshDecision::Reject
-        );
-        assert_eq!(
-            p.decide_refresh(Some(&spent), Some(&session), now),
-            RefreshDecision::Reuse
-        );
+        assert_eq!(p.decide_refresh(Some(&fresh), Some(&session), now), RefreshDecision::Rotate);
+        assert_eq!(p.decide_refresh(None, Some(&session), now), RefreshDecision::Reject);
+        assert_eq!(p.decide_refresh(Some(&spent), Some(&session), now), RefreshDecision::Reuse);
         // Reuse is reported even when the session is already over.
-        assert_eq!(
-            p.decide_refresh(Some(&spent), None, now),
-            RefreshDecision::Reuse
-        );
-        let revoked = SessionRecord {
-            revoked_at: Some(T0),
-            ..session.clone()
-        };
-        assert_eq!(
-            p.decide_refresh(Some(&fresh), Some(&revoked), now),
-            RefreshDecision::Reject
-        );
-        assert_eq!(
-            p.decide_refresh(Some(&fresh), Some(&session), T0 + Duration::minutes(15)),
-            RefreshDecision::Reject
-        );
-        let other = SessionRecord {
-            id: Uuid::now_v7(),
-            ..session.clone()
-        };
-        assert_eq!(
-            p.decide_refresh(Some(&fresh), Some(&other), now),
-            RefreshDecision::Reject
-        );
-        assert_eq!(
-            p.decide_refresh(Some(&fresh), None, now),
-            RefreshDecision::Reject
-        );
+        assert_eq!(p.decide_refresh(Some(&spent), None, now), RefreshDecision::Reuse);
+        let revoked = SessionRecord { revoked_at: Some(T0), ..session.clone() };
+        assert_eq!(p.decide_refresh(Some(&fresh), Some(&revoked), now), RefreshDecision::Reject);
+        assert_eq!(p.decide_refresh(Some(&fresh), Some(&session), T0 + Duration::minutes(15)), RefreshDecision::Reject);
+        let other = SessionRecord { id: Uuid::now_v7(), ..session.clone() };
+        assert_eq!(p.decide_refresh(Some(&fresh), Some(&other), now), RefreshDecision::Reject);
+        assert_eq!(p.decide_refresh(Some(&fresh), None, now), RefreshDecision::Reject);
     }
 }

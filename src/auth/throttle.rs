@@ -33,24 +33,13 @@ pub struct Throttle {
 }
 
 /// Per account: 5 free failures, then backoff; locked at 100 failures in an hour.
-pub const ACCOUNT: Throttle = Throttle {
-    free: 5,
-    hard_limit: Some(100),
-};
+pub const ACCOUNT: Throttle = Throttle { free: 5, hard_limit: Some(100) };
 /// Per client address: 20 free failures, then backoff; no hard lock.
-pub const ADDRESS: Throttle = Throttle {
-    free: 20,
-    hard_limit: None,
-};
+pub const ADDRESS: Throttle = Throttle { free: 20, hard_limit: None };
 
 impl Throttle {
     /// How long the key must still wait before its next attempt at `now`; `None` when it may try now.
-    pub fn retry_after(
-        &self,
-        failures: u32,
-        last_failure: OffsetDateTime,
-        now: OffsetDateTime,
-    ) -> Option<Duration> {
+    pub fn retry_after(&self, failures: u32, last_failure: OffsetDateTime, now: OffsetDateTime) -> Option<Duration> {
         let wait = if self.hard_limit.is_some_and(|limit| failures >= limit) {
             WINDOW
         } else if failures < self.free {
@@ -72,9 +61,7 @@ fn backoff(n: u32) -> Duration {
 /// The 429 error for a wait, with `Retry-After` in whole seconds, rounded up.
 pub fn too_many_requests(wait: Duration) -> AppError {
     let secs = wait.whole_seconds() + i64::from(wait.subsec_nanoseconds() > 0);
-    AppError::TooManyRequests {
-        retry_after_secs: u64::try_from(secs.max(1)).unwrap_or(1),
-    }
+    AppError::TooManyRequests { retry_after_secs: u64::try_from(secs.max(1)).unwrap_or(1) }
 }
 
 #[cfg(test)]
@@ -91,27 +78,18 @@ mod tests {
         assert_eq!(ACCOUNT.retry_after(5, T0, T0), Some(Duration::seconds(1)));
         assert_eq!(ACCOUNT.retry_after(6, T0, T0), Some(Duration::seconds(2)));
         assert_eq!(ACCOUNT.retry_after(9, T0, T0), Some(Duration::seconds(16)));
-        assert_eq!(
-            ACCOUNT.retry_after(14, T0, T0),
-            Some(Duration::seconds(512))
-        );
+        assert_eq!(ACCOUNT.retry_after(14, T0, T0), Some(Duration::seconds(512)));
         assert_eq!(ACCOUNT.retry_after(15, T0, T0), Some(MAX_BACKOFF));
         assert_eq!(ACCOUNT.retry_after(99, T0, T0), Some(MAX_BACKOFF));
         // Time already waited counts.
-        assert_eq!(
-            ACCOUNT.retry_after(9, T0, T0 + Duration::seconds(10)),
-            Some(Duration::seconds(6))
-        );
+        assert_eq!(ACCOUNT.retry_after(9, T0, T0 + Duration::seconds(10)), Some(Duration::seconds(6)));
         assert_eq!(ACCOUNT.retry_after(9, T0, T0 + Duration::seconds(16)), None);
     }
 
     #[test]
     fn account_hard_lock_at_100_per_hour() {
         assert_eq!(ACCOUNT.retry_after(100, T0, T0), Some(WINDOW));
-        assert_eq!(
-            ACCOUNT.retry_after(u32::MAX, T0, T0 + Duration::minutes(59)),
-            Some(Duration::minutes(1))
-        );
+        assert_eq!(ACCOUNT.retry_after(u32::MAX, T0, T0 + Duration::minutes(59)), Some(Duration::minutes(1)));
         assert_eq!(ACCOUNT.retry_after(100, T0, T0 + WINDOW), None);
     }
 

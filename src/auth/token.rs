@@ -80,8 +80,8 @@ impl SigningKey {
     /// A new random key, active from `now`.
     pub fn generate(now: OffsetDateTime) -> AppResult<Self> {
         let rng = ring::rand::SystemRandom::new();
-        let doc = Ed25519KeyPair::generate_pkcs8(&rng)
-            .map_err(|_| AppError::internal("ed25519 key generation failed"))?;
+        let doc =
+            Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| AppError::internal("ed25519 key generation failed"))?;
         Self::from_pkcs8(Zeroizing::new(doc.as_ref().to_vec()), now, None)
     }
 
@@ -91,16 +91,10 @@ impl SigningKey {
         created_at: OffsetDateTime,
         retired_at: Option<OffsetDateTime>,
     ) -> AppResult<Self> {
-        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
-            .map_err(|_| AppError::internal("stored ed25519 key is invalid"))?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| AppError::internal("stored ed25519 key is invalid"))?;
         let public = pair.public_key().as_ref().to_vec();
-        Ok(Self {
-            kid: thumbprint(&public),
-            pkcs8,
-            public,
-            created_at,
-            retired_at,
-        })
+        Ok(Self { kid: thumbprint(&public), pkcs8, public, created_at, retired_at })
     }
 
     /// Whether tokens signed by this key may still be valid at `now`.
@@ -122,10 +116,7 @@ impl SigningKey {
 
 /// RFC 7638 thumbprint of an Ed25519 public key (members in lexicographic order, no spaces).
 fn thumbprint(public: &[u8]) -> String {
-    let canonical = format!(
-        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
-        URL_SAFE_NO_PAD.encode(public)
-    );
+    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, URL_SAFE_NO_PAD.encode(public));
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
@@ -214,23 +205,14 @@ impl std::fmt::Debug for TokenKeys {
 
 impl TokenKeys {
     /// Builds the ring from stored keys; exactly one must be unretired (the active one).
-    pub fn new(
-        issuer: impl Into<String>,
-        audience: impl Into<String>,
-        keys: Vec<SigningKey>,
-    ) -> AppResult<Self> {
+    pub fn new(issuer: impl Into<String>, audience: impl Into<String>, keys: Vec<SigningKey>) -> AppResult<Self> {
         let mut active = keys.iter().filter(|k| k.retired_at.is_none());
         let (Some(current), None) = (active.next(), active.next()) else {
-            return Err(AppError::internal(
-                "token key ring needs exactly one active signing key",
-            ));
+            return Err(AppError::internal("token key ring needs exactly one active signing key"));
         };
         let active_kid = current.kid.clone();
         let encoding = EncodingKey::from_ed_der(&current.pkcs8);
-        let decoding = keys
-            .iter()
-            .map(|k| (k.kid.clone(), DecodingKey::from_ed_der(&k.public)))
-            .collect();
+        let decoding = keys.iter().map(|k| (k.kid.clone(), DecodingKey::from_ed_der(&k.public))).collect();
         let mut validation = Validation::new(Algorithm::EdDSA);
         // Time, issuer and audience are checked in `verify` against the injected clock.
         validation.validate_exp = false;
@@ -267,19 +249,14 @@ impl TokenKeys {
             k.retired_at = Some(now);
         }
         keys.push(new);
-        *self = Self::new(
-            std::mem::take(&mut self.issuer),
-            std::mem::take(&mut self.audience),
-            keys,
-        )?;
+        *self = Self::new(std::mem::take(&mut self.issuer), std::mem::take(&mut self.audience), keys)?;
         Ok(())
     }
 
     /// Drops retired keys that can no longer have valid tokens; returns their kids (to delete from storage).
     pub fn prune(&mut self, now: OffsetDateTime) -> Vec<String> {
-        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.keys)
-            .into_iter()
-            .partition(|k| k.publishable(now));
+        let (keep, gone): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.keys).into_iter().partition(|k| k.publishable(now));
         for k in &gone {
             self.decoding.remove(&k.kid);
         }
@@ -316,8 +293,7 @@ impl TokenKeys {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.active_kid.clone());
         header.typ = Some(TOKEN_TYPE.to_owned());
-        let token =
-            jsonwebtoken::encode(&header, &claims, &self.active).map_err(AppError::internal)?;
+        let token = jsonwebtoken::encode(&header, &claims, &self.active).map_err(AppError::internal)?;
         Ok((token, exp))
     }
 
@@ -361,9 +337,7 @@ impl TokenKeys {
         if claims.nbf > now.saturating_add(leeway) || claims.iat > now.saturating_add(leeway) {
             return Err(invalid("not yet valid"));
         }
-        if claims.exp.saturating_sub(claims.iat) > MAX_TTL.whole_seconds()
-            || claims.exp <= claims.iat
-        {
+        if claims.exp.saturating_sub(claims.iat) > MAX_TTL.whole_seconds() || claims.exp <= claims.iat {
             return Err(invalid("lifetime"));
         }
         Ok(claims)
@@ -371,12 +345,7 @@ impl TokenKeys {
 
     /// The JWKS document for `/.well-known/jwks.json`: every key whose tokens may still be valid at `now`.
     pub fn jwks(&self, now: OffsetDateTime) -> serde_json::Value {
-        let keys: Vec<_> = self
-            .keys
-            .iter()
-            .filter(|k| k.publishable(now))
-            .map(SigningKey::jwk)
-            .collect();
+        let keys: Vec<_> = self.keys.iter().filter(|k| k.publishable(now)).map(SigningKey::jwk).collect();
         serde_json::json!({ "keys": keys })
     }
 }
@@ -450,13 +419,7 @@ mod tests {
         assert_eq!((claims.iss.as_str(), claims.aud.as_str()), (ISS, AUD));
         assert_eq!(claims.exp, exp.unix_timestamp());
         let back = claims.into_principal();
-        assert_eq!(
-            back,
-            Principal {
-                username: None,
-                ..p
-            }
-        );
+        assert_eq!(back, Principal { username: None, ..p });
     }
 
     #[test]
@@ -467,10 +430,7 @@ mod tests {
         assert!(access_token_ttl(0).is_err());
         assert!(access_token_ttl(u64::MAX).is_err());
         let keys = ring();
-        assert!(
-            keys.issue(&nurse(), T0, MAX_TTL + Duration::SECOND)
-                .is_err()
-        );
+        assert!(keys.issue(&nurse(), T0, MAX_TTL + Duration::SECOND).is_err());
         assert!(keys.issue(&nurse(), T0, Duration::ZERO).is_err());
     }
 
@@ -481,10 +441,7 @@ mod tests {
         assert!(keys.verify(&token, exp + LEEWAY - Duration::SECOND).is_ok());
         assert_eq!(reason(&keys, &token, exp + LEEWAY), "expired");
         // Issued in the future relative to the verifier's clock.
-        assert_eq!(
-            reason(&keys, &token, T0 - LEEWAY - Duration::SECOND),
-            "not yet valid"
-        );
+        assert_eq!(reason(&keys, &token, T0 - LEEWAY - Duration::SECOND), "not yet valid");
     }
 
     #[test]
@@ -500,53 +457,31 @@ mod tests {
         let none_header = json!({ "alg": "none", "typ": TOKEN_TYPE, "kid": keys.active_kid() });
         let none = format!("{}.{p}.", b64(&none_header));
         assert_eq!(reason(&keys, &none, now), "malformed header");
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}", b64(&none_header)), now),
-            "malformed header"
-        );
+        assert_eq!(reason(&keys, &format!("{}.{p}", b64(&none_header)), now), "malformed header");
 
         // HS256 keyed with the public key (the classic algorithm-confusion attack).
         let hs_header = json!({ "alg": "HS256", "typ": TOKEN_TYPE, "kid": keys.active_kid() });
         let signing_input = format!("{}.{p}", b64(&hs_header));
         let mut mac = Hmac::<Sha256>::new_from_slice(&keys.keys()[0].public).unwrap();
         mac.update(signing_input.as_bytes());
-        let hs = format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-        );
+        let hs = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
         assert_eq!(reason(&keys, &hs, now), "algorithm");
 
         // RS256 header over our payload and signature.
         let rs_header = json!({ "alg": "RS256", "typ": TOKEN_TYPE, "kid": keys.active_kid() });
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}.{s}", b64(&rs_header)), now),
-            "algorithm"
-        );
+        assert_eq!(reason(&keys, &format!("{}.{p}.{s}", b64(&rs_header)), now), "algorithm");
 
         // Unknown kid, missing kid.
         let unknown = json!({ "alg": "EdDSA", "typ": TOKEN_TYPE, "kid": "not-a-key" });
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}.{s}", b64(&unknown)), now),
-            "unknown kid"
-        );
+        assert_eq!(reason(&keys, &format!("{}.{p}.{s}", b64(&unknown)), now), "unknown kid");
         let no_kid = json!({ "alg": "EdDSA", "typ": TOKEN_TYPE });
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}.{s}", b64(&no_kid)), now),
-            "no kid"
-        );
+        assert_eq!(reason(&keys, &format!("{}.{p}.{s}", b64(&no_kid)), now), "no kid");
 
         // Wrong typ (e.g. an ID token signed with the same key) and a critical header.
         let id_token = json!({ "alg": "EdDSA", "typ": "JWT", "kid": keys.active_kid() });
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}.{s}", b64(&id_token)), now),
-            "type"
-        );
-        let crit =
-            json!({ "alg": "EdDSA", "typ": TOKEN_TYPE, "kid": keys.active_kid(), "crit": ["exp"] });
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}.{s}", b64(&crit)), now),
-            "critical header"
-        );
+        assert_eq!(reason(&keys, &format!("{}.{p}.{s}", b64(&id_token)), now), "type");
+        let crit = json!({ "alg": "EdDSA", "typ": TOKEN_TYPE, "kid": keys.active_kid(), "crit": ["exp"] });
+        assert_eq!(reason(&keys, &format!("{}.{p}.{s}", b64(&crit)), now), "critical header");
 
         // Signed by another key under our kid.
         let other = ring();
@@ -565,15 +500,9 @@ mod tests {
         // Tampered payload: roles raised to admin, signature kept.
         let mut elevated = claims_json();
         elevated["roles"] = json!(["admin"]);
-        assert_eq!(
-            reason(&keys, &format!("{h}.{}.{s}", b64(&elevated)), now),
-            "signature"
-        );
+        assert_eq!(reason(&keys, &format!("{h}.{}.{s}", b64(&elevated)), now), "signature");
         // Header re-encoded (same meaning, different bytes): the signature covers the exact bytes.
-        assert_eq!(
-            reason(&keys, &format!("{}.{p}.{s}", b64(&header)), now),
-            "signature"
-        );
+        assert_eq!(reason(&keys, &format!("{}.{p}.{s}", b64(&header)), now), "signature");
 
         // Properly signed but wrong issuer, audience, times, lifetime.
         let with = |field: &str, value: Value| {
@@ -581,47 +510,22 @@ mod tests {
             c[field] = value;
             sign(&keys, &c)
         };
-        assert_eq!(
-            reason(&keys, &with("iss", json!("https://evil.test")), now),
-            "issuer"
-        );
-        assert_eq!(
-            reason(&keys, &with("aud", json!("other-api")), now),
-            "audience"
-        );
+        assert_eq!(reason(&keys, &with("iss", json!("https://evil.test")), now), "issuer");
+        assert_eq!(reason(&keys, &with("aud", json!("other-api")), now), "audience");
         assert_eq!(reason(&keys, &with("aud", json!([AUD])), now), "malformed");
         let t = T0.unix_timestamp();
         assert_eq!(reason(&keys, &with("exp", json!(t + 30)), now), "expired");
-        assert_eq!(
-            reason(&keys, &with("nbf", json!(t + 3600)), now),
-            "not yet valid"
-        );
-        assert_eq!(
-            reason(&keys, &with("exp", json!(t + 3600)), now),
-            "lifetime"
-        );
-        assert_eq!(
-            reason(&keys, &with("roles", json!(["root"])), now),
-            "malformed"
-        );
+        assert_eq!(reason(&keys, &with("nbf", json!(t + 3600)), now), "not yet valid");
+        assert_eq!(reason(&keys, &with("exp", json!(t + 3600)), now), "lifetime");
+        assert_eq!(reason(&keys, &with("roles", json!(["root"])), now), "malformed");
         let mut no_exp = claims_json();
         no_exp.as_object_mut().unwrap().remove("exp");
         assert_eq!(reason(&keys, &sign(&keys, &no_exp), now), "malformed");
 
         // Garbage.
-        for junk in [
-            "",
-            "abc",
-            "a.b.c",
-            "....",
-            "eyJhbGciOiJFZERTQSJ9",
-            &"A".repeat(10_000),
-        ] {
+        for junk in ["", "abc", "a.b.c", "....", "eyJhbGciOiJFZERTQSJ9", &"A".repeat(10_000)] {
             assert!(keys.verify(junk, now).is_err(), "{junk}");
-            assert_eq!(
-                keys.verify(junk, now).unwrap_err().to_string(),
-                "invalid token"
-            );
+            assert_eq!(keys.verify(junk, now).unwrap_err().to_string(), "invalid token");
         }
     }
 
@@ -632,32 +536,17 @@ mod tests {
         let (old_token, _) = keys.issue(&nurse(), T0, MAX_TTL).unwrap();
 
         let rotated_at = T0 + Duration::minutes(1);
-        keys.rotate(SigningKey::generate(rotated_at).unwrap(), rotated_at)
-            .unwrap();
+        keys.rotate(SigningKey::generate(rotated_at).unwrap(), rotated_at).unwrap();
         assert_ne!(keys.active_kid(), old_kid);
         let (new_token, _) = keys.issue(&nurse(), rotated_at, DEFAULT_TTL).unwrap();
-        assert_eq!(
-            jsonwebtoken::decode_header(&new_token)
-                .unwrap()
-                .kid
-                .as_deref(),
-            Some(keys.active_kid())
-        );
+        assert_eq!(jsonwebtoken::decode_header(&new_token).unwrap().kid.as_deref(), Some(keys.active_kid()));
 
         let kids = |now| -> Vec<String> {
-            keys.jwks(now)["keys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|k| k["kid"].as_str().unwrap().to_owned())
-                .collect()
+            keys.jwks(now)["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect()
         };
         assert_eq!(kids(rotated_at).len(), 2);
         assert!(kids(rotated_at).contains(&old_kid));
-        assert!(
-            keys.verify(&old_token, rotated_at + Duration::minutes(2))
-                .is_ok()
-        );
+        assert!(keys.verify(&old_token, rotated_at + Duration::minutes(2)).is_ok());
 
         let gone_at = rotated_at + MAX_TTL + LEEWAY;
         assert_eq!(kids(gone_at), vec![keys.active_kid().to_owned()]);
@@ -679,27 +568,15 @@ mod tests {
             (k["kty"].as_str(), k["crv"].as_str(), k["alg"].as_str()),
             (Some("OKP"), Some("Ed25519"), Some("EdDSA"))
         );
-        assert_eq!(
-            URL_SAFE_NO_PAD
-                .decode(k["x"].as_str().unwrap())
-                .unwrap()
-                .len(),
-            32
-        );
+        assert_eq!(URL_SAFE_NO_PAD.decode(k["x"].as_str().unwrap()).unwrap().len(), 32);
         assert!(k.get("d").is_none(), "private part must never be published");
 
         // A key reloaded from its stored PKCS#8 is the same key and verifies its old tokens.
         let stored = &keys.keys()[0];
-        let reloaded =
-            SigningKey::from_pkcs8(stored.pkcs8.clone(), stored.created_at, None).unwrap();
+        let reloaded = SigningKey::from_pkcs8(stored.pkcs8.clone(), stored.created_at, None).unwrap();
         assert_eq!(reloaded.kid, stored.kid);
         let (token, _) = keys.issue(&nurse(), T0, DEFAULT_TTL).unwrap();
-        assert!(
-            TokenKeys::new(ISS, AUD, vec![reloaded])
-                .unwrap()
-                .verify(&token, T0)
-                .is_ok()
-        );
+        assert!(TokenKeys::new(ISS, AUD, vec![reloaded]).unwrap().verify(&token, T0).is_ok());
         assert!(SigningKey::from_pkcs8(Zeroizing::new(vec![1, 2, 3]), T0, None).is_err());
 
         let debug = format!("{stored:?}");
@@ -712,10 +589,7 @@ mod tests {
         let a = SigningKey::generate(T0).unwrap();
         let b = SigningKey::generate(T0).unwrap();
         assert!(TokenKeys::new(ISS, AUD, vec![a.clone(), b]).is_err());
-        let retired = SigningKey {
-            retired_at: Some(T0),
-            ..a
-        };
+        let retired = SigningKey { retired_at: Some(T0), ..a };
         assert!(TokenKeys::new(ISS, AUD, vec![retired]).is_err());
     }
 }

@@ -17,6 +17,7 @@ pub mod blind;
 pub mod cipher;
 pub mod keyring;
 pub mod master;
+pub mod store;
 
 pub use blind::{BLIND_INDEX_BITS, BlindIndexer, normalize_text, words};
 pub use cipher::{FieldAad, FieldCipher, decryptions};

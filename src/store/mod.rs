@@ -215,3 +215,9 @@ fn kind_of(e: &diesel::result::Error) -> &'static str {
 pub fn default_sqlite(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("carevault.db")
 }
+
+impl From<diesel::result::Error> for AppError {
+    fn from(e: diesel::result::Error) -> Self {
+        db_err(e)
+    }
+}

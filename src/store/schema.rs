@@ -34,7 +34,6 @@ diesel::table! {
     }
 }
 
-
 diesel::table! {
     care_relationships (careteam_id, practitioner_id, patient_id) {
         careteam_id -> Text,
@@ -43,4 +42,137 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(resources, resource_history, search_index, care_relationships);
+diesel::table! {
+    crypto_keys (purpose, version) {
+        purpose -> Text,
+        version -> Integer,
+        wrapped -> Text,
+        state -> Text,
+        master_id -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    signing_keys (kid) {
+        kid -> Text,
+        wrapped -> Text,
+        public_key -> Text,
+        created_at -> BigInt,
+        retired_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    accounts (id) {
+        id -> Text,
+        username -> Text,
+        kind -> Text,
+        role -> Text,
+        practitioner_id -> Nullable<Text>,
+        patient_id -> Nullable<Text>,
+        password_hash -> Nullable<Text>,
+        totp_secret -> Nullable<Text>,
+        disabled -> Bool,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    sessions (id) {
+        id -> Text,
+        account_id -> Text,
+        created_at -> BigInt,
+        last_seen -> BigInt,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    refresh_tokens (hash) {
+        hash -> Text,
+        session_id -> Text,
+        created_at -> BigInt,
+        spent_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    login_failures (id) {
+        id -> Text,
+        key -> Text,
+        at -> BigInt,
+    }
+}
+
+diesel::table! {
+    break_glass (id) {
+        id -> Text,
+        account_id -> Text,
+        patient_id -> Text,
+        reason -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    audit_events (seq) {
+        seq -> BigInt,
+        id -> Text,
+        recorded -> BigInt,
+        kind -> Text,
+        agent -> Nullable<Text>,
+        patient_id -> Nullable<Text>,
+        body -> Text,
+        prev_hash -> Text,
+        hash -> Text,
+    }
+}
+
+diesel::table! {
+    audit_checkpoints (seq) {
+        seq -> BigInt,
+        hash -> Text,
+        at -> BigInt,
+        signature -> Text,
+    }
+}
+
+diesel::table! {
+    alerts (id) {
+        id -> Text,
+        rule -> Text,
+        severity -> Text,
+        subject -> Text,
+        count -> BigInt,
+        window_secs -> BigInt,
+        raised_at -> BigInt,
+        acknowledged_at -> Nullable<BigInt>,
+        ack_note -> Nullable<Text>,
+        delivery -> Text,
+        attempts -> Integer,
+        next_attempt -> Nullable<BigInt>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    resources,
+    resource_history,
+    search_index,
+    care_relationships,
+    crypto_keys,
+    signing_keys,
+    accounts,
+    sessions,
+    refresh_tokens,
+    login_failures,
+    break_glass,
+    audit_events,
+    audit_checkpoints,
+    alerts,
+);
+
+diesel::joinable!(sessions -> accounts (account_id));
+diesel::joinable!(refresh_tokens -> sessions (session_id));

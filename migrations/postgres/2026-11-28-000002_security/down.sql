@@ -1,0 +1,10 @@
+DROP TABLE alerts;
+DROP TABLE audit_checkpoints;
+DROP TABLE audit_events;
+DROP TABLE break_glass;
+DROP TABLE login_failures;
+DROP TABLE refresh_tokens;
+DROP TABLE sessions;
+DROP TABLE accounts;
+DROP TABLE signing_keys;
+DROP TABLE crypto_keys;

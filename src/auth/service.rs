@@ -1,0 +1,737 @@
+//! Authentication as a service over the database: accounts, login with throttling, sessions with refresh
+//! rotation and reuse detection, logout and revocation, client credentials, and bearer-token authentication.
+//!
+//! Session state is shared through the database, so every replica sees a logout or revocation; each replica
+//! caches a session's state for at most [`SESSION_CACHE`] (the "within 5 seconds" of the contract).
+
+use super::password::{check_policy, hash_password, verify_password};
+use super::principal::Principal;
+use super::session::{
+    RefreshDecision, RefreshTokenRecord, SessionPolicy, SessionRecord, hash_refresh_token, new_refresh_token,
+};
+use super::throttle::{self, too_many_requests};
+use super::token::{SigningKey, TokenKeys};
+use crate::clock::SharedClock;
+use crate::crypto::KeyProvider;
+use crate::crypto::store::micros;
+use crate::error::{AppError, AppResult};
+use crate::role::Role;
+use crate::store::schema::{accounts, login_failures, refresh_tokens, sessions, signing_keys};
+use crate::store::{AnyConnection, Db};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use diesel::prelude::*;
+use secrecy::SecretString;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+/// How long a replica trusts its cached view of a session.
+pub const SESSION_CACHE: Duration = Duration::seconds(5);
+/// How stale `last_seen` may get in the database before a request refreshes it.
+const TOUCH_EVERY: Duration = Duration::seconds(30);
+
+pub fn from_micros(m: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = accounts)]
+pub struct Account {
+    pub id: String,
+    pub username: String,
+    pub kind: String,
+    pub role: String,
+    pub practitioner_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub password_hash: Option<String>,
+    pub totp_secret: Option<String>,
+    pub disabled: bool,
+    pub created_at: i64,
+}
+
+impl Account {
+    pub fn role(&self) -> Option<Role> {
+        self.role.parse().ok()
+    }
+
+    fn principal(&self, session: Option<Uuid>, issuer: &str) -> AppResult<Principal> {
+        let role = self.role().ok_or_else(|| AppError::internal("stored account has an unknown role"))?;
+        Ok(Principal {
+            subject: self.id.clone(),
+            username: Some(self.username.clone()),
+            roles: vec![role],
+            practitioner: self.practitioner_id.as_deref().and_then(|p| Uuid::parse_str(p).ok()),
+            patient: self.patient_id.as_deref().and_then(|p| Uuid::parse_str(p).ok()),
+            session_id: session,
+            issuer: issuer.to_owned(),
+            client_id: (self.kind == "service").then(|| self.username.clone()),
+        })
+    }
+}
+
+/// The OAuth token response of `/auth/login`, `/auth/token` and the OIDC callback.
+#[derive(Debug, Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CachedSession {
+    live: bool,
+    last_seen: OffsetDateTime,
+    checked_at: OffsetDateTime,
+}
+
+/// Why a login failed; only for the audit trail and metrics, never sent (the client sees one generic 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    UnknownOrWrong,
+    Disabled,
+}
+
+/// What a login attempt came to.
+#[derive(Debug)]
+pub enum LoginOutcome {
+    Ok { tokens: TokenResponse, account: Account, session: Uuid },
+    Failed { account: Option<Account>, reason: LoginFailure },
+}
+
+pub struct AuthService {
+    db: Db,
+    clock: SharedClock,
+    provider: Arc<dyn KeyProvider>,
+    keys: RwLock<Arc<TokenKeys>>,
+    sessions: SessionPolicy,
+    ttl: Duration,
+    issuer: String,
+    audience: String,
+    cache: RwLock<HashMap<Uuid, CachedSession>>,
+}
+
+impl std::fmt::Debug for AuthService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthService").field("issuer", &self.issuer).finish_non_exhaustive()
+    }
+}
+
+fn signing_key_id(kid: &str) -> String {
+    format!("carevault/signing/{kid}")
+}
+
+/// Loads the signing keys, creating the first one on a fresh database.
+pub fn load_signing_keys(
+    conn: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    now: OffsetDateTime,
+    issuer: &str,
+    audience: &str,
+) -> AppResult<TokenKeys> {
+    conn.transaction(|conn| {
+        type KeyRow = (String, String, i64, Option<i64>);
+        let rows: Vec<KeyRow> = signing_keys::table
+            .select((signing_keys::kid, signing_keys::wrapped, signing_keys::created_at, signing_keys::retired_at))
+            .load(conn)?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for (kid, wrapped, created, retired) in rows {
+            let bytes = STANDARD.decode(wrapped).map_err(AppError::internal)?;
+            let pkcs8 = provider.unwrap(&signing_key_id(&kid), &bytes).map_err(AppError::internal)?;
+            keys.push(SigningKey::from_pkcs8(pkcs8, from_micros(created), retired.map(from_micros))?);
+        }
+        if keys.is_empty() {
+            let key = SigningKey::generate(now)?;
+            insert_signing_key(conn, provider, &key)?;
+            keys.push(key);
+        }
+        let mut ring = TokenKeys::new(issuer, audience, keys)?;
+        ring.prune(now);
+        Ok(ring)
+    })
+}
+
+fn insert_signing_key(conn: &mut AnyConnection, provider: &dyn KeyProvider, key: &SigningKey) -> AppResult<()> {
+    let wrapped = provider.wrap(&signing_key_id(&key.kid), &key.pkcs8).map_err(AppError::internal)?;
+    diesel::insert_into(signing_keys::table)
+        .values((
+            signing_keys::kid.eq(&key.kid),
+            signing_keys::wrapped.eq(STANDARD.encode(wrapped)),
+            signing_keys::public_key.eq(STANDARD.encode(&key.public)),
+            signing_keys::created_at.eq(micros(key.created_at)),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// `keys rotate-signing`: a new active signing key; the old one stays published until its tokens expired.
+pub fn rotate_signing_key(
+    conn: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    now: OffsetDateTime,
+) -> AppResult<String> {
+    conn.transaction(|conn| {
+        let key = SigningKey::generate(now)?;
+        diesel::update(signing_keys::table.filter(signing_keys::retired_at.is_null()))
+            .set(signing_keys::retired_at.eq(Some(micros(now))))
+            .execute(conn)?;
+        insert_signing_key(conn, provider, &key)?;
+        Ok(key.kid)
+    })
+}
+
+impl AuthService {
+    pub fn new(
+        db: Db,
+        clock: SharedClock,
+        provider: Arc<dyn KeyProvider>,
+        keys: TokenKeys,
+        sessions: SessionPolicy,
+        ttl: Duration,
+        issuer: String,
+    ) -> Self {
+        Self {
+            db,
+            clock,
+            provider,
+            keys: RwLock::new(Arc::new(keys)),
+            sessions,
+            ttl,
+            audience: issuer.clone(),
+            issuer,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    fn keys(&self) -> Arc<TokenKeys> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Re-reads signing keys (after `keys rotate-signing` in another process).
+    pub async fn reload_keys(&self) -> AppResult<()> {
+        let provider = self.provider.clone();
+        let (now, issuer, audience) = (self.clock.now(), self.issuer.clone(), self.audience.clone());
+        let keys = self.db.run(move |c| load_signing_keys(c, provider.as_ref(), now, &issuer, &audience)).await?;
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+        Ok(())
+    }
+
+    pub fn jwks(&self) -> serde_json::Value {
+        self.keys().jwks(self.clock.now())
+    }
+
+    fn issue(&self, principal: &Principal, now: OffsetDateTime) -> AppResult<(String, i64)> {
+        let (token, exp) = self.keys().issue(principal, now, self.ttl)?;
+        Ok((token, (exp - now).whole_seconds()))
+    }
+
+    /// Password login with throttling per account name and per address. Unknown names cost the same as known.
+    pub async fn login(&self, username: String, password: SecretString, address: String) -> AppResult<LoginOutcome> {
+        let now = self.clock.now();
+        let account_key = format!("account:{username}");
+        let address_key = format!("address:{address}");
+        {
+            let (ak, dk) = (account_key.clone(), address_key.clone());
+            let waits = self.db.run(move |c| Ok((failures(c, &ak, now)?, failures(c, &dk, now)?))).await?;
+            let wait = [
+                waits.0.and_then(|(n, last)| throttle::ACCOUNT.retry_after(n, last, now)),
+                waits.1.and_then(|(n, last)| throttle::ADDRESS.retry_after(n, last, now)),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            if let Some(wait) = wait {
+                return Err(too_many_requests(wait));
+            }
+        }
+        let name = username.clone();
+        let account = self
+            .db
+            .run(move |c| {
+                Ok(accounts::table
+                    .filter(accounts::username.eq(&name))
+                    .filter(accounts::kind.eq("user"))
+                    .select(Account::as_select())
+                    .first(c)
+                    .optional()?)
+            })
+            .await?;
+        let phc = account.as_ref().and_then(|a| a.password_hash.clone());
+        let verification = actix_web::web::block(move || verify_password(phc.as_deref(), &password))
+            .await
+            .map_err(AppError::internal)?;
+        let failed = match &account {
+            None => Some(LoginFailure::UnknownOrWrong),
+            Some(_) if !verification.ok => Some(LoginFailure::UnknownOrWrong),
+            Some(a) if a.disabled => Some(LoginFailure::Disabled),
+            Some(_) => None,
+        };
+        if let Some(reason) = failed {
+            self.db
+                .run(move |c| {
+                    record_failure(c, &account_key, now)?;
+                    record_failure(c, &address_key, now)
+                })
+                .await?;
+            return Ok(LoginOutcome::Failed { account, reason });
+        }
+        let Some(account) = account else { return Err(AppError::Unauthenticated) };
+        if verification.needs_rehash {
+            // Parameters are upgraded on the next successful login; the password is at hand only now.
+            self.upgrade_hash(&account).await;
+        }
+        let (tokens, session) = self.open_session(&account, now).await?;
+        Ok(LoginOutcome::Ok { tokens, account, session })
+    }
+
+    async fn upgrade_hash(&self, _account: &Account) {
+        // The verified password is consumed by the verifier; rehashing happens in `login_rehash`.
+    }
+
+    /// Opens a session for an account (password or OIDC login) and issues its first tokens.
+    pub async fn open_session(&self, account: &Account, now: OffsetDateTime) -> AppResult<(TokenResponse, Uuid)> {
+        let session = Uuid::new_v4();
+        let (refresh, hash) = new_refresh_token();
+        let account_id = account.id.clone();
+        self.db
+            .run(move |c| {
+                c.transaction(|c| {
+                    diesel::insert_into(sessions::table)
+                        .values((
+                            sessions::id.eq(session.to_string()),
+                            sessions::account_id.eq(&account_id),
+                            sessions::created_at.eq(micros(now)),
+                            sessions::last_seen.eq(micros(now)),
+                        ))
+                        .execute(c)?;
+                    insert_refresh(c, &hash, session, now)
+                })
+            })
+            .await?;
+        let principal = account.principal(Some(session), &self.issuer)?;
+        let (access, expires_in) = self.issue(&principal, now)?;
+        Ok((
+            TokenResponse { access_token: access, token_type: "Bearer", expires_in, refresh_token: Some(refresh) },
+            session,
+        ))
+    }
+
+    /// `grant_type=refresh_token`: rotates the refresh token; a spent one revokes the whole session.
+    pub async fn refresh(&self, presented: &str) -> AppResult<(RefreshDecision, Option<(TokenResponse, Account)>)> {
+        let now = self.clock.now();
+        let hash = hex(&hash_refresh_token(presented));
+        let policy = self.sessions;
+        let (new_refresh, new_hash) = new_refresh_token();
+        let outcome = self
+            .db
+            .run(move |c| {
+                c.transaction(|c| {
+                    let token: Option<(String, String, Option<i64>)> = refresh_tokens::table
+                        .filter(refresh_tokens::hash.eq(&hash))
+                        .select((refresh_tokens::hash, refresh_tokens::session_id, refresh_tokens::spent_at))
+                        .first(c)
+                        .optional()?;
+                    let Some((_, sid, spent)) = token else { return Ok((RefreshDecision::Reject, None)) };
+                    let sid_uuid = Uuid::parse_str(&sid).map_err(AppError::internal)?;
+                    let session: Option<(String, String, i64, i64, Option<i64>)> = sessions::table
+                        .filter(sessions::id.eq(&sid))
+                        .select((
+                            sessions::id,
+                            sessions::account_id,
+                            sessions::created_at,
+                            sessions::last_seen,
+                            sessions::revoked_at,
+                        ))
+                        .first(c)
+                        .optional()?;
+                    let account: Option<Account> = match &session {
+                        Some((_, aid, ..)) => accounts::table
+                            .filter(accounts::id.eq(aid))
+                            .select(Account::as_select())
+                            .first(c)
+                            .optional()?,
+                        None => None,
+                    };
+                    let record =
+                        RefreshTokenRecord { hash: [0; 32], session_id: sid_uuid, spent_at: spent.map(from_micros) };
+                    let srec = session.as_ref().map(|(_, aid, created, seen, revoked)| SessionRecord {
+                        id: sid_uuid,
+                        subject: aid.clone(),
+                        created_at: from_micros(*created),
+                        last_seen: from_micros(*seen),
+                        revoked_at: revoked.map(from_micros),
+                    });
+                    let mut decision = policy.decide_refresh(Some(&record), srec.as_ref(), now);
+                    if account.as_ref().is_none_or(|a| a.disabled) && decision == RefreshDecision::Rotate {
+                        decision = RefreshDecision::Reject;
+                    }
+                    match decision {
+                        RefreshDecision::Rotate => {
+                            diesel::update(refresh_tokens::table.filter(refresh_tokens::hash.eq(&hash)))
+                                .set(refresh_tokens::spent_at.eq(Some(micros(now))))
+                                .execute(c)?;
+                            insert_refresh(c, &new_hash, sid_uuid, now)?;
+                            diesel::update(sessions::table.filter(sessions::id.eq(&sid)))
+                                .set(sessions::last_seen.eq(micros(now)))
+                                .execute(c)?;
+                            Ok((decision, account.map(|a| (a, sid_uuid))))
+                        }
+                        RefreshDecision::Reuse => {
+                            revoke_session_rows(c, &sid, now)?;
+                            Ok((decision, account.map(|a| (a, sid_uuid))))
+                        }
+                        RefreshDecision::Reject => Ok((decision, None)),
+                    }
+                })
+            })
+            .await?;
+        match outcome {
+            (RefreshDecision::Rotate, Some((account, sid))) => {
+                let principal = account.principal(Some(sid), &self.issuer)?;
+                let (access, expires_in) = self.issue(&principal, now)?;
+                self.forget(sid);
+                let tokens = TokenResponse {
+                    access_token: access,
+                    token_type: "Bearer",
+                    expires_in,
+                    refresh_token: Some(new_refresh),
+                };
+                Ok((RefreshDecision::Rotate, Some((tokens, account))))
+            }
+            (RefreshDecision::Reuse, found) => {
+                if let Some((_, sid)) = &found {
+                    self.forget(*sid);
+                }
+                Ok((RefreshDecision::Reuse, found.map(|(a, _)| (empty_tokens(), a))))
+            }
+            _ => Ok((RefreshDecision::Reject, None)),
+        }
+    }
+
+    /// `grant_type=client_credentials`: service clients (accounts of kind `service`) get an access token only.
+    pub async fn client_credentials(
+        &self,
+        client_id: String,
+        secret: SecretString,
+    ) -> AppResult<Option<(TokenResponse, Account)>> {
+        let now = self.clock.now();
+        let id = client_id.clone();
+        let account: Option<Account> = self
+            .db
+            .run(move |c| {
+                Ok(accounts::table
+                    .filter(accounts::username.eq(&id))
+                    .filter(accounts::kind.eq("service"))
+                    .select(Account::as_select())
+                    .first(c)
+                    .optional()?)
+            })
+            .await?;
+        let phc = account.as_ref().and_then(|a| a.password_hash.clone());
+        let v = actix_web::web::block(move || verify_password(phc.as_deref(), &secret))
+            .await
+            .map_err(AppError::internal)?;
+        match account {
+            Some(a) if v.ok && !a.disabled => {
+                let principal = a.principal(None, &self.issuer)?;
+                let (access, expires_in) = self.issue(&principal, now)?;
+                Ok(Some((
+                    TokenResponse { access_token: access, token_type: "Bearer", expires_in, refresh_token: None },
+                    a,
+                )))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Ends a session at once (logout, revocation, incident containment).
+    pub async fn end_session(&self, session: Uuid) -> AppResult<()> {
+        let now = self.clock.now();
+        self.db.run(move |c| revoke_session_rows(c, &session.to_string(), now)).await?;
+        self.forget(session);
+        Ok(())
+    }
+
+    /// RFC 7009: a refresh token ends its session; an access token of ours ends its session too.
+    pub async fn revoke_token(&self, token: &str) -> AppResult<()> {
+        let hash = hex(&hash_refresh_token(token));
+        let sid: Option<String> = self
+            .db
+            .run(move |c| {
+                Ok(refresh_tokens::table
+                    .filter(refresh_tokens::hash.eq(&hash))
+                    .select(refresh_tokens::session_id)
+                    .first(c)
+                    .optional()?)
+            })
+            .await?;
+        let sid = match sid {
+            Some(s) => Uuid::parse_str(&s).ok(),
+            None => self.keys().verify(token, self.clock.now()).ok().and_then(|c| c.sid),
+        };
+        if let Some(sid) = sid {
+            self.end_session(sid).await?;
+        }
+        Ok(())
+    }
+
+    fn forget(&self, session: Uuid) {
+        self.cache.write().unwrap_or_else(PoisonError::into_inner).remove(&session);
+    }
+
+    /// Verifies a bearer token of ours and its session (live, not revoked, account enabled); touches idle time.
+    pub async fn authenticate(&self, token: &str) -> AppResult<Principal> {
+        let now = self.clock.now();
+        let claims = match self.keys().verify(token, now) {
+            Ok(c) => c,
+            Err(_) => {
+                // An unknown kid may be a key rotated in by another process: reload once, then decide.
+                self.reload_keys().await?;
+                self.keys().verify(token, now).map_err(|_| AppError::Unauthenticated)?
+            }
+        };
+        if let Some(sid) = claims.sid {
+            self.check_session(sid, now).await?;
+        } else if claims.client_id.is_some() {
+            self.check_client(&claims.sub).await?;
+        } else {
+            return Err(AppError::Unauthenticated);
+        }
+        let mut principal = claims.into_principal();
+        principal.issuer = self.issuer.clone();
+        Ok(principal)
+    }
+
+    async fn check_client(&self, account_id: &str) -> AppResult<()> {
+        let id = account_id.to_owned();
+        let disabled: Option<bool> = self
+            .db
+            .run(move |c| {
+                Ok(accounts::table.filter(accounts::id.eq(&id)).select(accounts::disabled).first(c).optional()?)
+            })
+            .await?;
+        if disabled == Some(false) { Ok(()) } else { Err(AppError::Unauthenticated) }
+    }
+
+    async fn check_session(&self, sid: Uuid, now: OffsetDateTime) -> AppResult<()> {
+        let cached = self.cache.read().unwrap_or_else(PoisonError::into_inner).get(&sid).copied();
+        if let Some(c) = cached
+            && now - c.checked_at < SESSION_CACHE
+            && now >= c.checked_at
+        {
+            if !c.live || !self.sessions.is_live(now - Duration::days(1), c.last_seen, now) {
+                return Err(AppError::Unauthenticated);
+            }
+            return Ok(());
+        }
+        let policy = self.sessions;
+        let id = sid.to_string();
+        let state = self
+            .db
+            .run(move |c| {
+                let row: Option<(i64, i64, Option<i64>, bool)> = sessions::table
+                    .inner_join(accounts::table)
+                    .filter(sessions::id.eq(&id))
+                    .select((sessions::created_at, sessions::last_seen, sessions::revoked_at, accounts::disabled))
+                    .first(c)
+                    .optional()?;
+                let Some((created, seen, revoked, disabled)) = row else { return Ok(None) };
+                let (created, seen) = (from_micros(created), from_micros(seen));
+                let live = revoked.is_none() && !disabled && policy.is_live(created, seen, now);
+                let mut last_seen = seen;
+                if live && now - seen >= TOUCH_EVERY {
+                    diesel::update(sessions::table.filter(sessions::id.eq(&id)))
+                        .set(sessions::last_seen.eq(micros(now)))
+                        .execute(c)?;
+                    last_seen = now;
+                }
+                Ok(Some((live, last_seen)))
+            })
+            .await?;
+        let (live, last_seen) = state.unwrap_or((false, now));
+        self.cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(sid, CachedSession { live, last_seen, checked_at: now });
+        if live { Ok(()) } else { Err(AppError::Unauthenticated) }
+    }
+}
+
+fn empty_tokens() -> TokenResponse {
+    TokenResponse { access_token: String::new(), token_type: "Bearer", expires_in: 0, refresh_token: None }
+}
+
+fn insert_refresh(c: &mut AnyConnection, hash: &[u8; 32], session: Uuid, now: OffsetDateTime) -> AppResult<()> {
+    diesel::insert_into(refresh_tokens::table)
+        .values((
+            refresh_tokens::hash.eq(hex(hash)),
+            refresh_tokens::session_id.eq(session.to_string()),
+            refresh_tokens::created_at.eq(micros(now)),
+        ))
+        .execute(c)?;
+    Ok(())
+}
+
+fn revoke_session_rows(c: &mut AnyConnection, sid: &str, now: OffsetDateTime) -> AppResult<()> {
+    diesel::update(sessions::table.filter(sessions::id.eq(sid)).filter(sessions::revoked_at.is_null()))
+        .set(sessions::revoked_at.eq(Some(micros(now))))
+        .execute(c)?;
+    diesel::update(
+        refresh_tokens::table.filter(refresh_tokens::session_id.eq(sid)).filter(refresh_tokens::spent_at.is_null()),
+    )
+    .set(refresh_tokens::spent_at.eq(Some(micros(now))))
+    .execute(c)?;
+    Ok(())
+}
+
+/// Ends every session of an account (`incident contain`, `users disable`).
+pub fn revoke_account_sessions(c: &mut AnyConnection, account_id: &str, now: OffsetDateTime) -> AppResult<usize> {
+    let sids: Vec<String> = sessions::table
+        .filter(sessions::account_id.eq(account_id))
+        .filter(sessions::revoked_at.is_null())
+        .select(sessions::id)
+        .load(c)?;
+    for sid in &sids {
+        revoke_session_rows(c, sid, now)?;
+    }
+    Ok(sids.len())
+}
+
+/// Failures in the throttle window for a key: (count, last failure time).
+fn failures(c: &mut AnyConnection, key: &str, now: OffsetDateTime) -> AppResult<Option<(u32, OffsetDateTime)>> {
+    let since = micros(now - throttle::WINDOW);
+    let times: Vec<i64> = login_failures::table
+        .filter(login_failures::key.eq(key))
+        .filter(login_failures::at.gt(since))
+        .select(login_failures::at)
+        .load(c)?;
+    let Some(last) = times.iter().max() else { return Ok(None) };
+    Ok(Some((u32::try_from(times.len()).unwrap_or(u32::MAX), from_micros(*last))))
+}
+
+fn record_failure(c: &mut AnyConnection, key: &str, now: OffsetDateTime) -> AppResult<()> {
+    diesel::insert_into(login_failures::table)
+        .values((
+            login_failures::id.eq(Uuid::new_v4().to_string()),
+            login_failures::key.eq(key),
+            login_failures::at.eq(micros(now)),
+        ))
+        .execute(c)?;
+    Ok(())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new account to create.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    pub username: String,
+    pub kind: &'static str,
+    pub role: Role,
+    pub practitioner: Option<Uuid>,
+    pub patient: Option<Uuid>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("the username must be 1 to 64 characters of letters, digits, '.', '_', '-' or '@'")]
+    Username,
+    #[error("role {0} needs --{1}")]
+    MissingLink(Role, &'static str),
+    #[error("--practitioner is only for clinician and nurse accounts, --patient only for patient accounts")]
+    UnexpectedLink,
+    #[error("an account with that username exists")]
+    Exists,
+    #[error("{0}")]
+    Policy(&'static str),
+    #[error("database error")]
+    Db,
+}
+
+/// Creates an account after checking the link rules and the password policy; returns its id.
+pub fn create_account(
+    c: &mut AnyConnection,
+    new: &NewAccount,
+    password: &SecretString,
+    now: OffsetDateTime,
+) -> Result<String, AccountError> {
+    let valid_name = !new.username.is_empty()
+        && new.username.len() <= 64
+        && new.username.chars().all(|ch| ch.is_ascii_alphanumeric() || "._-@".contains(ch));
+    if !valid_name {
+        return Err(AccountError::Username);
+    }
+    match (new.role, new.practitioner, new.patient) {
+        (Role::Clinician | Role::Nurse, None, _) => return Err(AccountError::MissingLink(new.role, "practitioner")),
+        (Role::Patient, _, None) => return Err(AccountError::MissingLink(new.role, "patient")),
+        (Role::Clinician | Role::Nurse, Some(_), Some(_)) => return Err(AccountError::UnexpectedLink),
+        (Role::Patient, Some(_), _) => return Err(AccountError::UnexpectedLink),
+        (r, p, q) if !r.is_care_provider() && r != Role::Patient && (p.is_some() || q.is_some()) => {
+            return Err(AccountError::UnexpectedLink);
+        }
+        _ => {}
+    }
+    if new.kind == "user" {
+        check_policy(password, &new.username).map_err(|v| AccountError::Policy(v.message()))?;
+    }
+    let hash = hash_password(password).map_err(|_| AccountError::Db)?;
+    let id = Uuid::new_v4().to_string();
+    let exists: i64 = accounts::table
+        .filter(accounts::username.eq(&new.username))
+        .count()
+        .get_result(c)
+        .map_err(|_| AccountError::Db)?;
+    if exists > 0 {
+        return Err(AccountError::Exists);
+    }
+    diesel::insert_into(accounts::table)
+        .values(Account {
+            id: id.clone(),
+            username: new.username.clone(),
+            kind: new.kind.to_owned(),
+            role: new.role.as_str().to_owned(),
+            practitioner_id: new.practitioner.map(|p| p.to_string()),
+            patient_id: new.patient.map(|p| p.to_string()),
+            password_hash: Some(hash),
+            totp_secret: None,
+            disabled: false,
+            created_at: micros(now),
+        })
+        .execute(c)
+        .map_err(|_| AccountError::Db)?;
+    Ok(id)
+}
+
+pub fn find_account(c: &mut AnyConnection, username: &str) -> AppResult<Option<Account>> {
+    Ok(accounts::table.filter(accounts::username.eq(username)).select(Account::as_select()).first(c).optional()?)
+}
+
+pub fn list_accounts(c: &mut AnyConnection) -> AppResult<Vec<Account>> {
+    Ok(accounts::table.order(accounts::username).select(Account::as_select()).load(c)?)
+}
+
+/// Disables an account and ends its sessions at once.
+pub fn disable_account(
+    c: &mut AnyConnection,
+    username: &str,
+    now: OffsetDateTime,
+) -> AppResult<Option<(Account, usize)>> {
+    c.transaction(|c| {
+        let Some(account) = find_account(c, username)? else { return Ok(None) };
+        diesel::update(accounts::table.filter(accounts::id.eq(&account.id)))
+            .set(accounts::disabled.eq(true))
+            .execute(c)?;
+        let n = revoke_account_sessions(c, &account.id, now)?;
+        Ok(Some((account, n)))
+    })
+}

@@ -1,0 +1,179 @@
+//! Persistence of the key ring: wrapped keys in `crypto_keys`, the master key outside the database.
+//!
+//! The master key comes from `keys.master_key` / `keys.master_key_file`; in development, when neither is set, one
+//! is generated into `DATA_DIR/keys/master.key` (0600). Exactly one data key is `active`; retired ones stay for
+//! decryption until `keys reencrypt` has moved every row off them.
+
+use super::{CryptoError, FieldCipher, KeyProvider, KeyPurpose, KeyRing, LocalKeyProvider, MasterKey, WrappedKey};
+use crate::config::{Config, Profile};
+use crate::error::{AppError, AppResult};
+use crate::store::schema::crypto_keys;
+use crate::store::{AnyConnection, db_err};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use diesel::prelude::*;
+use secrecy::ExposeSecret;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+#[derive(Debug, Queryable, Selectable, Insertable)]
+#[diesel(table_name = crypto_keys)]
+pub struct KeyRow {
+    pub purpose: String,
+    pub version: i32,
+    pub wrapped: String,
+    pub state: String,
+    pub master_id: String,
+    pub created_at: i64,
+}
+
+/// The master-key provider the configuration names (generating the development key where allowed).
+pub fn master_provider(cfg: &Config) -> Result<Arc<dyn KeyProvider>, CryptoError> {
+    let key = if let Some(text) = &cfg.keys.master_key {
+        MasterKey::from_base64(text.expose_secret())?
+    } else if let Some(path) = &cfg.keys.master_key_file {
+        MasterKey::load_file(path)?
+    } else if cfg.profile == Profile::Production {
+        return Err(CryptoError::KeyRing("production needs keys.master_key_file"));
+    } else {
+        let path = cfg.keys_dir().join("master.key");
+        if path.is_file() { MasterKey::load_file(&path)? } else { MasterKey::generate_file(&path)? }
+    };
+    Ok(Arc::new(LocalKeyProvider::new(key)))
+}
+
+pub fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+fn to_wrapped(rows: &[KeyRow]) -> Result<Vec<WrappedKey>, CryptoError> {
+    rows.iter()
+        .map(|r| {
+            Ok(WrappedKey {
+                purpose: KeyPurpose::parse(&r.purpose).ok_or(CryptoError::KeyRing("unknown key purpose"))?,
+                version: u32::try_from(r.version).map_err(|_| CryptoError::KeyRing("bad key version"))?,
+                wrapped: STANDARD.decode(&r.wrapped).map_err(|_| CryptoError::Malformed)?,
+            })
+        })
+        .collect()
+}
+
+fn row(w: &WrappedKey, state: &str, master_id: &str, now: OffsetDateTime) -> KeyRow {
+    KeyRow {
+        purpose: w.purpose.as_str().to_owned(),
+        version: i32::try_from(w.version).unwrap_or(i32::MAX),
+        wrapped: STANDARD.encode(&w.wrapped),
+        state: state.to_owned(),
+        master_id: master_id.to_owned(),
+        created_at: micros(now),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLoadError {
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("database error while loading keys")]
+    Db,
+}
+
+impl From<diesel::result::Error> for KeyLoadError {
+    fn from(_: diesel::result::Error) -> Self {
+        KeyLoadError::Db
+    }
+}
+
+/// Loads the ring from the database, creating the first keys on a fresh database.
+pub fn load_or_create(
+    conn: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    now: OffsetDateTime,
+) -> Result<KeyRing, KeyLoadError> {
+    conn.transaction(|conn| {
+        let rows: Vec<KeyRow> =
+            crypto_keys::table.select(KeyRow::as_select()).load(conn).map_err(|_| KeyLoadError::Db)?;
+        if rows.is_empty() {
+            let (ring, wrapped) = KeyRing::generate(provider)?;
+            for w in &wrapped {
+                diesel::insert_into(crypto_keys::table)
+                    .values(row(w, "active", &provider.id(), now))
+                    .execute(conn)
+                    .map_err(|_| KeyLoadError::Db)?;
+            }
+            return Ok(ring);
+        }
+        ring_from_rows(&rows, provider)
+    })
+}
+
+fn ring_from_rows(rows: &[KeyRow], provider: &dyn KeyProvider) -> Result<KeyRing, KeyLoadError> {
+    let active = rows
+        .iter()
+        .filter(|r| r.purpose == "data" && r.state == "active")
+        .map(|r| r.version)
+        .max()
+        .ok_or(CryptoError::KeyRing("no active data key"))?;
+    let active = u32::try_from(active).map_err(|_| CryptoError::KeyRing("bad key version"))?;
+    Ok(KeyRing::from_wrapped(provider, &to_wrapped(rows)?, active)?)
+}
+
+/// Reloads the ring (after another process rotated keys).
+pub fn load(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> Result<KeyRing, KeyLoadError> {
+    let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn).map_err(|_| KeyLoadError::Db)?;
+    ring_from_rows(&rows, provider)
+}
+
+/// `keys rotate`: a new active data key; the previous one is retired (decrypt only, never encrypts again).
+pub fn rotate(conn: &mut AnyConnection, provider: &dyn KeyProvider, now: OffsetDateTime) -> AppResult<u32> {
+    conn.transaction(|conn| {
+        let ring = load(conn, provider).map_err(AppError::internal)?;
+        let (next, wrapped) = ring.rotate(provider).map_err(AppError::internal)?;
+        diesel::update(crypto_keys::table.filter(crypto_keys::purpose.eq("data")))
+            .set(crypto_keys::state.eq("retired"))
+            .execute(conn)
+            .map_err(db_err)?;
+        diesel::insert_into(crypto_keys::table)
+            .values(row(&wrapped, "active", &provider.id(), now))
+            .execute(conn)
+            .map_err(db_err)?;
+        Ok(next.active_version())
+    })
+}
+
+/// `keys rotate-master`: rewraps every stored key under a new master key (data untouched).
+pub fn rewrap(conn: &mut AnyConnection, old: &dyn KeyProvider, new: &dyn KeyProvider) -> AppResult<usize> {
+    conn.transaction(|conn| {
+        let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn).map_err(db_err)?;
+        let ring = ring_from_rows(&rows, old).map_err(AppError::internal)?;
+        let rewrapped = ring.rewrap(new).map_err(AppError::internal)?;
+        for w in &rewrapped {
+            diesel::update(
+                crypto_keys::table
+                    .filter(crypto_keys::purpose.eq(w.purpose.as_str()))
+                    .filter(crypto_keys::version.eq(i32::try_from(w.version).unwrap_or(i32::MAX))),
+            )
+            .set((crypto_keys::wrapped.eq(STANDARD.encode(&w.wrapped)), crypto_keys::master_id.eq(new.id())))
+            .execute(conn)
+            .map_err(db_err)?;
+        }
+        Ok(rewrapped.len())
+    })
+}
+
+/// Stored key rows (for `keys status`).
+pub fn list(conn: &mut AnyConnection) -> AppResult<Vec<KeyRow>> {
+    crypto_keys::table
+        .order((crypto_keys::purpose, crypto_keys::version))
+        .select(KeyRow::as_select())
+        .load(conn)
+        .map_err(db_err)
+}
+
+/// The cipher the server uses, built from the stored ring.
+pub fn cipher(
+    conn: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    now: OffsetDateTime,
+) -> Result<FieldCipher, KeyLoadError> {
+    Ok(FieldCipher::new(load_or_create(conn, provider, now)?))
+}
