@@ -2,6 +2,7 @@
 //!
 //! See `docs/architecture.md` for how a request flows through these modules.
 
+pub mod audit;
 pub mod clock;
 pub mod error;
 pub mod role;
