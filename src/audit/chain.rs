@@ -13,8 +13,10 @@
 //! `SELECT … FOR UPDATE` on PostgreSQL (or starts with `BEGIN IMMEDIATE` on SQLite), assigns `seq = head + 1, …`,
 //! links each event to the previous hash, inserts the rows, updates the head and commits; only then are the
 //! waiting requests released (a PHI response leaves only after its record is durable). A unique constraint on
-//! `seq` backs this up. Store `canonical_bytes`-equivalent data (the event JSON) plus `prev_hash` and `hash`.
+//! `seq` backs this up. Store the event (its serde JSON) with `seq`, `prev_hash` and `hash`; `audit verify` feeds
+//! rows to [`Verifier::push_stored`] in `seq` order, and passes the latest verified checkpoint to `finish`.
 
+use super::event::AuditEvent;
 use base64::Engine as _;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
@@ -185,6 +187,31 @@ impl Verifier {
         stored_prev: &Hash,
         stored_hash: &Hash,
     ) -> Result<(), ChainError> {
+        self.checked(seq, Some(canonical), stored_prev, stored_hash)
+    }
+
+    /// Checks a stored row whose event is kept as JSON (the serde form of [`AuditEvent`]): the JSON is parsed
+    /// and canonicalized here, and a row that does not parse counts as edited.
+    pub fn push_stored(
+        &mut self,
+        seq: i64,
+        event_json: &[u8],
+        stored_prev: &Hash,
+        stored_hash: &Hash,
+    ) -> Result<(), ChainError> {
+        let canonical = serde_json::from_slice::<AuditEvent>(event_json)
+            .ok()
+            .and_then(|e| e.canonical_bytes().ok());
+        self.checked(seq, canonical.as_deref(), stored_prev, stored_hash)
+    }
+
+    fn checked(
+        &mut self,
+        seq: i64,
+        canonical: Option<&[u8]>,
+        stored_prev: &Hash,
+        stored_hash: &Hash,
+    ) -> Result<(), ChainError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
@@ -195,10 +222,11 @@ impl Verifier {
         result
     }
 
+    /// `canonical` is `None` for a row whose content has no canonical form (it cannot be genuine).
     fn step(
         &mut self,
         seq: i64,
-        canonical: &[u8],
+        canonical: Option<&[u8]>,
         stored_prev: &Hash,
         stored_hash: &Hash,
     ) -> Result<(), ChainError> {
@@ -232,7 +260,7 @@ impl Verifier {
             });
             return Ok(());
         }
-        if &link(&self.running, seq, canonical) != stored_hash {
+        if canonical.is_none_or(|c| &link(&self.running, seq, c) != stored_hash) {
             return Err(broken(seq, BreakKind::Edited));
         }
         if let Some(anchor) = self.anchors.get(&seq)
@@ -679,6 +707,54 @@ mod tests {
     }
 
     #[test]
+    fn stored_event_json_is_verified_and_unparsable_rows_count_as_edited() {
+        let e = crate::audit::event::tests::sample();
+        let json: Vec<Vec<u8>> = (0..3)
+            .map(|i| {
+                let mut e = e.clone();
+                e.resource_version = Some(i);
+                serde_json::to_vec(&e).unwrap()
+            })
+            .collect();
+        let mut links: Vec<ChainLink> = Vec::new();
+        for j in &json {
+            let canonical = serde_json::from_slice::<AuditEvent>(j)
+                .unwrap()
+                .canonical_bytes()
+                .unwrap();
+            links.push(ChainLink::next(links.last(), &canonical));
+        }
+        let walk = |rows: &[Vec<u8>]| {
+            let mut v = Verifier::new();
+            for (j, l) in rows.iter().zip(&links) {
+                v.push_stored(l.seq, j, &l.prev_hash, &l.hash)?;
+            }
+            v.finish(None)
+        };
+        assert_eq!(walk(&json).unwrap().unwrap().count, 3);
+        let mut tampered = json.clone();
+        tampered[1] = String::from_utf8(tampered[1].clone())
+            .unwrap()
+            .replace("TREAT", "BTG")
+            .into_bytes();
+        assert_eq!(walk(&tampered), err(2, BreakKind::Edited));
+        tampered[1] = b"{not json".to_vec();
+        assert_eq!(walk(&tampered), err(2, BreakKind::Edited));
+        // Order is checked before content: an unparsable row after a deleted one names the deletion.
+        let mut v = Verifier::new();
+        v.push_stored(1, &json[0], &links[0].prev_hash, &links[0].hash)
+            .unwrap();
+        let gap = v.push_stored(3, b"{not json", &links[2].prev_hash, &links[2].hash);
+        assert_eq!(
+            gap,
+            Err(ChainError {
+                seq: 2,
+                kind: BreakKind::Missing
+            })
+        );
+    }
+
+    #[test]
     fn errors_are_sticky_and_name_only_a_seq() {
         let mut rows = trail(5);
         rows[1].canonical = b"{\"secret\":\"Jane Doe\"}".to_vec();
@@ -770,7 +846,7 @@ mod tests {
             let mut last: Option<ChainLink> = None;
             (0..n)
                 .map(|_| {
-                    let canonical = e.canonical_bytes();
+                    let canonical = e.canonical_bytes().unwrap();
                     let l = ChainLink::next(last.as_ref(), &canonical);
                     last = Some(l);
                     Row {
@@ -796,7 +872,7 @@ mod tests {
         let mut v = Verifier::new();
         for r in &rows {
             let parsed: crate::audit::AuditEvent = serde_json::from_slice(&r.canonical).unwrap();
-            v.push(r.seq, &parsed.canonical_bytes(), &r.prev, &r.hash)
+            v.push(r.seq, &parsed.canonical_bytes().unwrap(), &r.prev, &r.hash)
                 .unwrap();
         }
         v.finish(None).unwrap();

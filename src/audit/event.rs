@@ -348,16 +348,22 @@ impl AuditEvent {
     /// (`2026-01-02T03:04:05.123456Z`, fraction omitted when zero); `query_params` sorted and deduplicated.
     /// Enums are their fixed string codes, UUIDs lower-case hyphenated, integers decimal; no floats, no maps.
     /// Changing this format requires a new link domain tag in `chain`.
-    pub fn canonical_bytes(&self) -> Vec<u8> {
+    ///
+    /// Fails only for a time RFC 3339 cannot express (a year outside 0000–9999): refuse to append such an
+    /// event (fail closed); during verification treat it as an edited record.
+    pub fn canonical_bytes(&self) -> Result<Vec<u8>, CanonicalError> {
         let mut e = self.clone();
         e.recorded = normalize_time(e.recorded);
         e.query_params.sort();
         e.query_params.dedup();
-        // Serializing plain strings, integers and enums to a Vec cannot fail; an empty result would fail every
-        // later verification rather than pass one.
-        serde_json::to_vec(&e).unwrap_or_default()
+        serde_json::to_vec(&e).map_err(|_| CanonicalError)
     }
 }
+
+/// An event that has no canonical form (its time is out of range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("audit event has no canonical form")]
+pub struct CanonicalError;
 
 /// UTC, whole microseconds.
 pub fn normalize_time(t: OffsetDateTime) -> OffsetDateTime {
@@ -392,7 +398,7 @@ pub(crate) mod tests {
     fn canonical_bytes_are_pinned() {
         let golden = r#"{"id":"00000000-0000-0000-0000-00000000abcd","recorded":"2026-03-04T03:06:07.123456Z","kind":"search","action":"E","outcome":"0","agent":{"user":"acct-7","username":"dr.house","role":"clinician","client_id":null,"address":"192.0.2.10"},"patient":"00000000-0000-0000-0000-000000001111","resource_type":"Observation","resource_id":null,"resource_version":null,"query_params":["code","date","patient"],"purpose_of_use":"TREAT","detail":null}"#;
         assert_eq!(
-            String::from_utf8(sample().canonical_bytes()).unwrap(),
+            String::from_utf8(sample().canonical_bytes().unwrap()).unwrap(),
             golden
         );
     }
@@ -417,6 +423,15 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_time_without_an_rfc3339_form_has_no_canonical_bytes() {
+        let mut e = sample();
+        e.recorded = time::macros::datetime!(2026-01-01 0:00 UTC)
+            .replace_year(-1)
+            .unwrap();
+        assert_eq!(e.canonical_bytes(), Err(CanonicalError));
+    }
+
+    #[test]
     fn unknown_parameter_names_are_not_recorded() {
         let e = sample().with_query_params(["family", "JohnSmith1970"], |n| n == "family");
         assert_eq!(
@@ -424,7 +439,7 @@ pub(crate) mod tests {
             vec!["(unrecognised)".to_owned(), "family".to_owned()]
         );
         assert!(
-            !String::from_utf8(e.canonical_bytes())
+            !String::from_utf8(e.canonical_bytes().unwrap())
                 .unwrap()
                 .contains("JohnSmith")
         );
