@@ -4,6 +4,10 @@
 use crate::api;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::audit::store::Auditor;
+use crate::auth::service::{AuthService, load_signing_keys};
+use crate::auth::session::SessionPolicy;
+use crate::crypto::{FieldCipher, KeyProvider};
 use crate::store::{Db, StoreError};
 use crate::tls::{self, TlsError};
 use actix_web::dev::Server;
@@ -18,6 +22,35 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub clock: SharedClock,
+    pub keys: Arc<dyn KeyProvider>,
+    pub cipher: FieldCipher,
+    pub auth: Arc<AuthService>,
+    pub audit: Auditor,
+}
+
+impl AppState {
+    /// Connects, migrates and loads keys: everything a server or a CLI command needs.
+    pub fn open(config: Config, clock: SharedClock) -> Result<AppState, StartError> {
+        let db = Db::connect(&config.database()?, 16)?;
+        db.migrate()?;
+        let keys = crate::crypto::store::master_provider(&config).map_err(|e| StartError::Other(e.to_string()))?;
+        let now = clock.now();
+        let mut conn = db.conn().map_err(|_| StartError::Store(StoreError::Connect))?;
+        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now).map_err(|e| StartError::Other(e.to_string()))?;
+        let issuer = config.auth.issuer.clone().unwrap_or_else(|| config.base_url());
+        let token_keys = load_signing_keys(&mut conn, keys.as_ref(), now, &issuer, &issuer)
+            .map_err(|_| StartError::Other("cannot load the token signing keys".into()))?;
+        drop(conn);
+        let sessions = SessionPolicy::from_secs(
+            u32::try_from(config.auth.session_idle_secs).unwrap_or(u32::MAX),
+            u32::try_from(config.auth.session_max_secs).unwrap_or(u32::MAX),
+        )
+        .map_err(|_| StartError::Other("invalid session timeouts".into()))?;
+        let ttl = time::Duration::seconds(i64::try_from(config.auth.access_token_ttl_secs).unwrap_or(300));
+        let auth = Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
+        let audit = Auditor::start(db.clone());
+        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +77,7 @@ pub struct Application {
 impl Application {
     /// Connects the database, runs migrations, prepares TLS and binds the listener.
     pub fn build(config: Config, clock: SharedClock) -> Result<Application, StartError> {
-        let db = Db::connect(&config.database()?, 16)?;
-        db.migrate()?;
-        let state = AppState { config: Arc::new(config), db, clock };
-        Self::build_with_state(state)
+        Self::build_with_state(AppState::open(config, clock)?)
     }
 
     pub fn build_with_state(state: AppState) -> Result<Application, StartError> {

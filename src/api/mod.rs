@@ -1,5 +1,6 @@
 //! HTTP only: routes are registered in one place ([`routes`]); handlers parse, call a service, render.
 
+pub mod auth;
 pub mod health;
 
 use crate::app::AppState;
@@ -15,7 +16,12 @@ use futures_util::StreamExt;
 /// Every route of the service.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
-        .service(web::resource("/health/ready").route(web::get().to(health::ready)));
+        .service(web::resource("/health/ready").route(web::get().to(health::ready)))
+        .service(web::resource("/.well-known/jwks.json").route(web::get().to(auth::jwks)))
+        .service(web::resource("/auth/login").route(web::post().to(auth::login)))
+        .service(web::resource("/auth/token").route(web::post().to(auth::token)))
+        .service(web::resource("/auth/revoke").route(web::post().to(auth::revoke)))
+        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)));
 }
 
 /// Unknown routes answer 404 with an OperationOutcome.

@@ -6,6 +6,7 @@ pub mod chain;
 pub mod event;
 pub mod fhir;
 pub mod report;
+pub mod store;
 
 pub use chain::{
     BreakKind, ChainError, ChainHead, ChainLink, Checkpoint, CheckpointError, CheckpointSigner,

@@ -2,6 +2,7 @@
 //! (before or after it) and reads the same configuration as the server.
 
 pub mod serve;
+pub mod users;
 
 use crate::config::{Config, ConfigError, Overrides};
 use clap::{Parser, Subcommand};
@@ -26,6 +27,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run pending database migrations and exit.
     Migrate,
+    /// Manage local accounts and service clients.
+    #[command(subcommand)]
+    Users(users::UsersCommand),
 }
 
 impl Cli {
@@ -44,6 +48,7 @@ pub fn run(cli: Cli) -> i32 {
         None => serve::run(&cli, &serve::ServeArgs { demo: true, ..Default::default() }),
         Some(Command::Serve(args)) => serve::run(&cli, args),
         Some(Command::Migrate) => migrate(&cli),
+        Some(Command::Users(cmd)) => users::run(&cli, cmd),
     };
     match result {
         Ok(()) => 0,
@@ -60,4 +65,23 @@ fn migrate(cli: &Cli) -> Result<(), String> {
     let n = db.migrate().map_err(|e| e.to_string())?;
     println!("{n} migration(s) applied");
     Ok(())
+}
+
+/// Opens the same database and keys the server uses (the server may be running).
+pub fn open_state(cli: &Cli) -> Result<crate::app::AppState, String> {
+    let cfg = cli.load_config(|_| {}).map_err(|e| e.to_string())?;
+    crate::app::AppState::open(cfg, crate::clock::system()).map_err(|e| e.to_string())
+}
+
+/// Records an administrative action in the audit trail (durably, before the command reports success).
+pub fn audit_admin(
+    state: &crate::app::AppState,
+    conn: &mut crate::store::AnyConnection,
+    detail: &'static str,
+) -> Result<(), String> {
+    use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
+    let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let agent = Agent { user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())), ..Agent::default() };
+    let event = AuditEvent::new(AuditKind::Admin, state.clock.now(), Outcome::Success, agent).with_detail(detail);
+    crate::audit::store::append(conn, &[event]).map_err(|_| "cannot write the audit trail".to_owned())
 }

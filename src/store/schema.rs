@@ -132,6 +132,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    audit_head (id) {
+        id -> Integer,
+        seq -> BigInt,
+        hash -> Text,
+    }
+}
+
+diesel::table! {
     audit_checkpoints (seq) {
         seq -> BigInt,
         hash -> Text,
@@ -170,6 +178,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     login_failures,
     break_glass,
     audit_events,
+    audit_head,
     audit_checkpoints,
     alerts,
 );

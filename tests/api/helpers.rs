@@ -167,3 +167,63 @@ macro_rules! both_backends {
         }
     };
 }
+
+pub const PASSWORD: &str = "correct horse battery staple 42";
+
+/// Tokens of one signed-in user.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub access: String,
+    pub refresh: String,
+}
+
+impl TestApp {
+    /// Creates a local account directly in the database (as `carevault users add` does).
+    pub fn add_user(&self, username: &str, role: carevault::role::Role, practitioner: Option<&str>, patient: Option<&str>) {
+        use carevault::auth::service::{NewAccount, create_account};
+        let mut conn = self.state.db.conn().unwrap();
+        let new = NewAccount {
+            username: username.to_owned(),
+            kind: "user",
+            role,
+            practitioner: practitioner.map(|p| p.parse().unwrap()),
+            patient: patient.map(|p| p.parse().unwrap()),
+        };
+        create_account(&mut conn, &new, &secrecy::SecretString::from(PASSWORD.to_owned()), start_time()).unwrap();
+    }
+
+    pub async fn login_as(&self, username: &str) -> Session {
+        let resp = self
+            .client
+            .post(self.url("/auth/login"))
+            .json(&serde_json::json!({ "username": username, "password": PASSWORD }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "login of {username}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        Session {
+            access: body["access_token"].as_str().unwrap().to_owned(),
+            refresh: body["refresh_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// A user of `role` (linked as given), signed in.
+    pub async fn user(&self, username: &str, role: carevault::role::Role, link: Option<&str>) -> Session {
+        use carevault::role::Role;
+        let (practitioner, patient) = match role {
+            Role::Clinician | Role::Nurse => (link, None),
+            Role::Patient => (None, link),
+            _ => (None, None),
+        };
+        self.add_user(username, role, practitioner, patient);
+        self.login_as(username).await
+    }
+
+    pub async fn audit_count(&self) -> i64 {
+        use carevault::store::schema::audit_events;
+        use diesel::prelude::*;
+        let mut conn = self.state.db.conn().unwrap();
+        audit_events::table.count().get_result(&mut conn).unwrap()
+    }
+}

@@ -1,5 +1,6 @@
 DROP TABLE alerts;
 DROP TABLE audit_checkpoints;
+DROP TABLE audit_head;
 DROP TABLE audit_events;
 DROP TABLE break_glass;
 DROP TABLE login_failures;

@@ -88,6 +88,14 @@ CREATE INDEX audit_events_patient ON audit_events (patient_id, recorded);
 CREATE INDEX audit_events_agent ON audit_events (agent, recorded);
 CREATE INDEX audit_events_recorded ON audit_events (recorded);
 
+-- The chain head: one row, locked by every append so the chain has one order across writers and replicas.
+CREATE TABLE audit_head (
+    id   INTEGER PRIMARY KEY,
+    seq  BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
+
 -- Signed chain heads, exportable for off-site anchoring; `verify` detects truncation against the latest.
 CREATE TABLE audit_checkpoints (
     seq       BIGINT PRIMARY KEY,

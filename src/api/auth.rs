@@ -1,0 +1,218 @@
+//! `/auth/*` and `/.well-known/jwks.json` (CONTRACT §3). Login failures answer one generic 401; `/auth/token`
+//! answers RFC 6749 errors; nothing a client sent is echoed.
+
+use crate::app::AppState;
+use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
+use crate::auth::principal::Principal;
+use crate::auth::service::{Account, LoginOutcome};
+use crate::auth::session::RefreshDecision;
+use crate::error::{AppError, AppResult};
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use futures_util::future::LocalBoxFuture;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::json;
+use std::net::IpAddr;
+
+/// Longest credential field accepted (anything longer is refused before hashing).
+const MAX_FIELD: usize = 1024;
+
+/// The peer address (the proxy's, unless the deployment terminates TLS here).
+pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
+    req.peer_addr().map(|a| a.ip())
+}
+
+fn agent_of(account: &Account, ip: Option<IpAddr>) -> Agent {
+    let agent = Agent::user(account.id.clone(), Some(account.username.clone()), account.role());
+    match ip {
+        Some(ip) => agent.with_address(ip),
+        None => agent,
+    }
+}
+
+pub fn principal_agent(p: &Principal, ip: Option<IpAddr>) -> Agent {
+    let mut agent = Agent::user(p.subject.clone(), p.username.clone(), p.roles.first().copied());
+    if let Some(c) = &p.client_id {
+        agent = agent.with_client(c.clone());
+    }
+    match ip {
+        Some(ip) => agent.with_address(ip),
+        None => agent,
+    }
+}
+
+/// Bearer-token authentication as an extractor: a handler that takes a `Principal` is authenticated.
+impl FromRequest for Principal {
+    type Error = AppError;
+    type Future = LocalBoxFuture<'static, Result<Principal, AppError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(|t| t.trim().to_owned());
+        Box::pin(async move {
+            let state = state.ok_or_else(|| AppError::internal("application state missing"))?;
+            let token = token.filter(|t| !t.is_empty() && t.len() <= 8192).ok_or(AppError::Unauthenticated)?;
+            state.auth.authenticate(&token).await
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    username: String,
+    password: String,
+    #[serde(default)]
+    totp: Option<String>,
+}
+
+/// `POST /auth/login`.
+pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> AppResult<HttpResponse> {
+    let body: LoginBody = serde_json::from_slice(&body).map_err(|_| AppError::Unauthenticated)?;
+    if body.username.is_empty() || body.username.len() > 64 || body.password.len() > MAX_FIELD {
+        return Err(AppError::Unauthenticated);
+    }
+    let _ = body.totp;
+    let ip = client_ip(&req);
+    let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    let now = state.clock.now();
+    match state.auth.login(body.username, SecretString::from(body.password), address).await? {
+        LoginOutcome::Ok { tokens, account, .. } => {
+            let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&account, ip));
+            state.audit.record(event).await?;
+            Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
+        }
+        LoginOutcome::Failed { account, .. } => {
+            let agent = match &account {
+                Some(a) => agent_of(a, ip),
+                None => ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip)),
+            };
+            let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
+                .with_detail("invalid-credentials");
+            state.audit.record(event).await?;
+            Err(AppError::Unauthenticated)
+        }
+    }
+}
+
+/// An RFC 6749 §5.2 error.
+fn oauth_error(status: actix_web::http::StatusCode, code: &'static str) -> HttpResponse {
+    HttpResponse::build(status).insert_header((header::PRAGMA, "no-cache")).json(json!({ "error": code }))
+}
+
+#[derive(Deserialize)]
+pub struct TokenForm {
+    grant_type: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+/// `POST /auth/token` (form): `refresh_token` and `client_credentials`.
+pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> AppResult<HttpResponse> {
+    use actix_web::http::StatusCode;
+    let Ok(form) = serde_urlencoded::from_bytes::<TokenForm>(&body) else {
+        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+    };
+    let ip = client_ip(&req);
+    let now = state.clock.now();
+    match form.grant_type.as_deref() {
+        Some("refresh_token") => {
+            let Some(presented) = form.refresh_token.filter(|t| !t.is_empty() && t.len() <= MAX_FIELD) else {
+                return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+            };
+            let (decision, found) = state.auth.refresh(&presented).await?;
+            match (decision, found) {
+                (RefreshDecision::Rotate, Some((tokens, account))) => {
+                    let event = AuditEvent::new(AuditKind::Refresh, now, Outcome::Success, agent_of(&account, ip));
+                    state.audit.record(event).await?;
+                    Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
+                }
+                (RefreshDecision::Reuse, found) => {
+                    let agent = found.map_or_else(Agent::default, |(_, a)| agent_of(&a, ip));
+                    let event = AuditEvent::new(AuditKind::Refresh, now, Outcome::SeriousFailure, agent)
+                        .with_detail("refresh-token-reuse");
+                    state.audit.record(event).await?;
+                    Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"))
+                }
+                _ => Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant")),
+            }
+        }
+        Some("client_credentials") => {
+            let (id, secret) = basic_credentials(&req).or_else(|| form.client_id.zip(form.client_secret)).unzip();
+            let (Some(id), Some(secret)) = (id, secret) else {
+                return Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
+            };
+            if id.len() > 64 || secret.len() > MAX_FIELD {
+                return Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
+            }
+            match state.auth.client_credentials(id, SecretString::from(secret)).await? {
+                Some((tokens, account)) => {
+                    let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&account, ip))
+                        .with_detail("client-credentials");
+                    state.audit.record(event).await?;
+                    Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
+                }
+                None => {
+                    let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
+                    let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
+                        .with_detail("invalid-client");
+                    state.audit.record(event).await?;
+                    Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"))
+                }
+            }
+        }
+        Some(_) => Ok(oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type")),
+        None => Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request")),
+    }
+}
+
+fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
+    use base64::Engine;
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(v.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+#[derive(Deserialize)]
+pub struct RevokeForm {
+    token: Option<String>,
+}
+
+/// `POST /auth/revoke` (RFC 7009): always 200, whether or not the token was known.
+pub async fn revoke(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> AppResult<HttpResponse> {
+    let form: RevokeForm = serde_urlencoded::from_bytes(&body).unwrap_or(RevokeForm { token: None });
+    let Some(token) = form.token.filter(|t| !t.is_empty() && t.len() <= 8192) else {
+        return Ok(oauth_error(actix_web::http::StatusCode::BAD_REQUEST, "invalid_request"));
+    };
+    state.auth.revoke_token(&token).await?;
+    let ip = client_ip(&req);
+    let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
+    let event = AuditEvent::new(AuditKind::Logout, state.clock.now(), Outcome::Success, agent).with_detail("token-revoked");
+    state.audit.record(event).await?;
+    Ok(HttpResponse::Ok().finish())
+}
+
+/// `POST /auth/logout`: ends the caller's session at once.
+pub async fn logout(state: web::Data<AppState>, req: HttpRequest, principal: Principal) -> AppResult<HttpResponse> {
+    if let Some(sid) = principal.session_id {
+        state.auth.end_session(sid).await?;
+    }
+    let event = AuditEvent::new(AuditKind::Logout, state.clock.now(), Outcome::Success, principal_agent(&principal, client_ip(&req)));
+    state.audit.record(event).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `GET /.well-known/jwks.json`.
+pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/jwk-set+json").json(state.auth.jwks())
+}

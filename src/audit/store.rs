@@ -1,0 +1,160 @@
+//! The durable audit trail: events appended to one hash chain, in the database.
+//!
+//! Every append locks the single `audit_head` row first (an `UPDATE`, which takes the row lock on PostgreSQL and
+//! the write lock on SQLite), so the chain has one order across concurrent writers and replicas. Writes of PHI
+//! append their event inside the data transaction ([`append_locked`]); reads go through the [`Auditor`], which
+//! group-commits many events in one transaction and answers each caller only after the commit: a response
+//! carrying PHI leaves only once its event is durable. When the audit store fails, callers get 503.
+
+use super::chain::{ChainLink, Verifier, hash_from_hex, to_hex};
+use super::event::AuditEvent;
+use crate::crypto::store::micros;
+use crate::error::{AppError, AppResult};
+use crate::store::schema::{audit_events, audit_head};
+use crate::store::{AnyConnection, Db};
+use diesel::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most events committed in one transaction by the group-commit appender.
+const MAX_BATCH: usize = 512;
+
+/// Takes the chain lock for the rest of the caller's transaction and returns the head.
+pub fn lock_head(conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
+    diesel::update(audit_head::table.filter(audit_head::id.eq(1))).set(audit_head::seq.eq(audit_head::seq)).execute(conn)?;
+    let (seq, hash): (i64, String) =
+        audit_head::table.filter(audit_head::id.eq(1)).select((audit_head::seq, audit_head::hash)).first(conn)?;
+    if seq == 0 {
+        return Ok(None);
+    }
+    let hash = hash_from_hex(&hash).ok_or_else(|| AppError::internal("audit head hash is malformed"))?;
+    Ok(Some(ChainLink { seq, prev_hash: [0; 32], hash }))
+}
+
+/// Appends events after `head` (from [`lock_head`] in the same transaction) and moves the head.
+pub fn append_locked(conn: &mut AnyConnection, head: Option<ChainLink>, events: &[AuditEvent]) -> AppResult<Option<ChainLink>> {
+    let mut prev = head;
+    for e in events {
+        let canonical = e.canonical_bytes().map_err(AppError::internal)?;
+        let link = ChainLink::next(prev.as_ref(), &canonical);
+        let body = String::from_utf8(canonical).map_err(AppError::internal)?;
+        diesel::insert_into(audit_events::table)
+            .values((
+                audit_events::seq.eq(link.seq),
+                audit_events::id.eq(e.id.to_string()),
+                audit_events::recorded.eq(micros(e.recorded)),
+                audit_events::kind.eq(e.kind.as_str()),
+                audit_events::agent.eq(e.agent.user.clone()),
+                audit_events::patient_id.eq(e.patient.map(|p| p.to_string())),
+                audit_events::body.eq(body),
+                audit_events::prev_hash.eq(to_hex(&link.prev_hash)),
+                audit_events::hash.eq(to_hex(&link.hash)),
+            ))
+            .execute(conn)?;
+        prev = Some(link);
+    }
+    if let Some(last) = prev {
+        diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
+            .set((audit_head::seq.eq(last.seq), audit_head::hash.eq(to_hex(&last.hash))))
+            .execute(conn)?;
+    }
+    Ok(prev)
+}
+
+/// Appends events in their own transaction.
+pub fn append(conn: &mut AnyConnection, events: &[AuditEvent]) -> AppResult<()> {
+    conn.transaction(|c| {
+        let head = lock_head(c)?;
+        append_locked(c, head, events).map(|_| ())
+    })
+}
+
+type Job = (AuditEvent, oneshot::Sender<AppResult<()>>);
+
+/// The group-commit appender: one background thread per process.
+#[derive(Debug, Clone)]
+pub struct Auditor {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Auditor {
+    pub fn start(db: Db) -> Auditor {
+        let (tx, mut rx) = mpsc::channel::<Job>(8192);
+        std::thread::Builder::new()
+            .name("audit-appender".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let events: Vec<AuditEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+                    let result = db.conn().and_then(|mut c| append(&mut c, &events));
+                    if let Err(e) = &result {
+                        tracing::error!(audit.batch = events.len(), error.kind = %e, "audit append failed");
+                    }
+                    for (_, done) in batch {
+                        let _ = done.send(match &result {
+                            Ok(()) => Ok(()),
+                            Err(_) => Err(AppError::unavailable("audit store unavailable")),
+                        });
+                    }
+                }
+            })
+            .map_or_else(|_| tracing::error!("cannot start the audit appender"), |_| ());
+        Auditor { tx }
+    }
+
+    /// Records one event and returns once it is committed. Fails closed (503) when it cannot be.
+    pub async fn record(&self, event: AuditEvent) -> AppResult<()> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send((event, done)).await.map_err(|_| AppError::unavailable("audit appender stopped"))?;
+        wait.await.map_err(|_| AppError::unavailable("audit appender stopped"))?
+    }
+}
+
+/// Walks the whole trail in order; returns the number of events, or the first bad record.
+pub fn verify(conn: &mut AnyConnection, mut progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
+    let mut verifier = Verifier::new();
+    let mut after = 0i64;
+    let mut n = 0u64;
+    loop {
+        let rows: Vec<(i64, String, String, String)> = audit_events::table
+            .filter(audit_events::seq.gt(after))
+            .order(audit_events::seq.asc())
+            .limit(5000)
+            .select((audit_events::seq, audit_events::body, audit_events::prev_hash, audit_events::hash))
+            .load(conn)?;
+        let Some(last) = rows.last() else { break };
+        after = last.0;
+        for (seq, body, prev, hash) in rows {
+            let prev = hash_from_hex(&prev).unwrap_or([0; 32]);
+            let hash = hash_from_hex(&hash).unwrap_or([0; 32]);
+            if let Err(e) = verifier.push_stored(seq, body.as_bytes(), &prev, &hash) {
+                return Ok(Err(e));
+            }
+            n += 1;
+        }
+        progress(n);
+    }
+    let (head_seq, head_hash): (i64, String) =
+        audit_head::table.filter(audit_head::id.eq(1)).select((audit_head::seq, audit_head::hash)).first(conn)?;
+    let expected = if head_seq == 0 { None } else { hash_from_hex(&head_hash).map(|h| (head_seq, h)) };
+    match verifier.finish(expected) {
+        Ok(_) => Ok(Ok(n)),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// Events about one patient, oldest first, since `since` (Unix micros).
+pub fn for_patient(conn: &mut AnyConnection, patient: &str, since: i64) -> AppResult<Vec<AuditEvent>> {
+    let bodies: Vec<String> = audit_events::table
+        .filter(audit_events::patient_id.eq(patient))
+        .filter(audit_events::recorded.ge(since))
+        .order(audit_events::seq.asc())
+        .select(audit_events::body)
+        .load(conn)?;
+    bodies.iter().map(|b| serde_json::from_str(b).map_err(AppError::internal)).collect()
+}

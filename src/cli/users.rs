@@ -1,0 +1,102 @@
+//! `carevault users add | disable | list`.
+
+use super::Cli;
+use crate::auth::service::{NewAccount, create_account, disable_account, list_accounts};
+use crate::role::Role;
+use secrecy::SecretString;
+use std::io::Read;
+use uuid::Uuid;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum UsersCommand {
+    /// Create a local account; the password is read from standard input.
+    Add {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: Role,
+        /// The Practitioner a clinician or nurse account acts as.
+        #[arg(long)]
+        practitioner: Option<Uuid>,
+        /// The Patient a patient account belongs to.
+        #[arg(long)]
+        patient: Option<Uuid>,
+        #[arg(long)]
+        password_stdin: bool,
+        /// Create a service client (for `client_credentials`) instead of a person's account.
+        #[arg(long)]
+        service: bool,
+    },
+    /// Disable an account and end its sessions at once.
+    Disable { username: String },
+    /// List accounts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Role::ALL
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), String> {
+    let state = super::open_state(cli)?;
+    let now = state.clock.now();
+    let mut conn = state.db.conn().map_err(|_| "database unavailable".to_owned())?;
+    match cmd {
+        UsersCommand::Add { username, role, practitioner, patient, password_stdin, service } => {
+            if !password_stdin {
+                return Err("the password is read from standard input: pass --password-stdin".into());
+            }
+            let mut password = String::new();
+            std::io::stdin().read_to_string(&mut password).map_err(|_| "cannot read standard input".to_owned())?;
+            let password = SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned());
+            let new = NewAccount {
+                username: username.clone(),
+                kind: if *service { "service" } else { "user" },
+                role: *role,
+                practitioner: *practitioner,
+                patient: *patient,
+            };
+            let id = create_account(&mut conn, &new, &password, now).map_err(|e| e.to_string())?;
+            super::audit_admin(&state, &mut conn, "user-created")?;
+            println!("created {} ({role}) id {id}", new.username);
+            Ok(())
+        }
+        UsersCommand::Disable { username } => {
+            let (_, sessions) = disable_account(&mut conn, username, now)
+                .map_err(|_| "database error".to_owned())?
+                .ok_or_else(|| "no such account".to_owned())?;
+            super::audit_admin(&state, &mut conn, "user-disabled")?;
+            println!("disabled; {sessions} session(s) ended");
+            Ok(())
+        }
+        UsersCommand::List { json } => {
+            let accounts = list_accounts(&mut conn).map_err(|_| "database error".to_owned())?;
+            if *json {
+                let rows: Vec<_> = accounts
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "id": a.id, "username": a.username, "kind": a.kind, "role": a.role,
+                            "practitioner": a.practitioner_id, "patient": a.patient_id, "disabled": a.disabled,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for a in accounts {
+                    let state = if a.disabled { "disabled" } else { "active" };
+                    println!("{:<24} {:<11} {:<8} {}", a.username, a.role, a.kind, state);
+                }
+            }
+            Ok(())
+        }
+    }
+}
