@@ -344,12 +344,7 @@ fn parse_policy(text: &str) -> Result<(Vec<Rule>, Groups), PolicyError> {
             .ok_or_else(|| err(line, "unknown action"))?;
         let scope =
             Scope::parse(scope).ok_or_else(|| err(line, "unknown scope (all, careteam, own)"))?;
-        let fits = |r: &Role| match scope {
-            Scope::All => true,
-            Scope::CareTeam => r.is_care_provider(),
-            Scope::Own => *r == Role::Patient,
-        };
-        if !members.iter().all(fits) {
+        if !members.iter().all(|r| scope_fits(scope, *r)) {
             return Err(err(
                 line,
                 "scope careteam is for clinician and nurse, own for patient",
@@ -366,9 +361,19 @@ fn parse_policy(text: &str) -> Result<(Vec<Rule>, Groups), PolicyError> {
     Ok((rules, groups))
 }
 
+/// `careteam` needs a Practitioner link (clinician, nurse); `own` a Patient link (patient). Casbin is never
+/// asked about other pairs, so even a faulty model cannot grant them.
+fn scope_fits(scope: Scope, role: Role) -> bool {
+    match scope {
+        Scope::All => true,
+        Scope::CareTeam => role.is_care_provider(),
+        Scope::Own => role == Role::Patient,
+    }
+}
+
 type Table = Vec<Option<(Scope, Rule)>>;
 
-/// Asks casbin about every (role, type, action, scope) once. Every grant must come from exactly one scope and
+/// Asks casbin about every (role, type, action) once per scope that fits the role. Every grant must come from exactly one scope and
 /// trace back to a policy line; every policy line must be honoured by the model.
 fn evaluate(
     model: &str,
@@ -392,7 +397,7 @@ fn evaluate(
         for (t, type_name) in RESOURCE_TYPES.iter().enumerate() {
             for action in Action::ALL {
                 let mut granted = Vec::new();
-                for scope in Scope::ALL {
+                for scope in Scope::ALL.into_iter().filter(|s| scope_fits(*s, role)) {
                     let request = (role.as_str(), *type_name, action.as_str(), scope.as_str());
                     if enforcer.enforce(request).map_err(casbin_err)? {
                         granted.push(scope);
