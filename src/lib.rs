@@ -2,6 +2,7 @@
 //!
 //! See `docs/architecture.md` for how a request flows through these modules.
 
+pub mod access;
 pub mod api;
 pub mod app;
 pub mod audit;

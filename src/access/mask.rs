@@ -1,0 +1,284 @@
+//! Field masks: which top-level elements of one resource type a role may see or write.
+//!
+//! Guarantees: [`FieldMask::shape`] leaves only elements the mask allows (and, under `_elements`, only those asked
+//! for plus the mandatory ones), drops identifiers of hidden systems, always keeps `resourceType`, `id` and `meta`,
+//! and tags the resource `SUBSETTED` exactly when it removed something. A mask that hides identifier systems also
+//! hides `text` and `contained`, which could repeat them.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde_json::{Map, Value, json};
+
+/// `meta.tag` system and code marking a resource with elements removed.
+pub const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+pub const SUBSETTED_CODE: &str = "SUBSETTED";
+/// The identifier system of the US Social Security Number.
+pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
+
+/// Elements every shaped resource keeps, whatever the mask.
+const ALWAYS: [&str; 3] = ["resourceType", "id", "meta"];
+/// Elements hidden whenever identifier systems are hidden: they may repeat the hidden identifier.
+const HIDDEN_WITH_IDENTIFIERS: [&str; 2] = ["text", "contained"];
+
+/// The elements one role may see (or write) of one resource type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldMask {
+    /// Allowed element names (choice elements as `value[x]`); `None` = every element.
+    elements: Option<BTreeSet<String>>,
+    /// Elements removed even when `elements` is `None`.
+    hidden: BTreeSet<String>,
+    /// Identifiers with one of these systems are removed.
+    hidden_identifier_systems: Vec<String>,
+    /// Choice elements of the type: (`value`, `value[x]`).
+    choices: Vec<(String, String)>,
+    /// Mandatory elements of the type, kept under `_elements`.
+    mandatory: Vec<String>,
+}
+
+impl FieldMask {
+    /// Builds a mask. `type_elements` are the type's elements (for its choice elements), `mandatory` its
+    /// mandatory ones; `elements` `None` means all.
+    pub fn new(
+        elements: Option<BTreeSet<String>>,
+        hidden_identifier_systems: Vec<String>,
+        type_elements: &[String],
+        mandatory: Vec<String>,
+    ) -> Self {
+        let hidden = if hidden_identifier_systems.is_empty() {
+            BTreeSet::new()
+        } else {
+            HIDDEN_WITH_IDENTIFIERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        };
+        let choices = type_elements
+            .iter()
+            .filter_map(|e| {
+                e.strip_suffix("[x]")
+                    .map(|stem| (stem.to_owned(), e.clone()))
+            })
+            .collect();
+        Self {
+            elements,
+            hidden,
+            hidden_identifier_systems,
+            choices,
+            mandatory,
+        }
+    }
+
+    /// Every element, nothing hidden (no choice elements known: names are matched exactly).
+    pub fn everything() -> Self {
+        Self::new(None, Vec::new(), &[], Vec::new())
+    }
+
+    /// No element at all (beyond `resourceType`, `id`, `meta`): the mask of a denied decision.
+    pub fn nothing() -> Self {
+        Self::new(Some(BTreeSet::new()), Vec::new(), &[], Vec::new())
+    }
+
+    /// True when the mask removes nothing.
+    pub fn is_everything(&self) -> bool {
+        self.elements.is_none()
+            && self.hidden.is_empty()
+            && self.hidden_identifier_systems.is_empty()
+    }
+
+    /// True when the mask allows no element beyond `resourceType`, `id` and `meta`.
+    pub fn is_nothing(&self) -> bool {
+        self.elements.as_ref().is_some_and(BTreeSet::is_empty)
+    }
+
+    pub fn hidden_identifier_systems(&self) -> &[String] {
+        &self.hidden_identifier_systems
+    }
+
+    /// Whether the top-level element (JSON key: `birthDate`, `_birthDate`, `valueQuantity`) may be seen
+    /// (read mask) or written (write mask). The decryption layer skips elements for which this is false.
+    /// `identifier` being allowed does not mean every identifier is: see [`FieldMask::hides_identifier`].
+    pub fn allows(&self, element: &str) -> bool {
+        let base = element.strip_prefix('_').unwrap_or(element);
+        if ALWAYS.contains(&base) {
+            return true;
+        }
+        let name = self.canonical(base);
+        if self.hidden.contains(name) {
+            return false;
+        }
+        match &self.elements {
+            None => true,
+            Some(set) => set.contains(name),
+        }
+    }
+
+    /// Whether this one identifier (an element of `identifier`) is hidden by its system.
+    pub fn hides_identifier(&self, identifier: &Value) -> bool {
+        let system = identifier.get("system").and_then(Value::as_str);
+        system.is_some_and(|s| self.hidden_identifier_systems.iter().any(|h| h == s))
+    }
+
+    /// Removes what the mask does not allow, and what `_elements` (if given) does not ask for, from a resource.
+    /// Returns true, and adds the `SUBSETTED` tag, when anything was removed.
+    pub fn shape(&self, resource: &mut Value, elements: Option<&[String]>) -> bool {
+        let Some(obj) = resource.as_object_mut() else {
+            return false;
+        };
+        let before = obj.len();
+        obj.retain(|key, _| self.allows(key) && self.requested(key, elements));
+        let mut removed = obj.len() != before;
+        if !self.hidden_identifier_systems.is_empty() {
+            removed |= self.filter_identifiers(obj);
+        }
+        if removed {
+            add_subsetted_tag(obj);
+        }
+        removed
+    }
+
+    /// Under `_elements`, whether the key was asked for (or is mandatory, or always kept).
+    fn requested(&self, key: &str, elements: Option<&[String]>) -> bool {
+        let Some(wanted) = elements else {
+            return true;
+        };
+        let base = key.strip_prefix('_').unwrap_or(key);
+        if ALWAYS.contains(&base) {
+            return true;
+        }
+        let name = self.canonical(base);
+        self.mandatory.iter().any(|m| m == name)
+            || wanted.iter().any(|w| self.canonical(w.trim()) == name)
+    }
+
+    /// Drops hidden identifiers; removes `identifier` when none is left. True when any was dropped.
+    fn filter_identifiers(&self, obj: &mut Map<String, Value>) -> bool {
+        let Some(Value::Array(ids)) = obj.get_mut("identifier") else {
+            return false;
+        };
+        let before = ids.len();
+        ids.retain(|id| !self.hides_identifier(id));
+        let removed = ids.len() != before;
+        if ids.is_empty() {
+            obj.remove("identifier");
+        }
+        removed
+    }
+
+    /// The element name a JSON key stands for: `valueQuantity` and `value` → `value[x]`; others unchanged.
+    fn canonical<'a>(&'a self, key: &'a str) -> &'a str {
+        for (stem, full) in &self.choices {
+            if let Some(rest) = key.strip_prefix(stem.as_str())
+                && (rest.is_empty()
+                    || rest == "[x]"
+                    || rest.starts_with(|c: char| c.is_ascii_uppercase()))
+            {
+                return full;
+            }
+        }
+        key
+    }
+
+    /// The union of two masks of the same type: an element is allowed if either allows it; an identifier
+    /// system is hidden only if both hide it.
+    pub fn union(&self, other: &FieldMask) -> FieldMask {
+        let elements = match (&self.elements, &other.elements) {
+            (Some(a), Some(b)) => Some(a.union(b).cloned().collect()),
+            _ => None,
+        };
+        let systems = self
+            .hidden_identifier_systems
+            .iter()
+            .filter(|s| other.hidden_identifier_systems.contains(s))
+            .cloned()
+            .collect::<Vec<_>>();
+        let hidden = if systems.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.hidden.clone()
+        };
+        let choices = if self.choices.is_empty() {
+            other.choices.clone()
+        } else {
+            self.choices.clone()
+        };
+        let mandatory = if self.mandatory.is_empty() {
+            other.mandatory.clone()
+        } else {
+            self.mandatory.clone()
+        };
+        FieldMask {
+            elements,
+            hidden,
+            hidden_identifier_systems: systems,
+            choices,
+            mandatory,
+        }
+    }
+
+    /// Removes the `SUBSETTED` tag (a client sending back a shaped resource): stored resources are complete.
+    pub(crate) fn strip_subsetted_tag(resource: &mut Map<String, Value>) {
+        let Some(Value::Object(meta)) = resource.get_mut("meta") else {
+            return;
+        };
+        if let Some(Value::Array(tags)) = meta.get_mut("tag") {
+            tags.retain(|t| !is_subsetted(t));
+            if tags.is_empty() {
+                meta.remove("tag");
+            }
+        }
+        if meta.is_empty() {
+            resource.remove("meta");
+        }
+    }
+}
+
+fn is_subsetted(tag: &Value) -> bool {
+    tag.get("system").and_then(Value::as_str) == Some(SUBSETTED_SYSTEM)
+        && tag.get("code").and_then(Value::as_str) == Some(SUBSETTED_CODE)
+}
+
+fn add_subsetted_tag(obj: &mut Map<String, Value>) {
+    let meta = obj.entry("meta").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
+    let Some(meta) = meta.as_object_mut() else {
+        return;
+    };
+    let tags = meta.entry("tag").or_insert_with(|| json!([]));
+    if !tags.is_array() {
+        *tags = json!([]);
+    }
+    if let Some(tags) = tags.as_array_mut()
+        && !tags.iter().any(is_subsetted)
+    {
+        tags.push(json!({ "system": SUBSETTED_SYSTEM, "code": SUBSETTED_CODE }));
+    }
+}
+
+impl fmt::Display for FieldMask {
+    /// Plain English, for `policy explain`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.elements {
+            None if self.hidden.is_empty() => f.write_str("every element")?,
+            None => {
+                let hidden: Vec<&str> = self.hidden.iter().map(String::as_str).collect();
+                write!(f, "every element except {}", hidden.join(", "))?;
+            }
+            Some(set) if set.is_empty() => f.write_str("nothing")?,
+            Some(set) => {
+                let names: Vec<&str> = set.iter().map(String::as_str).collect();
+                f.write_str(&names.join(", "))?;
+            }
+        }
+        if !self.hidden_identifier_systems.is_empty() {
+            write!(
+                f,
+                "; never identifiers of system {}",
+                self.hidden_identifier_systems.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
