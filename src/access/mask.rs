@@ -238,7 +238,7 @@ fn is_subsetted(tag: &Value) -> bool {
         && tag.get("code").and_then(Value::as_str) == Some(SUBSETTED_CODE)
 }
 
-fn add_subsetted_tag(obj: &mut Map<String, Value>) {
+pub fn add_subsetted_tag(obj: &mut Map<String, Value>) {
     let meta = obj.entry("meta").or_insert_with(|| json!({}));
     if !meta.is_object() {
         *meta = json!({});

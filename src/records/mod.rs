@@ -1,3 +1,6 @@
 //! The records service: the one place where access, storage, crypto, shaping and audit meet.
 
+pub mod service;
 pub mod store;
+
+pub use service::{Caller, Records, Shown};

@@ -1,0 +1,936 @@
+//! The records service: every FHIR interaction passes here, so no route can skip a step.
+//!
+//! For each request: one access decision (allowed, scope, field masks) → a query narrowed by scope in SQL →
+//! decryption of only the elements the caller's mask allows → shaping (mask ∩ `_elements`, SUBSETTED tag) →
+//! an audit event made durable before the response leaves (reads: group commit; writes: in the data
+//! transaction). Out of scope answers 404 exactly like a missing id.
+
+use super::store::{self, IndexValues, Row, ScopeFilter, WriteExtras};
+use crate::access::{AccessControl, Action, Decision, FieldMask, Scope};
+use crate::audit::{Agent, AuditEvent, AuditKind, Outcome, purpose};
+use crate::auth::principal::Principal;
+use crate::clock::SharedClock;
+use crate::crypto::store::micros;
+use crate::crypto::{BlindIndexer, FieldAad, FieldCipher};
+use crate::error::{AppError, AppResult};
+use crate::fhir::bundle::{self, HistoryEntry, HistoryMethod};
+use crate::fhir::search::{self, Handling, IndexValue, SearchRequest};
+use crate::fhir::{FhirValidator, PatientLink, ResourceDecl, decl};
+use crate::role::Role;
+use crate::store::schema::break_glass;
+use crate::store::{AnyConnection, Db};
+use diesel::prelude::*;
+use serde_json::{Map, Value, json};
+use std::net::IpAddr;
+use std::sync::Arc;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+/// Prefix of every stored ciphertext (see `crypto::cipher`).
+const CIPHERTEXT: &str = "cv1:";
+/// Most rows a date search (decrypt-and-filter) may examine before it must be narrowed.
+const MAX_SCAN: usize = 5000;
+
+/// Who is asking, from where.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub ip: Option<IpAddr>,
+}
+
+impl Caller {
+    fn agent(&self) -> Agent {
+        let p = &self.principal;
+        let mut agent = Agent::user(p.subject.clone(), p.username.clone(), p.roles.first().copied());
+        if let Some(c) = &p.client_id {
+            agent = agent.with_client(c.clone());
+        }
+        match self.ip {
+            Some(ip) => agent.with_address(ip),
+            None => agent,
+        }
+    }
+
+    /// The purpose of use the caller's role implies (break-glass access overrides it with BTG).
+    fn purpose(&self) -> &'static str {
+        match self.principal.roles.first() {
+            Some(Role::Clinician | Role::Nurse) => purpose::TREAT,
+            Some(Role::Billing) => purpose::HPAYMT,
+            Some(Role::FrontDesk) => purpose::HOPERAT,
+            Some(Role::Patient) => purpose::PATRQT,
+            Some(Role::Auditor) => purpose::HCOMPL,
+            Some(Role::Admin) | None => purpose::HSYSADMIN,
+        }
+    }
+}
+
+/// A resource as returned to a caller, with its version facts for headers.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    pub resource: Value,
+    pub version_id: i64,
+    pub last_updated: OffsetDateTime,
+}
+
+/// What `resolve_scope` found: the SQL scope plus the patients reachable only through break-glass.
+struct Reach {
+    filter: ScopeFilter,
+    break_glass: Vec<String>,
+}
+
+pub struct Records {
+    db: Db,
+    cipher: FieldCipher,
+    access: Arc<AccessControl>,
+    validator: Arc<FhirValidator>,
+    audit: crate::audit::store::Auditor,
+    clock: SharedClock,
+    base: String,
+}
+
+impl std::fmt::Debug for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Records").finish_non_exhaustive()
+    }
+}
+
+pub fn to_micros(t: OffsetDateTime) -> i64 {
+    micros(t)
+}
+
+fn from_micros(m: i64) -> OffsetDateTime {
+    crate::auth::service::from_micros(m)
+}
+
+fn parse_id(id: &str) -> AppResult<Uuid> {
+    Uuid::parse_str(id).map_err(|_| AppError::NotFound)
+}
+
+fn decl_of(rtype: &str) -> AppResult<&'static ResourceDecl> {
+    decl::decl(rtype).ok_or(AppError::NotFound)
+}
+
+/// `Patient/<uuid>` → the uuid, for references to patients.
+fn patient_of_reference(v: Option<&Value>) -> Option<String> {
+    let r = v?.get("reference")?.as_str()?;
+    let id = r.strip_prefix("Patient/")?;
+    Uuid::parse_str(id).ok().map(|u| u.to_string())
+}
+
+impl Records {
+    pub fn new(
+        db: Db,
+        cipher: FieldCipher,
+        access: Arc<AccessControl>,
+        validator: Arc<FhirValidator>,
+        audit: crate::audit::store::Auditor,
+        clock: SharedClock,
+        base: String,
+    ) -> Self {
+        Self { db, cipher, access, validator, audit, clock, base }
+    }
+
+    pub fn validator(&self) -> &FhirValidator {
+        &self.validator
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn decide(&self, caller: &Caller, rtype: &str, action: Action) -> AppResult<Decision> {
+        let d = self.access.decide(&caller.principal.roles, rtype, action);
+        if d.allowed { Ok(d) } else { Err(AppError::Forbidden) }
+    }
+
+    /// Turns the decision's scope into SQL, reading care teams and break-glass grants now (a change takes
+    /// effect on the next request). A care-team role without a linked Practitioner reaches nothing.
+    fn resolve_scope(&self, conn: &mut AnyConnection, caller: &Caller, d: &Decision) -> AppResult<Reach> {
+        let p = &caller.principal;
+        Ok(match d.scope {
+            Some(Scope::All) => Reach { filter: ScopeFilter::All, break_glass: vec![] },
+            Some(Scope::Own) => match p.patient {
+                Some(id) => Reach { filter: ScopeFilter::Patients(vec![id.to_string()]), break_glass: vec![] },
+                None => Reach { filter: ScopeFilter::Nothing, break_glass: vec![] },
+            },
+            Some(Scope::CareTeam) => match p.practitioner {
+                Some(pr) => {
+                    let now = micros(self.clock.now());
+                    let grants: Vec<String> = break_glass::table
+                        .filter(break_glass::account_id.eq(&p.subject))
+                        .filter(break_glass::expires_at.gt(now))
+                        .filter(break_glass::revoked_at.is_null())
+                        .select(break_glass::patient_id)
+                        .load(conn)?;
+                    Reach {
+                        filter: ScopeFilter::CareTeam { practitioner_id: pr.to_string(), extra_patients: grants.clone() },
+                        break_glass: grants,
+                    }
+                }
+                None => Reach { filter: ScopeFilter::Nothing, break_glass: vec![] },
+            },
+            None => Reach { filter: ScopeFilter::Nothing, break_glass: vec![] },
+        })
+    }
+
+    /// BTG when the patient is reached only through a break-glass grant.
+    fn purpose_for(&self, conn: &mut AnyConnection, caller: &Caller, reach: &Reach, patient: Option<&str>) -> AppResult<&'static str> {
+        if let (Some(patient), Some(pr)) = (patient, caller.principal.practitioner)
+            && reach.break_glass.iter().any(|g| g == patient)
+            && !store::in_care_team(conn, &pr.to_string(), patient)?
+        {
+            return Ok(purpose::BTG);
+        }
+        Ok(caller.purpose())
+    }
+
+    fn event(&self, caller: &Caller, kind: AuditKind, outcome: Outcome) -> AuditEvent {
+        AuditEvent::new(kind, self.clock.now(), outcome, caller.agent()).with_purpose(caller.purpose())
+    }
+
+    // ---- encoding: plaintext FHIR ⇄ stored document -------------------------------------------------------
+
+    /// Encrypts every PHI element on its own (AAD: type, id, element). `keep` holds stored ciphertexts the
+    /// caller could not see, carried over unchanged (valid: same row, same element).
+    fn encode(&self, d: &ResourceDecl, id: &str, resource: &Map<String, Value>, keep: &Map<String, Value>) -> AppResult<(String, i32)> {
+        let mut out = Map::new();
+        let mut min_version = i32::try_from(self.cipher.active_version()).unwrap_or(i32::MAX);
+        for (k, v) in resource {
+            if k == "meta" {
+                continue;
+            }
+            if d.is_phi(k) {
+                if let Some(Value::String(ct)) = keep.get(k)
+                    && v.as_str() == Some(ct.as_str())
+                {
+                    if let Some(ver) = FieldCipher::version_of(ct) {
+                        min_version = min_version.min(i32::try_from(ver).unwrap_or(i32::MAX));
+                    }
+                    out.insert(k.clone(), v.clone());
+                    continue;
+                }
+                let ct = self.cipher.encrypt_json(&FieldAad::new(d.name, id, k), v).map_err(AppError::internal)?;
+                out.insert(k.clone(), Value::String(ct));
+            } else {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        Ok((Value::Object(out).to_string(), min_version))
+    }
+
+    /// Decrypts only the elements `mask` allows; the rest are never decrypted. Returns the resource (with
+    /// server meta) and whether anything was withheld.
+    fn decode(&self, d: &ResourceDecl, id: &str, version: i64, updated: i64, content: &str, mask: &FieldMask) -> AppResult<(Map<String, Value>, bool)> {
+        let stored: Map<String, Value> = serde_json::from_str(content).map_err(AppError::internal)?;
+        let mut out = Map::new();
+        out.insert("resourceType".into(), Value::String(d.name.to_owned()));
+        out.insert("id".into(), Value::String(id.to_owned()));
+        let mut withheld = false;
+        for (k, v) in stored {
+            if k == "resourceType" || k == "id" {
+                continue;
+            }
+            if !mask.allows(&k) {
+                withheld = true;
+                continue;
+            }
+            let value = match &v {
+                Value::String(ct) if d.is_phi(&k) && ct.starts_with(CIPHERTEXT) => {
+                    self.cipher.decrypt_json(&FieldAad::new(d.name, id, &k), ct).map_err(|e| {
+                        tracing::error!(integrity.kind = "decrypt", resource.type_ = d.name, error.kind = %e, "stored element failed to decrypt");
+                        AppError::internal("decryption failed")
+                    })?
+                }
+                _ => v,
+            };
+            out.insert(k, value);
+        }
+        let when = from_micros(updated).format(&Rfc3339).map_err(AppError::internal)?;
+        out.insert("meta".into(), json!({ "versionId": version.to_string(), "lastUpdated": when }));
+        Ok((out, withheld))
+    }
+
+    /// decode + shape (mask ∩ `_elements`), tagging SUBSETTED when anything was removed.
+    fn show(&self, d: &ResourceDecl, id: &str, version: i64, updated: i64, content: &str, mask: &FieldMask, elements: Option<&[String]>) -> AppResult<Value> {
+        let (obj, withheld) = self.decode(d, id, version, updated, content, mask)?;
+        let mut value = Value::Object(obj);
+        let shaped = mask.shape(&mut value, elements);
+        if withheld
+            && !shaped
+            && let Some(obj) = value.as_object_mut()
+        {
+            crate::access::mask::add_subsetted_tag(obj);
+        }
+        Ok(value)
+    }
+
+    /// The search-index rows of a resource: blind indexes for PHI parameters, plain keys otherwise. Dates of
+    /// PHI parameters are not indexed at all (searched by decrypt-and-filter within a bounded candidate set).
+    fn index_values(&self, d: &'static ResourceDecl, resource: &Value) -> IndexValues {
+        let blind = self.cipher.blind_indexer();
+        search::extract_index(d, resource)
+            .into_iter()
+            .filter_map(|e| {
+                let param = d.param(e.param)?;
+                let key = match e.value {
+                    IndexValue::Text(k) | IndexValue::Token(k) | IndexValue::Reference(k) => k,
+                    IndexValue::Date { .. } => return None,
+                };
+                let value = if param.phi { blind.index(d.name, param.name, &key) } else { key };
+                Some((e.param.to_owned(), value))
+            })
+            .collect()
+    }
+
+    /// Care relationships of an active CareTeam: (patient, practitioner) pairs.
+    fn care_pairs(resource: &Value) -> Vec<(String, String)> {
+        if resource.get("status").and_then(Value::as_str) != Some("active") {
+            return vec![];
+        }
+        let Some(patient) = patient_of_reference(resource.get("subject")) else { return vec![] };
+        resource
+            .get("participant")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("member")?.get("reference")?.as_str()?.strip_prefix("Practitioner/"))
+            .filter_map(|id| Uuid::parse_str(id).ok())
+            .map(|pr| (patient.clone(), pr.to_string()))
+            .collect()
+    }
+
+    /// Every reference must point at an existing, live resource of an allowed type (and, for the patient
+    /// link, at a patient the caller may reach: otherwise it looks exactly like a missing one).
+    fn check_references(&self, conn: &mut AnyConnection, d: &ResourceDecl, resource: &Value, reach: &ScopeFilter) -> AppResult<()> {
+        for (path, targets) in d.references {
+            for node in values_at(resource, path) {
+                let Some(reference) = node.get("reference").and_then(Value::as_str) else { continue };
+                if reference.starts_with('#') {
+                    continue;
+                }
+                let bad = || AppError::invalid(format!("{}.{path}", d.name), "The reference does not resolve to a resource of an allowed type.");
+                let (rtype, id) = reference.split_once('/').ok_or_else(bad)?;
+                if !targets.contains(&rtype) || Uuid::parse_str(id).is_err() {
+                    return Err(bad());
+                }
+                let is_link = matches!(d.patient_link, PatientLink::Element(e) if e == *path);
+                let scope = if is_link && rtype == "Patient" { reach.clone() } else { ScopeFilter::All };
+                match store::current(conn, rtype, id, &scope)? {
+                    Some(row) if !row.deleted => {}
+                    _ => return Err(bad()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn compartment(d: &ResourceDecl, id: &str, resource: &Value) -> AppResult<Option<String>> {
+        Ok(match d.patient_link {
+            PatientLink::Itself => Some(id.to_owned()),
+            PatientLink::Element(e) => Some(patient_of_reference(resource.get(e)).ok_or_else(|| {
+                AppError::invalid(format!("{}.{e}", d.name), "A reference to the Patient is required.")
+            })?),
+            PatientLink::None => None,
+        })
+    }
+
+    /// Parses and validates a client body for `rtype`; removes server-owned elements.
+    pub fn parse_body(&self, rtype: &str, body: &[u8]) -> AppResult<Map<String, Value>> {
+        let value: Value = serde_json::from_slice(body).map_err(|_| AppError::invalid(rtype, "The body is not valid JSON."))?;
+        self.validator.validate(rtype, &value)?;
+        let Value::Object(mut obj) = value else { return Err(AppError::invalid(rtype, "The body must be a JSON object.")) };
+        if obj.get("meta").and_then(|m| m.get("security")).is_some() {
+            return Err(AppError::invalid(format!("{rtype}.meta.security"), "Security labels are set by the server."));
+        }
+        obj.remove("meta");
+        obj.remove("id");
+        Ok(obj)
+    }
+
+    // ---- interactions -------------------------------------------------------------------------------------
+
+    pub async fn create(&self, caller: &Caller, rtype: &str, body: &[u8]) -> AppResult<Shown> {
+        let d = decl_of(rtype)?;
+        if d.read_only {
+            return Err(AppError::MethodNotAllowed);
+        }
+        let decision = self.decide(caller, rtype, Action::Create)?;
+        let mut obj = self.parse_body(rtype, body)?;
+        let mut incoming = Value::Object(obj.clone());
+        decision.merge_hidden(None, &mut incoming)?;
+        obj = match incoming {
+            Value::Object(o) => o,
+            _ => return Err(AppError::internal("merge produced a non-object")),
+        };
+        let id = Uuid::new_v4().to_string();
+        obj.insert("id".into(), Value::String(id.clone()));
+        let value = Value::Object(obj.clone());
+        let now = self.clock.now();
+        let (content, key_version) = self.encode(d, &id, &obj, &Map::new())?;
+        let index = self.index_values(d, &value);
+        let care = (d.name == "CareTeam").then(|| Self::care_pairs(&value));
+        let this = self.clone_parts();
+        let caller2 = caller.clone();
+        let id2 = id.clone();
+        let (version, patient) = self
+            .db
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    let head = crate::audit::store::lock_head(conn)?;
+                    let reach = this.resolve_scope(conn, &caller2, &decision)?;
+                    this.check_references(conn, d, &value, &reach.filter)?;
+                    let patient = Self::compartment(d, &id2, &value)?;
+                    if d.patient_link == PatientLink::Itself {
+                        // A new patient is in scope for roles with "all"; others cannot create patients.
+                    }
+                    let row = Row {
+                        resource_type: d.name.to_owned(),
+                        id: id2.clone(),
+                        version_id: 1,
+                        last_updated: micros(now),
+                        deleted: false,
+                        patient_id: patient.clone(),
+                        key_version,
+                        content,
+                    };
+                    store::insert(conn, &row, &WriteExtras { index, care })?;
+                    let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
+                    let event = this.write_event(&caller2, AuditKind::Create, d.name, &id2, 1, patient.as_deref(), purpose);
+                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    Ok((1i64, patient))
+                })
+            })
+            .await?;
+        let _ = patient;
+        let shown = self.shape_plain(d, &id, version, micros(now), obj, &self.access.decide(&caller.principal.roles, rtype, Action::Read))?;
+        Ok(shown)
+    }
+
+    fn write_event(&self, caller: &Caller, kind: AuditKind, rtype: &'static str, id: &str, version: i64, patient: Option<&str>, purpose: &'static str) -> AuditEvent {
+        let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::Success, caller.agent())
+            .with_resource(rtype, Uuid::parse_str(id).ok(), Some(version))
+            .with_purpose(purpose);
+        if let Some(p) = patient.and_then(|p| Uuid::parse_str(p).ok()) {
+            e = e.with_patient(p);
+        }
+        e
+    }
+
+    /// The body returned by create and update: shaped by the caller's *read* mask (no decryption needed).
+    fn shape_plain(&self, d: &ResourceDecl, id: &str, version: i64, updated: i64, mut obj: Map<String, Value>, read: &Decision) -> AppResult<Shown> {
+        let when = from_micros(updated);
+        obj.insert("resourceType".into(), Value::String(d.name.to_owned()));
+        obj.insert("id".into(), Value::String(id.to_owned()));
+        obj.insert("meta".into(), json!({ "versionId": version.to_string(), "lastUpdated": when.format(&Rfc3339).map_err(AppError::internal)? }));
+        let mut value = Value::Object(obj);
+        if read.allowed {
+            read.read_mask.shape(&mut value, None);
+        } else {
+            // A role that may write but not read gets the server-owned facts only.
+            let mut minimal = Map::new();
+            for k in ["resourceType", "id", "meta"] {
+                if let Some(v) = value.get(k) {
+                    minimal.insert(k.to_owned(), v.clone());
+                }
+            }
+            crate::access::mask::add_subsetted_tag(&mut minimal);
+            value = Value::Object(minimal);
+        }
+        Ok(Shown { resource: value, version_id: version, last_updated: when })
+    }
+
+    /// A cheap handle for closures that run on the blocking pool.
+    fn clone_parts(&self) -> Arc<Records> {
+        Arc::new(Records {
+            db: self.db.clone(),
+            cipher: self.cipher.clone(),
+            access: self.access.clone(),
+            validator: self.validator.clone(),
+            audit: self.audit.clone(),
+            clock: self.clock.clone(),
+            base: self.base.clone(),
+        })
+    }
+
+    pub async fn read(&self, caller: &Caller, rtype: &str, id: &str, elements: Option<Vec<String>>) -> AppResult<Shown> {
+        let d = decl_of(rtype)?;
+        parse_id(id)?;
+        let decision = self.decide(caller, rtype, Action::Read)?;
+        let this = self.clone_parts();
+        let (caller2, id2) = (caller.clone(), id.to_owned());
+        let (row, purpose) = self
+            .db
+            .run(move |conn| {
+                let reach = this.resolve_scope(conn, &caller2, &decision)?;
+                let row = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                let purpose = this.purpose_for(conn, &caller2, &reach, row.patient_id.as_deref())?;
+                Ok((row, purpose))
+            })
+            .await?;
+        if row.deleted {
+            return Err(AppError::Gone);
+        }
+        let decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
+        let resource = self.show(d, id, row.version_id, row.last_updated, &row.content, &decision.read_mask, elements.as_deref())?;
+        let event = self.write_event(caller, AuditKind::Read, d.name, id, row.version_id, row.patient_id.as_deref(), purpose);
+        self.audit.record(event).await?;
+        Ok(Shown { resource, version_id: row.version_id, last_updated: from_micros(row.last_updated) })
+    }
+
+    pub async fn vread(&self, caller: &Caller, rtype: &str, id: &str, vid: &str) -> AppResult<Shown> {
+        let d = decl_of(rtype)?;
+        parse_id(id)?;
+        let vid: i64 = vid.parse().map_err(|_| AppError::NotFound)?;
+        let decision = self.decide(caller, rtype, Action::Vread)?;
+        let this = self.clone_parts();
+        let (caller2, id2) = (caller.clone(), id.to_owned());
+        let dec2 = decision.clone();
+        let (current, version, purpose) = self
+            .db
+            .run(move |conn| {
+                let reach = this.resolve_scope(conn, &caller2, &dec2)?;
+                let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                let version = store::version(conn, d.name, &id2, vid)?.ok_or(AppError::NotFound)?;
+                let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
+                Ok((current, version, purpose))
+            })
+            .await?;
+        if version.deleted {
+            return Err(AppError::Gone);
+        }
+        let resource = self.show(d, id, version.version_id, version.last_updated, &version.content, &decision.read_mask, None)?;
+        let event = self.write_event(caller, AuditKind::Vread, d.name, id, version.version_id, current.patient_id.as_deref(), purpose);
+        self.audit.record(event).await?;
+        Ok(Shown { resource, version_id: version.version_id, last_updated: from_micros(version.last_updated) })
+    }
+
+    pub async fn history(&self, caller: &Caller, rtype: &str, id: &str) -> AppResult<Value> {
+        let d = decl_of(rtype)?;
+        parse_id(id)?;
+        let decision = self.decide(caller, rtype, Action::History)?;
+        let this = self.clone_parts();
+        let (caller2, id2) = (caller.clone(), id.to_owned());
+        let dec2 = decision.clone();
+        let (current, versions, purpose) = self
+            .db
+            .run(move |conn| {
+                let reach = this.resolve_scope(conn, &caller2, &dec2)?;
+                let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                let versions = store::history(conn, d.name, &id2, 100)?;
+                let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
+                Ok((current, versions, purpose))
+            })
+            .await?;
+        let mut entries = Vec::with_capacity(versions.len());
+        for v in &versions {
+            let method = if v.deleted {
+                HistoryMethod::Delete
+            } else if v.version_id == 1 {
+                HistoryMethod::Create
+            } else {
+                HistoryMethod::Update
+            };
+            let resource = if v.deleted {
+                None
+            } else {
+                Some(self.show(d, id, v.version_id, v.last_updated, &v.content, &decision.read_mask, None)?)
+            };
+            entries.push(HistoryEntry {
+                resource_type: d.name.to_owned(),
+                id: id.to_owned(),
+                version_id: u64::try_from(v.version_id).unwrap_or(0),
+                last_updated: from_micros(v.last_updated),
+                method,
+                resource,
+            });
+        }
+        let total = u64::try_from(entries.len()).unwrap_or(0);
+        let self_link = format!("{}/{}/{}/_history", self.base, d.name, id);
+        let out = bundle::history(entries, &self.base, &self_link, None, Some(total));
+        let event = self.write_event(caller, AuditKind::History, d.name, id, current.version_id, current.patient_id.as_deref(), purpose);
+        self.audit.record(event).await?;
+        Ok(out)
+    }
+
+    pub async fn update(&self, caller: &Caller, rtype: &str, id: &str, if_match: Option<i64>, body: &[u8]) -> AppResult<Shown> {
+        let d = decl_of(rtype)?;
+        if d.read_only {
+            return Err(AppError::MethodNotAllowed);
+        }
+        parse_id(id)?;
+        let decision = self.decide(caller, rtype, Action::Update)?;
+        let mut obj = self.parse_body(rtype, body)?;
+        let expected = if_match.ok_or(AppError::PreconditionRequired)?;
+        let now = self.clock.now();
+        let read_decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
+        let this = self.clone_parts();
+        let (caller2, id2) = (caller.clone(), id.to_owned());
+        let (version, out_obj) = self
+            .db
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    let head = crate::audit::store::lock_head(conn)?;
+                    let reach = this.resolve_scope(conn, &caller2, &decision)?;
+                    let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                    if current.deleted {
+                        return Err(AppError::Gone);
+                    }
+                    if current.version_id != expected {
+                        return Err(AppError::PreconditionFailed);
+                    }
+                    // What the caller could see is decrypted; what it could not is carried over as ciphertext.
+                    let visible_mask = if read_decision.allowed { read_decision.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
+                    let stored: Map<String, Value> = serde_json::from_str(&current.content).map_err(AppError::internal)?;
+                    let (mut view, _) = this.decode(d, &id2, current.version_id, current.last_updated, &current.content, &visible_mask)?;
+                    view.remove("meta");
+                    let mut keep = Map::new();
+                    for (k, v) in &stored {
+                        if !view.contains_key(k) {
+                            view.insert(k.clone(), v.clone());
+                            keep.insert(k.clone(), v.clone());
+                        }
+                    }
+                    let mut incoming = Value::Object(std::mem::take(&mut obj));
+                    decision.merge_hidden(Some(&Value::Object(view)), &mut incoming)?;
+                    let Value::Object(mut merged) = incoming else { return Err(AppError::internal("merge produced a non-object")) };
+                    merged.insert("id".into(), Value::String(id2.clone()));
+                    // The merged resource (with hidden elements restored) must still be valid FHIR.
+                    let mut check = merged.clone();
+                    for k in keep.keys() {
+                        check.remove(k);
+                    }
+                    let value = Value::Object(merged.clone());
+                    this.check_references(conn, d, &value, &reach.filter)?;
+                    let patient = Self::compartment(d, &id2, &value).or_else(|e| {
+                        // A hidden link element (kept as ciphertext) keeps the stored compartment.
+                        if keep.contains_key(match d.patient_link { PatientLink::Element(e) => e, _ => "" }) { Ok(current.patient_id.clone()) } else { Err(e) }
+                    })?;
+                    if d.patient_link != PatientLink::Itself && patient != current.patient_id && current.patient_id.is_some() {
+                        // Moving a record to another patient's compartment is not an update.
+                        return Err(AppError::invalid(format!("{}.{}", d.name, match d.patient_link { PatientLink::Element(e) => e, _ => "subject" }), "The patient of a record cannot change."));
+                    }
+                    let (content, key_version) = this.encode(d, &id2, &merged, &keep)?;
+                    let index = this.index_values(d, &Value::Object(check));
+                    let care = (d.name == "CareTeam").then(|| Self::care_pairs(&value));
+                    let version = current.version_id + 1;
+                    let row = Row {
+                        resource_type: d.name.to_owned(),
+                        id: id2.clone(),
+                        version_id: version,
+                        last_updated: micros(now),
+                        deleted: false,
+                        patient_id: patient.clone(),
+                        key_version,
+                        content,
+                    };
+                    store::replace(conn, &row, expected, &WriteExtras { index, care })?;
+                    let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
+                    let event = this.write_event(&caller2, AuditKind::Update, d.name, &id2, version, patient.as_deref(), purpose);
+                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    for k in keep.keys() {
+                        merged.remove(k);
+                    }
+                    Ok((version, merged))
+                })
+            })
+            .await?;
+        self.shape_plain(d, id, version, micros(now), out_obj, &read_decision)
+    }
+
+    pub async fn delete(&self, caller: &Caller, rtype: &str, id: &str) -> AppResult<()> {
+        let d = decl_of(rtype)?;
+        if d.read_only {
+            return Err(AppError::MethodNotAllowed);
+        }
+        parse_id(id)?;
+        let decision = self.decide(caller, rtype, Action::Delete)?;
+        let now = self.clock.now();
+        let this = self.clone_parts();
+        let (caller2, id2) = (caller.clone(), id.to_owned());
+        self.db
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    let head = crate::audit::store::lock_head(conn)?;
+                    let reach = this.resolve_scope(conn, &caller2, &decision)?;
+                    let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                    if current.deleted {
+                        return Ok(());
+                    }
+                    let version = current.version_id + 1;
+                    let row = Row {
+                        resource_type: d.name.to_owned(),
+                        id: id2.clone(),
+                        version_id: version,
+                        last_updated: micros(now),
+                        deleted: true,
+                        patient_id: current.patient_id.clone(),
+                        key_version: i32::try_from(this.cipher.active_version()).unwrap_or(i32::MAX),
+                        content: "{}".into(),
+                    };
+                    let care = (d.name == "CareTeam").then(Vec::new);
+                    store::replace(conn, &row, current.version_id, &WriteExtras { index: vec![], care })?;
+                    let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
+                    let event = this.write_event(&caller2, AuditKind::Delete, d.name, &id2, version, current.patient_id.as_deref(), purpose);
+                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// Search: index clauses in SQL within scope; exact matching (and dates) by decrypt-and-filter on the
+    /// candidates, using only elements the caller may read. Keyset paging over ids; never OFFSET.
+    pub async fn search(&self, caller: &Caller, rtype: &str, pairs: Vec<(String, String)>, handling: Handling) -> AppResult<Value> {
+        let d = decl_of(rtype)?;
+        let decision = self.decide(caller, rtype, Action::Search)?;
+        let req = search::parse(d, &pairs, handling)?;
+        // A role may search only by what it may read (else the result would reveal hidden values).
+        for clause in &req.clauses {
+            for path in clause.param.paths {
+                let top = path.split('.').next().unwrap_or(path);
+                if top != "id" && top != "meta" && !decision.read_mask.allows(top) {
+                    return Err(AppError::Forbidden);
+                }
+            }
+            if clause.param.name == "identifier" && !decision.read_mask.hidden_identifier_systems().is_empty() {
+                for v in &clause.values {
+                    if let search::SearchValue::Token { system: Some(s), .. } = v
+                        && decision.read_mask.hidden_identifier_systems().iter().any(|h| h == s)
+                    {
+                        return Err(AppError::Forbidden);
+                    }
+                }
+            }
+        }
+        let blind = self.cipher.blind_indexer();
+        let query = index_query(d, &req, &blind);
+        let after = req.cursor.as_deref().map(decode_cursor).transpose()?;
+        let needs_filter = req.clauses.iter().any(|c| c.param.phi || c.param.kind == crate::fhir::ParamKind::Date);
+        let page = usize::try_from(req.count).unwrap_or(20);
+        let this = self.clone_parts();
+        let caller2 = caller.clone();
+        let dec2 = decision.clone();
+        let req2 = req.clone();
+        let (rows, more) = self
+            .db
+            .run(move |conn| {
+                let reach = this.resolve_scope(conn, &caller2, &dec2)?;
+                let mut out = Vec::new();
+                let mut cursor = after;
+                let mut scanned = 0usize;
+                let want = if req2.summary_count { usize::MAX } else { page };
+                loop {
+                    let batch = store::search(conn, d.name, &query, &reach.filter, cursor.as_deref(), 200)?;
+                    let exhausted = batch.len() < 200;
+                    for row in batch {
+                        cursor = Some(row.id.clone());
+                        scanned += 1;
+                        if needs_filter && !this.matches(d, &row, &dec2.read_mask, &req2)? {
+                            continue;
+                        }
+                        if out.len() == want {
+                            return Ok((out, true));
+                        }
+                        out.push(row);
+                    }
+                    if exhausted {
+                        return Ok((out, false));
+                    }
+                    if needs_filter && scanned > MAX_SCAN {
+                        return Err(AppError::invalid("search", "The search is too broad to filter; narrow it (for example by patient)."));
+                    }
+                }
+            })
+            .await?;
+        let self_link = format!("{}/{}?{}", self.base, d.name, encode_pairs(&pairs));
+        let mut event = AuditEvent::new(AuditKind::Search, self.clock.now(), Outcome::Success, caller.agent())
+            .with_resource(d.name, None, None)
+            .with_query_params(pairs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), |n| is_known_param(d, n))
+            .with_purpose(caller.purpose());
+        if let Some(p) = single_patient(&req) {
+            event = event.with_patient(p);
+        }
+        if req.summary_count {
+            self.audit.record(event).await?;
+            let total = u64::try_from(rows.len()).unwrap_or(0);
+            return Ok(bundle::searchset(vec![], &self.base, &self_link, None, Some(total)));
+        }
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            entries.push(self.show(d, &row.id, row.version_id, row.last_updated, &row.content, &decision.read_mask, req.elements.as_deref())?);
+        }
+        let next = if more {
+            rows.last().map(|r| {
+                let mut p: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != search::CURSOR_PARAM).cloned().collect();
+                p.push((search::CURSOR_PARAM.to_owned(), encode_cursor(&r.id)));
+                format!("{}/{}?{}", self.base, d.name, encode_pairs(&p))
+            })
+        } else {
+            None
+        };
+        self.audit.record(event).await?;
+        Ok(bundle::searchset(entries, &self.base, &self_link, next, None))
+    }
+
+    /// Whether a candidate satisfies every clause, judged on the elements the caller may read.
+    fn matches(&self, d: &'static ResourceDecl, row: &Row, mask: &FieldMask, req: &SearchRequest) -> AppResult<bool> {
+        let (obj, _) = self.decode(d, &row.id, row.version_id, row.last_updated, &row.content, mask)?;
+        let value = Value::Object(obj);
+        let entries = search::extract_index(d, &value);
+        Ok(req.clauses.iter().all(|c| {
+            c.values.iter().any(|v| entries.iter().filter(|e| e.param == c.param.name).any(|e| v.matches(c.param, &e.value)))
+        }))
+    }
+
+    /// `Patient/{id}/$everything`: the patient's compartment, each type shaped for the caller.
+    pub async fn everything(&self, caller: &Caller, id: &str) -> AppResult<Value> {
+        parse_id(id)?;
+        let decision = self.decide(caller, "Patient", Action::Everything)?;
+        let this = self.clone_parts();
+        let (caller2, id2) = (caller.clone(), id.to_owned());
+        let roles = caller.principal.roles.clone();
+        let (rows, purpose) = self
+            .db
+            .run(move |conn| {
+                let reach = this.resolve_scope(conn, &caller2, &decision)?;
+                let patient = store::current(conn, "Patient", &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                if patient.deleted {
+                    return Err(AppError::Gone);
+                }
+                let mut rows = vec![patient];
+                for d in decl::all() {
+                    if !matches!(d.patient_link, PatientLink::Element(_)) {
+                        continue;
+                    }
+                    if !this.access.decide(&roles, d.name, Action::Read).allowed {
+                        continue;
+                    }
+                    rows.extend(store::compartment(conn, d.name, &id2, 1000)?);
+                }
+                let purpose = this.purpose_for(conn, &caller2, &reach, Some(&id2))?;
+                Ok((rows, purpose))
+            })
+            .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let d = decl_of(&row.resource_type)?;
+            let dec = if d.name == "Patient" { self.access.decide(&caller.principal.roles, "Patient", Action::Everything) } else { self.access.decide(&caller.principal.roles, d.name, Action::Read) };
+            entries.push(self.show(d, &row.id, row.version_id, row.last_updated, &row.content, &dec.read_mask, None)?);
+        }
+        let self_link = format!("{}/Patient/{}/$everything", self.base, id);
+        let mut event = AuditEvent::new(AuditKind::Everything, self.clock.now(), Outcome::Success, caller.agent())
+            .with_resource("Patient", Uuid::parse_str(id).ok(), None)
+            .with_purpose(purpose);
+        if let Ok(p) = Uuid::parse_str(id) {
+            event = event.with_patient(p);
+        }
+        self.audit.record(event).await?;
+        let total = u64::try_from(entries.len()).unwrap_or(0);
+        Ok(bundle::searchset(entries, &self.base, &self_link, None, Some(total)))
+    }
+
+    /// Whether the caller may reach this patient right now (for break-glass and access reports).
+    pub async fn patient_exists(&self, id: &str) -> AppResult<bool> {
+        let id = parse_id(id)?.to_string();
+        self.db.run(move |c| Ok(store::current_unscoped(c, "Patient", &id)?.is_some_and(|r| !r.deleted))).await
+    }
+
+    pub fn cipher(&self) -> &FieldCipher {
+        &self.cipher
+    }
+
+    pub fn access(&self) -> &AccessControl {
+        &self.access
+    }
+
+    pub fn record_failure_event(&self, caller: &Caller, kind: AuditKind, rtype: &str, status: u16) -> AuditEvent {
+        let d = decl::decl(rtype).map(|d| d.name);
+        let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::from_http_status(status), caller.agent()).with_purpose(caller.purpose());
+        if let Some(name) = d {
+            e = e.with_resource(name, None, None);
+        }
+        e
+    }
+
+    pub fn auditor(&self) -> &crate::audit::store::Auditor {
+        &self.audit
+    }
+
+    pub fn event_for(&self, caller: &Caller, kind: AuditKind) -> AuditEvent {
+        self.event(caller, kind, Outcome::Success)
+    }
+}
+
+fn is_known_param(d: &ResourceDecl, name: &str) -> bool {
+    let base = name.split(':').next().unwrap_or(name);
+    d.param(base).is_some() || ["_count", "_elements", "_summary", search::CURSOR_PARAM].contains(&base)
+}
+
+fn single_patient(req: &SearchRequest) -> Option<Uuid> {
+    let clause = req.clauses.iter().find(|c| c.param.name == "patient" || (c.param.name == "subject" && c.param.kind == crate::fhir::ParamKind::Reference))?;
+    match clause.values.as_slice() {
+        [search::SearchValue::Reference { id, .. }] => Uuid::parse_str(id).ok(),
+        _ => None,
+    }
+}
+
+/// The SQL part of a search: index lookups (blind for PHI parameters); dates are left to the filter.
+fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &BlindIndexer) -> store::IndexQuery {
+    let mut q = store::IndexQuery::default();
+    for c in &req.clauses {
+        if c.param.kind == crate::fhir::ParamKind::Date {
+            continue;
+        }
+        if c.param.name == "_id" {
+            let ids: Vec<String> = c.values.iter().flat_map(|v| v.keys(c.param)).collect();
+            q.ids = Some(match q.ids.take() {
+                Some(prev) => prev.into_iter().filter(|i| ids.contains(i)).collect(),
+                None => ids,
+            });
+            continue;
+        }
+        let keys: Vec<String> = c
+            .values
+            .iter()
+            .flat_map(|v| v.keys(c.param))
+            .map(|k| if c.param.phi { blind.index(d.name, c.param.name, &k) } else { k })
+            .collect();
+        q.clauses.push((c.param.name.to_owned(), keys));
+    }
+    q
+}
+
+fn encode_cursor(id: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(c: &str) -> AppResult<String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
+    let id = String::from_utf8(bytes).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
+    Uuid::parse_str(&id).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
+    Ok(id)
+}
+
+fn encode_pairs(pairs: &[(String, String)]) -> String {
+    serde_urlencoded::to_string(pairs).unwrap_or_default()
+}
+
+/// Nodes at a simple dotted path (arrays flatten).
+fn values_at<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
+    let mut nodes = vec![v];
+    for part in path.split('.') {
+        let mut next = Vec::new();
+        for n in nodes {
+            match n.get(part) {
+                Some(Value::Array(a)) => next.extend(a.iter()),
+                Some(x) => next.push(x),
+                None => {}
+            }
+        }
+        nodes = next;
+    }
+    nodes
+}
