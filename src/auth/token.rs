@@ -244,12 +244,17 @@ impl TokenKeys {
         if new.retired_at.is_some() || self.decoding.contains_key(&new.kid) {
             return Err(AppError::internal("rotation needs a new, unretired key"));
         }
-        let mut keys = std::mem::take(&mut self.keys);
+        let mut keys = self.keys.clone();
         for k in keys.iter_mut().filter(|k| k.retired_at.is_none()) {
             k.retired_at = Some(now);
         }
         keys.push(new);
+<<<<<<< HEAD
         *self = Self::new(std::mem::take(&mut self.issuer), std::mem::take(&mut self.audience), keys)?;
+=======
+        // Built aside and swapped in, so a failure leaves the ring as it was.
+        *self = Self::new(self.issuer.clone(), self.audience.clone(), keys)?;
+>>>>>>> auth
         Ok(())
     }
 
