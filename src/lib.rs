@@ -4,4 +4,5 @@
 
 pub mod clock;
 pub mod error;
+pub mod fhir;
 pub mod role;
