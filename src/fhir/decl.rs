@@ -82,6 +82,35 @@ impl ResourceDecl {
         !self.plain.contains(&base)
     }
 
+    /// The id of the Patient whose compartment this resource belongs to. Fails closed: a type linked to a
+    /// patient must name one as a plain `Patient/{id}` reference (relative or absolute; not contained, not by
+    /// identifier only). `None` for types outside any compartment, or a Patient without an id yet.
+    pub fn patient_id(
+        &self,
+        resource: &serde_json::Value,
+    ) -> crate::error::AppResult<Option<String>> {
+        match self.patient_link {
+            PatientLink::None => Ok(None),
+            PatientLink::Itself => Ok(resource
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)),
+            PatientLink::Element(element) => {
+                let reference = resource
+                    .get(element)
+                    .and_then(|r| r.get("reference"))
+                    .and_then(|r| r.as_str());
+                match reference.and_then(super::search::split_reference) {
+                    Some((Some(t), id)) if t == "Patient" => Ok(Some(id)),
+                    _ => Err(crate::error::AppError::invalid(
+                        format!("{}.{element}", self.name),
+                        "The resource must reference its patient as Patient/{id}.",
+                    )),
+                }
+            }
+        }
+    }
+
     /// The search parameter of this type with this name.
     pub fn param(&self, name: &str) -> Option<&'static SearchParamDecl> {
         self.search.iter().find(|p| p.name == name)

@@ -10,3 +10,6 @@ pub mod validate;
 
 pub use decl::{ParamKind, PatientLink, ResourceDecl, SearchParamDecl};
 pub use validate::FhirValidator;
+
+#[cfg(test)]
+mod tests;

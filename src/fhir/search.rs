@@ -305,7 +305,7 @@ fn is_fhir_id(s: &str) -> bool {
 }
 
 /// `Type/id`, an absolute URL ending in `Type/id` (optionally `/_history/n`), or a bare `id`.
-fn split_reference(v: &str) -> Option<(Option<String>, String)> {
+pub(crate) fn split_reference(v: &str) -> Option<(Option<String>, String)> {
     let v = v.split("/_history/").next().unwrap_or(v);
     let mut parts = v.rsplit('/');
     let id = parts.next().filter(|id| is_fhir_id(id))?;
