@@ -590,6 +590,7 @@ fn collect_strings<'a>(node: &'a Value, out: &mut Vec<&'a str>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
     use crate::fhir::decl::decl;

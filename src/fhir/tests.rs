@@ -1,6 +1,8 @@
 //! Cross-cutting checks of the declarations against the official schema and examples
 //! (fixtures copied from the R4 publication, CC0, into tests/fixtures/fhir).
 
+#![allow(clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;

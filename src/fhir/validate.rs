@@ -401,6 +401,7 @@ fn looks_like_element_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
     use serde_json::json;
