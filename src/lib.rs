@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod fhir;
 pub mod fsutil;
 pub mod records;
 pub mod role;
