@@ -4,7 +4,11 @@
 use crate::api;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::access::{AccessControl, R4Catalog};
 use crate::audit::store::Auditor;
+use crate::fhir::FhirValidator;
+use crate::records::Records;
+use std::sync::OnceLock;
 use crate::auth::service::{AuthService, load_signing_keys};
 use crate::auth::session::SessionPolicy;
 use crate::crypto::{FieldCipher, KeyProvider};
@@ -26,6 +30,18 @@ pub struct AppState {
     pub cipher: FieldCipher,
     pub auth: Arc<AuthService>,
     pub audit: Auditor,
+    pub access: Arc<AccessControl>,
+    pub records: Arc<Records>,
+}
+
+/// The FHIR validator compiles the official schema once per process (about 0.3 s).
+fn validator() -> Result<Arc<FhirValidator>, StartError> {
+    static VALIDATOR: OnceLock<Arc<FhirValidator>> = OnceLock::new();
+    if let Some(v) = VALIDATOR.get() {
+        return Ok(v.clone());
+    }
+    let v = Arc::new(FhirValidator::new().map_err(|_| StartError::Other("cannot compile the FHIR schema".into()))?);
+    Ok(VALIDATOR.get_or_init(|| v).clone())
 }
 
 impl AppState {
@@ -49,7 +65,21 @@ impl AppState {
         let ttl = time::Duration::seconds(i64::try_from(config.auth.access_token_ttl_secs).unwrap_or(300));
         let auth = Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
         let audit = Auditor::start(db.clone());
-        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit })
+        let access = Arc::new(
+            AccessControl::load(&config.policy_dir(), Arc::new(R4Catalog))
+                .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
+        );
+        let base = format!("{}/fhir", config.base_url());
+        let records = Arc::new(Records::new(
+            db.clone(),
+            cipher.clone(),
+            access.clone(),
+            validator()?,
+            audit.clone(),
+            clock.clone(),
+            base,
+        ));
+        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, access, records })
     }
 }
 
@@ -82,6 +112,9 @@ impl Application {
 
     pub fn build_with_state(state: AppState) -> Result<Application, StartError> {
         let cfg = state.config.clone();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            crate::access::spawn_policy_watcher(state.access.clone(), cfg.policy_dir(), crate::access::POLICY_POLL_INTERVAL);
+        }
         let listener = TcpListener::bind(cfg.listen).map_err(|_| StartError::Bind(cfg.listen))?;
         let port = listener.local_addr().map_err(|_| StartError::Bind(cfg.listen))?.port();
         let data = web::Data::new(state.clone());

@@ -1,6 +1,7 @@
 //! HTTP only: routes are registered in one place ([`routes`]); handlers parse, call a service, render.
 
 pub mod auth;
+pub mod fhir;
 pub mod health;
 
 use crate::app::AppState;
@@ -21,7 +22,23 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/auth/login").route(web::post().to(auth::login)))
         .service(web::resource("/auth/token").route(web::post().to(auth::token)))
         .service(web::resource("/auth/revoke").route(web::post().to(auth::revoke)))
-        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)));
+        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)))
+        .service(web::resource("/auth/break-glass").route(web::post().to(fhir::break_glass)))
+        .service(web::resource("/fhir/metadata").route(web::get().to(fhir::metadata)))
+        .service(web::resource("/fhir/Patient/{id}/$everything").route(web::get().to(fhir::everything)))
+        .service(web::resource("/fhir/Patient/{id}/$access-report").route(web::get().to(fhir::access_report)))
+        .service(web::resource("/fhir/{type}/_search").route(web::post().to(fhir::search_post)))
+        .service(web::resource("/fhir/{type}/{id}/_history/{vid}").route(web::get().to(fhir::vread)))
+        .service(web::resource("/fhir/{type}/{id}/_history").route(web::get().to(fhir::history)))
+        .service(
+            web::resource("/fhir/{type}/{id}")
+                .route(web::get().to(fhir::read))
+                .route(web::put().to(fhir::update))
+                .route(web::delete().to(fhir::delete)),
+        )
+        .service(
+            web::resource("/fhir/{type}").route(web::get().to(fhir::search_get)).route(web::post().to(fhir::create)),
+        );
 }
 
 /// Unknown routes answer 404 with an OperationOutcome.

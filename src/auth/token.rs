@@ -249,12 +249,8 @@ impl TokenKeys {
             k.retired_at = Some(now);
         }
         keys.push(new);
-<<<<<<< HEAD
-        *self = Self::new(std::mem::take(&mut self.issuer), std::mem::take(&mut self.audience), keys)?;
-=======
         // Built aside and swapped in, so a failure leaves the ring as it was.
         *self = Self::new(self.issuer.clone(), self.audience.clone(), keys)?;
->>>>>>> auth
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The records service: the one place where access, storage, crypto, shaping and audit meet.
 
+pub mod audit_api;
 pub mod service;
 pub mod store;
 

@@ -260,7 +260,7 @@ impl Records {
             && !shaped
             && let Some(obj) = value.as_object_mut()
         {
-            crate::access::mask::add_subsetted_tag(obj);
+            crate::access::add_subsetted_tag(obj);
         }
         Ok(value)
     }
@@ -434,7 +434,7 @@ impl Records {
                     minimal.insert(k.to_owned(), v.clone());
                 }
             }
-            crate::access::mask::add_subsetted_tag(&mut minimal);
+            crate::access::add_subsetted_tag(&mut minimal);
             value = Value::Object(minimal);
         }
         Ok(Shown { resource: value, version_id: version, last_updated: when })
@@ -566,6 +566,7 @@ impl Records {
         let read_decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
+        let read2 = read_decision.clone();
         let (version, out_obj) = self
             .db
             .run(move |conn| {
@@ -580,7 +581,7 @@ impl Records {
                         return Err(AppError::PreconditionFailed);
                     }
                     // What the caller could see is decrypted; what it could not is carried over as ciphertext.
-                    let visible_mask = if read_decision.allowed { read_decision.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
+                    let visible_mask = if read2.allowed { read2.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
                     let stored: Map<String, Value> = serde_json::from_str(&current.content).map_err(AppError::internal)?;
                     let (mut view, _) = this.decode(d, &id2, current.version_id, current.last_updated, &current.content, &visible_mask)?;
                     view.remove("meta");
@@ -746,7 +747,7 @@ impl Records {
         let self_link = format!("{}/{}?{}", self.base, d.name, encode_pairs(&pairs));
         let mut event = AuditEvent::new(AuditKind::Search, self.clock.now(), Outcome::Success, caller.agent())
             .with_resource(d.name, None, None)
-            .with_query_params(pairs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), |n| is_known_param(d, n))
+            .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| is_known_param(d, n))
             .with_purpose(caller.purpose());
         if let Some(p) = single_patient(&req) {
             event = event.with_patient(p);
