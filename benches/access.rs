@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
 
-use carevault::access::{AccessControl, Action, R4Catalog};
+use carevault::access::{AccessControl, Action, PolicySet, R4Catalog};
 use carevault::role::Role;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::json;
@@ -56,5 +56,16 @@ fn access(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, access);
+/// Loading (validation + one casbin evaluation of every grant): the cost of a reload, off the request path.
+fn load(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut group = c.benchmark_group("reload");
+    group.sample_size(10);
+    group.bench_function("load policies/", |b| {
+        b.iter(|| PolicySet::load_dir(&dir, &R4Catalog).is_ok())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, access, load);
 criterion_main!(benches);

@@ -316,7 +316,10 @@ impl AccessControl {
     }
 }
 
-/// Polls the policy files' modification times every `every` (2 s in production) and reloads on change, off the
+/// How often the policy files are checked for changes.
+pub const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Polls the policy files' modification times every `every` ([`POLICY_POLL_INTERVAL`] in production) and reloads on change, off the
 /// async workers. A failed reload is logged (file and line, never data) and the previous policy stays; it is
 /// retried when the files change again. The first poll loads once, so nothing changed before it is missed.
 pub fn spawn_policy_watcher(
