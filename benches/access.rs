@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
 
-use carevault::access::{AccessControl, Action, R4Catalog};
+use carevault::access::{AccessControl, Action, PolicySet, R4Catalog};
 use carevault::role::Role;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::json;
@@ -15,22 +15,10 @@ fn access(c: &mut Criterion) {
     let ac = AccessControl::load(&dir, Arc::new(R4Catalog)).expect("policies/ must load");
 
     c.bench_function("decide one role", |b| {
-        b.iter(|| {
-            ac.decide(
-                black_box(&[Role::Nurse]),
-                black_box("Observation"),
-                black_box(Action::Search),
-            )
-        })
+        b.iter(|| ac.decide(black_box(&[Role::Nurse]), black_box("Observation"), black_box(Action::Search)))
     });
     c.bench_function("decide two roles", |b| {
-        b.iter(|| {
-            ac.decide(
-                black_box(&[Role::FrontDesk, Role::Billing]),
-                black_box("Patient"),
-                Action::Read,
-            )
-        })
+        b.iter(|| ac.decide(black_box(&[Role::FrontDesk, Role::Billing]), black_box("Patient"), Action::Read))
     });
 
     let patient = json!({
@@ -48,13 +36,18 @@ fn access(c: &mut Criterion) {
     });
     let front_desk = ac.decide(&[Role::FrontDesk], "Patient", Action::Read);
     c.bench_function("shape Patient for front_desk", |b| {
-        b.iter_batched(
-            || patient.clone(),
-            |mut p| front_desk.read_mask.shape(&mut p, None),
-            BatchSize::SmallInput,
-        )
+        b.iter_batched(|| patient.clone(), |mut p| front_desk.read_mask.shape(&mut p, None), BatchSize::SmallInput)
     });
 }
 
-criterion_group!(benches, access);
+/// Loading (validation + one casbin evaluation of every grant): the cost of a reload, off the request path.
+fn load(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut group = c.benchmark_group("reload");
+    group.sample_size(10);
+    group.bench_function("load policies/", |b| b.iter(|| PolicySet::load_dir(&dir, &R4Catalog).is_ok()));
+    group.finish();
+}
+
+criterion_group!(benches, access, load);
 criterion_main!(benches);
