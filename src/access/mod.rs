@@ -247,6 +247,12 @@ fn restore_hidden_identifiers(
     Ok(())
 }
 
+impl std::fmt::Debug for AccessControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessControl").finish_non_exhaustive()
+    }
+}
+
 /// The live policy: swapped atomically on reload; read without a lock.
 pub struct AccessControl {
     current: ArcSwap<PolicySet>,
