@@ -60,9 +60,11 @@ pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
 /// Any error response not already an OperationOutcome (extractor failures, the rate limiter, actix defaults)
 /// gets a generic one for its status, so no framework text (which can quote input) reaches a client.
 pub fn outcome_for_plain_errors<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
-    let is_fhir =
-        res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(FHIR_JSON.as_bytes()));
-    if is_fhir {
+    // Our own bodies: OperationOutcomes and RFC 6749 JSON errors (framework errors are text/plain).
+    let ours = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(FHIR_JSON.as_bytes()) || v.as_bytes().starts_with(b"application/json")
+    });
+    if ours {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
     let status = res.status();
