@@ -10,10 +10,9 @@ fn main() {
     println!("startup: parse + compile {:?}", t.elapsed());
     let p: serde_json::Value =
         serde_json::from_str(include_str!("../tests/fixtures/fhir/patient-example.json")).unwrap();
-    let o: serde_json::Value = serde_json::from_str(include_str!(
-        "../tests/fixtures/fhir/observation-example-bloodpressure-dar.json"
-    ))
-    .unwrap();
+    let o: serde_json::Value =
+        serde_json::from_str(include_str!("../tests/fixtures/fhir/observation-example-bloodpressure-dar.json"))
+            .unwrap();
     let n = 1000u32;
     for (name, r) in [("Patient", &p), ("Observation", &o)] {
         let t = Instant::now();
@@ -30,8 +29,5 @@ fn main() {
     for _ in 0..100 {
         v.validate_output(&b).unwrap();
     }
-    println!(
-        "validate_output searchset of 20 Patients: {:?} each",
-        t.elapsed() / 100
-    );
+    println!("validate_output searchset of 20 Patients: {:?} each", t.elapsed() / 100);
 }

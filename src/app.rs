@@ -1,17 +1,16 @@
 //! Builds the actix application and server from a [`Config`]: the one place where middleware order is set.
 //! Tests build it with port 0 and ask for the port.
 
-use crate::api;
-use crate::clock::SharedClock;
-use crate::config::Config;
 use crate::access::{AccessControl, R4Catalog};
+use crate::api;
 use crate::audit::store::Auditor;
-use crate::fhir::FhirValidator;
-use crate::records::Records;
-use std::sync::OnceLock;
 use crate::auth::service::{AuthService, load_signing_keys};
 use crate::auth::session::SessionPolicy;
+use crate::clock::SharedClock;
+use crate::config::Config;
 use crate::crypto::{FieldCipher, KeyProvider};
+use crate::fhir::FhirValidator;
+use crate::records::Records;
 use crate::store::{Db, StoreError};
 use crate::tls::{self, TlsError};
 use actix_web::dev::Server;
@@ -19,6 +18,7 @@ use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 /// What every handler can reach. Cheap to clone (everything inside is shared).
 #[derive(Debug, Clone)]
@@ -52,7 +52,8 @@ impl AppState {
         let keys = crate::crypto::store::master_provider(&config).map_err(|e| StartError::Other(e.to_string()))?;
         let now = clock.now();
         let mut conn = db.conn().map_err(|_| StartError::Store(StoreError::Connect))?;
-        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now).map_err(|e| StartError::Other(e.to_string()))?;
+        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)
+            .map_err(|e| StartError::Other(e.to_string()))?;
         let issuer = config.auth.issuer.clone().unwrap_or_else(|| config.base_url());
         let token_keys = load_signing_keys(&mut conn, keys.as_ref(), now, &issuer, &issuer)
             .map_err(|_| StartError::Other("cannot load the token signing keys".into()))?;
@@ -63,7 +64,8 @@ impl AppState {
         )
         .map_err(|_| StartError::Other("invalid session timeouts".into()))?;
         let ttl = time::Duration::seconds(i64::try_from(config.auth.access_token_ttl_secs).unwrap_or(300));
-        let auth = Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
+        let auth =
+            Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
         let audit = Auditor::start(db.clone());
         let access = Arc::new(
             AccessControl::load(&config.policy_dir(), Arc::new(R4Catalog))
@@ -106,17 +108,28 @@ pub struct Application {
 
 impl Application {
     /// Connects the database, runs migrations, prepares TLS and binds the listener.
-    pub fn build(config: Config, clock: SharedClock) -> Result<Application, StartError> {
-        Self::build_with_state(AppState::open(config, clock)?)
+    pub fn build(mut config: Config, clock: SharedClock) -> Result<Application, StartError> {
+        // Bind first, so a port of 0 (tests) is known before links and issuers are derived from it.
+        let listener = TcpListener::bind(config.listen).map_err(|_| StartError::Bind(config.listen))?;
+        config.listen = listener.local_addr().map_err(|_| StartError::Bind(config.listen))?;
+        if !config.insecure_http {
+            // Refuse a bad certificate or key before anything else starts.
+            let (cert, key) = tls::cert_paths(&config)?;
+            tls::server_config(&cert, &key, config.profile)?;
+        }
+        Self::serve(AppState::open(config, clock)?, listener)
     }
 
-    pub fn build_with_state(state: AppState) -> Result<Application, StartError> {
+    fn serve(state: AppState, listener: TcpListener) -> Result<Application, StartError> {
         let cfg = state.config.clone();
         if tokio::runtime::Handle::try_current().is_ok() {
-            crate::access::spawn_policy_watcher(state.access.clone(), cfg.policy_dir(), crate::access::POLICY_POLL_INTERVAL);
+            crate::access::spawn_policy_watcher(
+                state.access.clone(),
+                cfg.policy_dir(),
+                crate::access::POLICY_POLL_INTERVAL,
+            );
         }
-        let listener = TcpListener::bind(cfg.listen).map_err(|_| StartError::Bind(cfg.listen))?;
-        let port = listener.local_addr().map_err(|_| StartError::Bind(cfg.listen))?.port();
+        let port = cfg.listen.port();
         let data = web::Data::new(state.clone());
         let factory = move || {
             App::new()

@@ -57,7 +57,8 @@ fn check_json(req: &HttpRequest) -> AppResult<()> {
 }
 
 fn query_pairs(req: &HttpRequest) -> AppResult<Vec<(String, String)>> {
-    serde_urlencoded::from_str(req.query_string()).map_err(|_| AppError::invalid("search", "The query string is malformed."))
+    serde_urlencoded::from_str(req.query_string())
+        .map_err(|_| AppError::invalid("search", "The query string is malformed."))
 }
 
 /// `If-Match: W/"3"` → 3.
@@ -73,7 +74,12 @@ pub async fn metadata(state: web::Data<AppState>) -> HttpResponse {
     fhir_json(actix_web::http::StatusCode::OK, &body)
 }
 
-pub async fn read(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<(String, String)>) -> AppResult<HttpResponse> {
+pub async fn read(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<(String, String)>,
+) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
     let elements = elements_param(&req)?;
     if rtype == "AuditEvent" {
@@ -89,7 +95,8 @@ fn elements_param(req: &HttpRequest) -> AppResult<Option<Vec<String>>> {
     let mut out: Option<Vec<String>> = None;
     for (k, v) in pairs {
         if k == "_elements" {
-            out.get_or_insert_with(Vec::new).extend(v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+            out.get_or_insert_with(Vec::new)
+                .extend(v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
         } else {
             return Err(AppError::invalid("read", "Only _elements is accepted on a read."));
         }
@@ -97,19 +104,35 @@ fn elements_param(req: &HttpRequest) -> AppResult<Option<Vec<String>>> {
     Ok(out)
 }
 
-pub async fn vread(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<(String, String, String)>) -> AppResult<HttpResponse> {
+pub async fn vread(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<(String, String, String)>,
+) -> AppResult<HttpResponse> {
     let (rtype, id, vid) = path.into_inner();
     let shown = state.records.vread(&caller(&req, p), &rtype, &id, &vid).await?;
     Ok(with_version(fhir_json(actix_web::http::StatusCode::OK, &shown.resource), &shown))
 }
 
-pub async fn history(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<(String, String)>) -> AppResult<HttpResponse> {
+pub async fn history(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<(String, String)>,
+) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
     let body = state.records.history(&caller(&req, p), &rtype, &id).await?;
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<String>, body: web::Bytes) -> AppResult<HttpResponse> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     check_json(&req)?;
     let shown = state.records.create(&caller(&req, p), &rtype, &body).await?;
@@ -127,7 +150,13 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, p: Principal, 
     Ok(resp)
 }
 
-pub async fn update(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<(String, String)>, body: web::Bytes) -> AppResult<HttpResponse> {
+pub async fn update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
     check_json(&req)?;
     let expected = if_match(&req)?;
@@ -135,35 +164,62 @@ pub async fn update(state: web::Data<AppState>, req: HttpRequest, p: Principal, 
         return Err(AppError::PreconditionRequired);
     }
     let shown = state.records.update(&caller(&req, p), &rtype, &id, expected, &body).await?;
-    let resp = if wants_minimal(&req) { HttpResponse::Ok().finish() } else { fhir_json(actix_web::http::StatusCode::OK, &shown.resource) };
+    let resp = if wants_minimal(&req) {
+        HttpResponse::Ok().finish()
+    } else {
+        fhir_json(actix_web::http::StatusCode::OK, &shown.resource)
+    };
     Ok(with_version(resp, &shown))
 }
 
-pub async fn delete(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<(String, String)>) -> AppResult<HttpResponse> {
+pub async fn delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<(String, String)>,
+) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
     state.records.delete(&caller(&req, p), &rtype, &id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
-pub async fn search_get(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<String>) -> AppResult<HttpResponse> {
+pub async fn search_get(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     let pairs = query_pairs(&req)?;
     search(&state, &req, p, &rtype, pairs).await
 }
 
-pub async fn search_post(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<String>, body: web::Bytes) -> AppResult<HttpResponse> {
+pub async fn search_post(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.starts_with("application/x-www-form-urlencoded") {
         return Err(AppError::UnsupportedMediaType);
     }
     let mut pairs = query_pairs(&req)?;
-    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).map_err(|_| AppError::invalid("search", "The form body is malformed."))?;
+    let form: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(&body).map_err(|_| AppError::invalid("search", "The form body is malformed."))?;
     pairs.extend(form);
     search(&state, &req, p, &rtype, pairs).await
 }
 
-async fn search(state: &AppState, req: &HttpRequest, p: Principal, rtype: &str, pairs: Vec<(String, String)>) -> AppResult<HttpResponse> {
+async fn search(
+    state: &AppState,
+    req: &HttpRequest,
+    p: Principal,
+    rtype: &str,
+    pairs: Vec<(String, String)>,
+) -> AppResult<HttpResponse> {
     let c = caller(req, p);
     let body = if rtype == "AuditEvent" {
         crate::records::audit_api::search(state, &c, pairs, handling(req)).await?
@@ -173,12 +229,22 @@ async fn search(state: &AppState, req: &HttpRequest, p: Principal, rtype: &str, 
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
 
-pub async fn everything(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<String>) -> AppResult<HttpResponse> {
+pub async fn everything(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+) -> AppResult<HttpResponse> {
     let body = state.records.everything(&caller(&req, p), &path.into_inner()).await?;
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
 
-pub async fn access_report(state: web::Data<AppState>, req: HttpRequest, p: Principal, path: web::Path<String>) -> AppResult<HttpResponse> {
+pub async fn access_report(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+) -> AppResult<HttpResponse> {
     let body = crate::records::audit_api::access_report(&state, &caller(&req, p), &path.into_inner()).await?;
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
@@ -191,9 +257,14 @@ pub struct BreakGlassBody {
 }
 
 /// `POST /auth/break-glass`: a clinician or nurse opens one patient's record for a limited time.
-pub async fn break_glass(state: web::Data<AppState>, req: HttpRequest, p: Principal, body: web::Bytes) -> AppResult<HttpResponse> {
-    let body: BreakGlassBody =
-        serde_json::from_slice(&body).map_err(|_| AppError::invalid("patient", "The body must name the patient and a reason."))?;
+pub async fn break_glass(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
+    let body: BreakGlassBody = serde_json::from_slice(&body)
+        .map_err(|_| AppError::invalid("patient", "The body must name the patient and a reason."))?;
     let grant = crate::records::audit_api::break_glass(&state, &caller(&req, p), &body.patient, &body.reason).await?;
     Ok(HttpResponse::Created().json(grant))
 }

@@ -32,11 +32,7 @@ pub fn searchset(
     let entry: Vec<Value> = entries
         .into_iter()
         .map(|resource| {
-            let url = full_url(
-                base,
-                str_of(&resource, "resourceType"),
-                str_of(&resource, "id"),
-            );
+            let url = full_url(base, str_of(&resource, "resourceType"), str_of(&resource, "id"));
             json!({ "fullUrl": url, "resource": resource, "search": { "mode": "match" } })
         })
         .collect();
@@ -91,15 +87,15 @@ pub fn history(
             if let Ok(when) = e.last_updated.format(&Rfc3339) {
                 response["lastModified"] = json!(when);
             }
-            let mut out = json!({ "fullUrl": url, "request": { "method": method, "url": request_url }, "response": response });
+            let mut out =
+                json!({ "fullUrl": url, "request": { "method": method, "url": request_url }, "response": response });
             if let Some(r) = e.resource {
                 out["resource"] = r;
             }
             out
         })
         .collect();
-    let mut bundle =
-        json!({ "resourceType": "Bundle", "type": "history", "link": links(self_link, next_link) });
+    let mut bundle = json!({ "resourceType": "Bundle", "type": "history", "link": links(self_link, next_link) });
     if let Some(t) = total {
         bundle["total"] = json!(t);
     }

@@ -9,23 +9,13 @@ use time::format_description::well_known::Rfc3339;
 use super::decl::{ResourceDecl, all};
 
 /// Interactions of every type clients may write.
-const WRITABLE: &[&str] = &[
-    "read",
-    "vread",
-    "update",
-    "delete",
-    "history-instance",
-    "create",
-    "search-type",
-];
+const WRITABLE: &[&str] = &["read", "vread", "update", "delete", "history-instance", "create", "search-type"];
 /// Interactions of a server-written type.
 const READ_ONLY: &[&str] = &["read", "search-type"];
 
 /// The CapabilityStatement of this server. `base_url` is the FHIR base (e.g. `https://host/fhir`).
 pub fn capability_statement(base_url: &str, now: OffsetDateTime) -> Value {
-    let date = now
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+    let date = now.format(&Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",

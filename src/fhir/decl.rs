@@ -85,21 +85,12 @@ impl ResourceDecl {
     /// The id of the Patient whose compartment this resource belongs to. Fails closed: a type linked to a
     /// patient must name one as a plain `Patient/{id}` reference (relative or absolute; not contained, not by
     /// identifier only). `None` for types outside any compartment, or a Patient without an id yet.
-    pub fn patient_id(
-        &self,
-        resource: &serde_json::Value,
-    ) -> crate::error::AppResult<Option<String>> {
+    pub fn patient_id(&self, resource: &serde_json::Value) -> crate::error::AppResult<Option<String>> {
         match self.patient_link {
             PatientLink::None => Ok(None),
-            PatientLink::Itself => Ok(resource
-                .get("id")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned)),
+            PatientLink::Itself => Ok(resource.get("id").and_then(serde_json::Value::as_str).map(str::to_owned)),
             PatientLink::Element(element) => {
-                let reference = resource
-                    .get(element)
-                    .and_then(|r| r.get("reference"))
-                    .and_then(|r| r.as_str());
+                let reference = resource.get(element).and_then(|r| r.get("reference")).and_then(|r| r.as_str());
                 match reference.and_then(super::search::split_reference) {
                     Some((Some(t), id)) if t == "Patient" => Ok(Some(id)),
                     _ => Err(crate::error::AppError::invalid(
@@ -117,33 +108,12 @@ impl ResourceDecl {
     }
 }
 
-const fn p(
-    name: &'static str,
-    kind: ParamKind,
-    paths: &'static [&'static str],
-    phi: bool,
-) -> SearchParamDecl {
-    SearchParamDecl {
-        name,
-        kind,
-        paths,
-        phi,
-        targets: &[],
-    }
+const fn p(name: &'static str, kind: ParamKind, paths: &'static [&'static str], phi: bool) -> SearchParamDecl {
+    SearchParamDecl { name, kind, paths, phi, targets: &[] }
 }
 
-const fn r(
-    name: &'static str,
-    paths: &'static [&'static str],
-    targets: &'static [&'static str],
-) -> SearchParamDecl {
-    SearchParamDecl {
-        name,
-        kind: ParamKind::Reference,
-        paths,
-        phi: false,
-        targets,
-    }
+const fn r(name: &'static str, paths: &'static [&'static str], targets: &'static [&'static str]) -> SearchParamDecl {
+    SearchParamDecl { name, kind: ParamKind::Reference, paths, phi: false, targets }
 }
 
 use ParamKind::{Date, String as Str, Token};
@@ -194,10 +164,7 @@ static ALL: [ResourceDecl; 9] = [
             p("gender", Token, &["gender"], true),
         ],
         patient_link: PatientLink::Itself,
-        references: &[
-            ("generalPractitioner", &["Practitioner"]),
-            ("link.other", PATIENT),
-        ],
+        references: &[("generalPractitioner", &["Practitioner"]), ("link.other", PATIENT)],
         read_only: false,
         required: &[],
     },
@@ -265,11 +232,7 @@ static ALL: [ResourceDecl; 9] = [
             LAST_UPDATED,
             r("patient", &["subject"], PATIENT),
             r("subject", &["subject"], PATIENT),
-            r(
-                "participant",
-                &["participant.member"],
-                &["Practitioner", "Patient"],
-            ),
+            r("participant", &["participant.member"], &["Practitioner", "Patient"]),
             p("status", Token, &["status"], false),
             p("category", Token, &["category"], true),
             p("date", Date, &["period"], true),
@@ -277,10 +240,7 @@ static ALL: [ResourceDecl; 9] = [
         patient_link: PatientLink::Element("subject"),
         references: &[
             ("subject", PATIENT),
-            (
-                "participant.member",
-                &["Practitioner", "Patient", "CareTeam"],
-            ),
+            ("participant.member", &["Practitioner", "Patient", "CareTeam"]),
             ("encounter", &["Encounter"]),
         ],
         read_only: false,
@@ -325,11 +285,7 @@ static ALL: [ResourceDecl; 9] = [
             LAST_UPDATED,
             r("patient", &["subject"], PATIENT),
             r("subject", &["subject"], PATIENT),
-            r(
-                "participant",
-                &["participant.individual"],
-                &["Practitioner"],
-            ),
+            r("participant", &["participant.individual"], &["Practitioner"]),
             p("status", Token, &["status"], false),
             p("class", Token, &["class"], true),
             p("type", Token, &["type"], true),
@@ -401,12 +357,7 @@ static ALL: [ResourceDecl; 9] = [
             r("encounter", &["encounter"], &["Encounter"]),
             p("code", Token, &["code"], true),
             p("category", Token, &["category"], true),
-            p(
-                "date",
-                Date,
-                &["effectiveDateTime", "effectivePeriod", "effectiveInstant"],
-                true,
-            ),
+            p("date", Date, &["effectiveDateTime", "effectivePeriod", "effectiveInstant"], true),
             p("status", Token, &["status"], false),
         ],
         patient_link: PatientLink::Element("subject"),
@@ -467,12 +418,7 @@ static ALL: [ResourceDecl; 9] = [
             p("category", Token, &["category"], true),
             p("clinical-status", Token, &["clinicalStatus"], true),
             p("verification-status", Token, &["verificationStatus"], true),
-            p(
-                "date",
-                Date,
-                &["onsetDateTime", "onsetPeriod", "recordedDate"],
-                true,
-            ),
+            p("date", Date, &["onsetDateTime", "onsetPeriod", "recordedDate"], true),
             p("onset-date", Date, &["onsetDateTime", "onsetPeriod"], true),
             p("recorded-date", Date, &["recordedDate"], true),
         ],
@@ -528,12 +474,7 @@ static ALL: [ResourceDecl; 9] = [
             p("clinical-status", Token, &["clinicalStatus"], true),
             p("verification-status", Token, &["verificationStatus"], true),
             p("criticality", Token, &["criticality"], true),
-            p(
-                "date",
-                Date,
-                &["recordedDate", "onsetDateTime", "onsetPeriod"],
-                true,
-            ),
+            p("date", Date, &["recordedDate", "onsetDateTime", "onsetPeriod"], true),
         ],
         patient_link: PatientLink::Element("patient"),
         references: &[
@@ -647,10 +588,7 @@ static ALL: [ResourceDecl; 9] = [
             p("action", Token, &["action"], false),
         ],
         patient_link: PatientLink::None,
-        references: &[
-            ("entity.what", &["Patient"]),
-            ("agent.who", &["Practitioner", "Patient"]),
-        ],
+        references: &[("entity.what", &["Patient"]), ("agent.who", &["Practitioner", "Patient"])],
         read_only: true,
         required: &["recorded"],
     },

@@ -60,21 +60,11 @@ pub enum SearchValue {
     /// A normalized string.
     Text(String),
     /// `system|code`: `system` is `Some("")` for `|code` (no system), `None` for a bare `code`.
-    Token {
-        system: Option<String>,
-        code: Option<String>,
-    },
+    Token { system: Option<String>, code: Option<String> },
     /// A (partial) date as the range `[lo, hi)` in unix seconds, with its comparison prefix.
-    Date {
-        prefix: DatePrefix,
-        lo: i64,
-        hi: i64,
-    },
+    Date { prefix: DatePrefix, lo: i64, hi: i64 },
     /// `Type/id` or a bare `id` (any of the parameter's target types).
-    Reference {
-        resource_type: Option<String>,
-        id: String,
-    },
+    Reference { resource_type: Option<String>, id: String },
 }
 
 impl SearchValue {
@@ -88,14 +78,8 @@ impl SearchValue {
                 (Some(s), None) => vec![format!("{s}|")],
                 (None, None) => vec![],
             },
-            Self::Reference {
-                resource_type: Some(t),
-                id,
-            } => vec![format!("{t}/{id}")],
-            Self::Reference {
-                resource_type: None,
-                id,
-            } => param.targets.iter().map(|t| format!("{t}/{id}")).collect(),
+            Self::Reference { resource_type: Some(t), id } => vec![format!("{t}/{id}")],
+            Self::Reference { resource_type: None, id } => param.targets.iter().map(|t| format!("{t}/{id}")).collect(),
             Self::Date { .. } => vec![],
         }
     }
@@ -136,18 +120,9 @@ pub struct SearchRequest {
 }
 
 /// Parses the query pairs of a search on one type.
-pub fn parse(
-    decl: &'static ResourceDecl,
-    pairs: &[(String, String)],
-    handling: Handling,
-) -> AppResult<SearchRequest> {
-    let mut req = SearchRequest {
-        clauses: vec![],
-        count: DEFAULT_COUNT,
-        elements: None,
-        summary_count: false,
-        cursor: None,
-    };
+pub fn parse(decl: &'static ResourceDecl, pairs: &[(String, String)], handling: Handling) -> AppResult<SearchRequest> {
+    let mut req =
+        SearchRequest { clauses: vec![], count: DEFAULT_COUNT, elements: None, summary_count: false, cursor: None };
     let unknown = |path: &'static str, reason: &'static str| -> AppResult<()> {
         match handling {
             Handling::Strict => Err(AppError::invalid(path, reason)),
@@ -157,9 +132,8 @@ pub fn parse(
     for (name, value) in pairs {
         match name.as_str() {
             "_count" => {
-                let n: u32 = value.parse().map_err(|_| {
-                    AppError::invalid("_count", "The count must be a whole number.")
-                })?;
+                let n: u32 =
+                    value.parse().map_err(|_| AppError::invalid("_count", "The count must be a whole number."))?;
                 req.count = n.min(MAX_COUNT);
             }
             "_summary" => match value.as_str() {
@@ -178,31 +152,22 @@ pub fn parse(
                 req.elements = Some(keep);
             }
             CURSOR_PARAM => req.cursor = Some(value.clone()),
-            "_format"
-                if matches!(
-                    value.as_str(),
-                    "json" | "application/json" | "application/fhir+json"
-                ) => {}
+            "_format" if matches!(value.as_str(), "json" | "application/json" | "application/fhir+json") => {}
             _ => {
                 let (base, modifier) = match name.split_once(':') {
                     Some((b, m)) => (b, Some(m)),
                     None => (name.as_str(), None),
                 };
                 let Some(param) = decl.param(base) else {
-                    unknown(
-                        "search",
-                        "A search parameter is not supported for this type.",
-                    )?;
+                    unknown("search", "A search parameter is not supported for this type.")?;
                     continue;
                 };
                 if modifier.is_some() {
                     unknown(param.name, "Search modifiers are not supported.")?;
                     continue;
                 }
-                let values = split_values(value)
-                    .iter()
-                    .map(|v| parse_value(param, v))
-                    .collect::<AppResult<Vec<_>>>()?;
+                let values =
+                    split_values(value).iter().map(|v| parse_value(param, v)).collect::<AppResult<Vec<_>>>()?;
                 req.clauses.push(Clause { param, values });
             }
         }
@@ -233,10 +198,7 @@ fn split_token(v: &str) -> (Option<String>, String) {
     let mut prev = '\0';
     for (i, c) in v.char_indices() {
         if c == '|' && prev != '\\' {
-            return (
-                Some(v[..i].replace("\\|", "|")),
-                v[i + 1..].replace("\\|", "|"),
-            );
+            return (Some(v[..i].replace("\\|", "|")), v[i + 1..].replace("\\|", "|"));
         }
         prev = c;
     }
@@ -251,11 +213,7 @@ fn parse_value(param: &'static SearchParamDecl, v: &str) -> AppResult<SearchValu
     match param.kind {
         ParamKind::String => {
             let t = normalize_text(v);
-            if t.is_empty() {
-                Err(bad("A search value is empty."))
-            } else {
-                Ok(SearchValue::Text(t))
-            }
+            if t.is_empty() { Err(bad("A search value is empty.")) } else { Ok(SearchValue::Text(t)) }
         }
         ParamKind::Token => {
             let (system, code) = split_token(v);
@@ -274,9 +232,7 @@ fn parse_value(param: &'static SearchParamDecl, v: &str) -> AppResult<SearchValu
                 Some("gt") => (DatePrefix::Gt, &v[2..]),
                 Some("lt") => (DatePrefix::Lt, &v[2..]),
                 Some(p) if p.chars().all(|c| c.is_ascii_lowercase()) => {
-                    return Err(bad(
-                        "Only the prefixes eq, ge, le, gt and lt are supported.",
-                    ));
+                    return Err(bad("Only the prefixes eq, ge, le, gt and lt are supported."));
                 }
                 _ => (DatePrefix::Eq, v),
             };
@@ -284,14 +240,11 @@ fn parse_value(param: &'static SearchParamDecl, v: &str) -> AppResult<SearchValu
             Ok(SearchValue::Date { prefix, lo, hi })
         }
         ParamKind::Reference => {
-            let (resource_type, id) =
-                split_reference(v).ok_or_else(|| bad("The value is not a valid reference."))?;
+            let (resource_type, id) = split_reference(v).ok_or_else(|| bad("The value is not a valid reference."))?;
             if let Some(t) = &resource_type
                 && !param.targets.contains(&t.as_str())
             {
-                return Err(bad(
-                    "The reference points to a type this parameter does not support.",
-                ));
+                return Err(bad("The reference points to a type this parameter does not support."));
             }
             Ok(SearchValue::Reference { resource_type, id })
         }
@@ -299,9 +252,7 @@ fn parse_value(param: &'static SearchParamDecl, v: &str) -> AppResult<SearchValu
 }
 
 fn is_fhir_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    (1..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
 /// `Type/id`, an absolute URL ending in `Type/id` (optionally `/_history/n`), or a bare `id`.
@@ -327,11 +278,7 @@ pub(crate) fn split_reference(v: &str) -> Option<(Option<String>, String)> {
 pub fn date_range(s: &str) -> Option<(i64, i64)> {
     let num = |r: std::ops::Range<usize>| -> Option<u16> {
         let part = s.get(r)?;
-        if part.chars().all(|c| c.is_ascii_digit()) {
-            part.parse().ok()
-        } else {
-            None
-        }
+        if part.chars().all(|c| c.is_ascii_digit()) { part.parse().ok() } else { None }
     };
     let year = i32::from(num(0..4)?);
     let month = |m: u16| Month::try_from(u8::try_from(m).ok()?).ok();
@@ -352,13 +299,8 @@ pub fn date_range(s: &str) -> Option<(i64, i64)> {
             };
             Some((midnight(lo), midnight(hi)))
         }
-        n if n >= 10
-            && s.as_bytes().get(4) == Some(&b'-')
-            && s.as_bytes().get(7) == Some(&b'-') =>
-        {
-            let date =
-                Date::from_calendar_date(year, month(num(5..7)?)?, u8::try_from(num(8..10)?).ok()?)
-                    .ok()?;
+        n if n >= 10 && s.as_bytes().get(4) == Some(&b'-') && s.as_bytes().get(7) == Some(&b'-') => {
+            let date = Date::from_calendar_date(year, month(num(5..7)?)?, u8::try_from(num(8..10)?).ok()?).ok()?;
             if n == 10 {
                 let lo = midnight(date);
                 return Some((lo, lo + 86_400));
@@ -366,18 +308,11 @@ pub fn date_range(s: &str) -> Option<(i64, i64)> {
             if s.as_bytes().get(10) != Some(&b'T') || s.as_bytes().get(13) != Some(&b':') {
                 return None;
             }
-            let (hour, minute) = (
-                u8::try_from(num(11..13)?).ok()?,
-                u8::try_from(num(14..16)?).ok()?,
-            );
+            let (hour, minute) = (u8::try_from(num(11..13)?).ok()?, u8::try_from(num(14..16)?).ok()?);
             let mut rest = &s[16..];
             let mut second = None;
             if let Some(r) = rest.strip_prefix(':') {
-                let sec: u8 = r
-                    .get(..2)
-                    .filter(|x| x.chars().all(|c| c.is_ascii_digit()))?
-                    .parse()
-                    .ok()?;
+                let sec: u8 = r.get(..2).filter(|x| x.chars().all(|c| c.is_ascii_digit()))?.parse().ok()?;
                 second = Some(sec.min(59)); // a leap second is the last second of its minute
                 rest = &r[2..];
                 if let Some(frac) = rest.strip_prefix('.') {
@@ -401,12 +336,7 @@ pub fn date_range(s: &str) -> Option<(i64, i64)> {
                     if h.len() != 2 || m.len() != 2 {
                         return None;
                     }
-                    UtcOffset::from_hms(
-                        sign * h.parse::<i8>().ok()?,
-                        sign * m.parse::<i8>().ok()?,
-                        0,
-                    )
-                    .ok()?
+                    UtcOffset::from_hms(sign * h.parse::<i8>().ok()?, sign * m.parse::<i8>().ok()?, 0).ok()?
                 }
             };
             let time = Time::from_hms(hour, minute, second.unwrap_or(0)).ok()?;
@@ -448,10 +378,7 @@ pub fn extract_index(decl: &'static ResourceDecl, resource: &Value) -> Vec<Index
             }
         }
         for value in values {
-            let entry = IndexEntry {
-                param: param.name,
-                value,
-            };
+            let entry = IndexEntry { param: param.name, value };
             if !out.contains(&entry) {
                 out.push(entry);
             }
@@ -464,11 +391,7 @@ pub fn extract_index(decl: &'static ResourceDecl, resource: &Value) -> Vec<Index
 fn at_path<'a>(root: &'a Value, path: &str) -> Vec<&'a Value> {
     let mut nodes = vec![root];
     for key in path.split('.') {
-        nodes = nodes
-            .into_iter()
-            .filter_map(|n| n.get(key))
-            .flat_map(flatten)
-            .collect();
+        nodes = nodes.into_iter().filter_map(|n| n.get(key)).flat_map(flatten).collect();
     }
     nodes
 }
@@ -481,19 +404,8 @@ fn flatten(v: &Value) -> Vec<&Value> {
 }
 
 /// Parts of HumanName and Address that string search looks at.
-const STRING_PARTS: &[&str] = &[
-    "text",
-    "family",
-    "given",
-    "prefix",
-    "suffix",
-    "line",
-    "city",
-    "district",
-    "state",
-    "postalCode",
-    "country",
-];
+const STRING_PARTS: &[&str] =
+    &["text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country"];
 
 fn index_node(param: &SearchParamDecl, node: &Value, out: &mut Vec<IndexValue>) {
     match param.kind {
@@ -529,10 +441,7 @@ fn index_node(param: &SearchParamDecl, node: &Value, out: &mut Vec<IndexValue>) 
                     let system = o.get("system").and_then(Value::as_str);
                     if let Some(codings) = o.get("coding").and_then(Value::as_array) {
                         for c in codings {
-                            push(
-                                c.get("system").and_then(Value::as_str),
-                                c.get("code").and_then(Value::as_str),
-                            );
+                            push(c.get("system").and_then(Value::as_str), c.get("code").and_then(Value::as_str));
                         }
                     }
                     push(system, o.get("code").and_then(Value::as_str));
@@ -547,12 +456,8 @@ fn index_node(param: &SearchParamDecl, node: &Value, out: &mut Vec<IndexValue>) 
                 Value::Object(o) => {
                     let start = o.get("start").and_then(Value::as_str).and_then(date_range);
                     let end = o.get("end").and_then(Value::as_str).and_then(date_range);
-                    (start.is_some() || end.is_some()).then(|| {
-                        (
-                            start.map_or(i64::MIN, |s| s.0),
-                            end.map_or(i64::MAX, |e| e.1),
-                        )
-                    })
+                    (start.is_some() || end.is_some())
+                        .then(|| (start.map_or(i64::MIN, |s| s.0), end.map_or(i64::MAX, |e| e.1)))
                 }
                 _ => None,
             };
@@ -561,10 +466,7 @@ fn index_node(param: &SearchParamDecl, node: &Value, out: &mut Vec<IndexValue>) 
             }
         }
         ParamKind::Reference => {
-            let target = node
-                .get("reference")
-                .and_then(Value::as_str)
-                .and_then(split_reference);
+            let target = node.get("reference").and_then(Value::as_str).and_then(split_reference);
             if let Some((Some(t), id)) = target
                 && param.targets.contains(&t.as_str())
             {
@@ -597,10 +499,7 @@ mod tests {
     use serde_json::json;
 
     fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-            .collect()
+        pairs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
     }
 
     fn parse_on(ty: &str, pairs: &[(&str, &str)]) -> AppResult<SearchRequest> {
@@ -615,43 +514,24 @@ mod tests {
     }
 
     fn ts(s: &str) -> i64 {
-        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .unwrap()
-            .unix_timestamp()
+        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap().unix_timestamp()
     }
 
     #[test]
     fn defaults_and_paging_controls() {
         let r = parse_on("Patient", &[]).unwrap();
-        assert_eq!(
-            (r.count, r.summary_count, r.elements, r.cursor),
-            (20, false, None, None)
-        );
+        assert_eq!((r.count, r.summary_count, r.elements, r.cursor), (20, false, None, None));
         let r = parse_on(
             "Patient",
-            &[
-                ("_count", "500"),
-                ("_summary", "count"),
-                ("_cursor", "abc"),
-                ("_elements", "name,gender"),
-            ],
+            &[("_count", "500"), ("_summary", "count"), ("_cursor", "abc"), ("_elements", "name,gender")],
         )
         .unwrap();
         assert_eq!(r.count, 100);
         assert!(r.summary_count);
         assert_eq!(r.cursor.as_deref(), Some("abc"));
-        assert_eq!(
-            r.elements,
-            Some(vec!["name".to_owned(), "gender".to_owned()])
-        );
-        assert_eq!(
-            err_path(parse_on("Patient", &[("_count", "many")]).unwrap_err()),
-            "_count"
-        );
-        assert_eq!(
-            err_path(parse_on("Patient", &[("_elements", "name,secretStuff")]).unwrap_err()),
-            "_elements"
-        );
+        assert_eq!(r.elements, Some(vec!["name".to_owned(), "gender".to_owned()]));
+        assert_eq!(err_path(parse_on("Patient", &[("_count", "many")]).unwrap_err()), "_count");
+        assert_eq!(err_path(parse_on("Patient", &[("_elements", "name,secretStuff")]).unwrap_err()), "_elements");
     }
 
     #[test]
@@ -659,87 +539,43 @@ mod tests {
         let pairs = q(&[("shoeSize", "Chalmers"), ("gender", "male")]);
         let e = parse(decl("Patient").unwrap(), &pairs, Handling::Strict).unwrap_err();
         let shown = format!("{e:?}");
-        assert!(
-            !shown.contains("shoeSize") && !shown.contains("Chalmers"),
-            "{shown}"
-        );
+        assert!(!shown.contains("shoeSize") && !shown.contains("Chalmers"), "{shown}");
         assert_eq!(err_path(e), "search");
         let r = parse(decl("Patient").unwrap(), &pairs, Handling::Lenient).unwrap();
         assert_eq!(r.clauses.len(), 1);
         assert_eq!(r.clauses[0].param.name, "gender");
         // A parameter of another type is unknown here.
-        assert_eq!(
-            err_path(parse_on("Practitioner", &[("birthdate", "1980")]).unwrap_err()),
-            "search"
-        );
-        assert_eq!(
-            err_path(parse_on("Patient", &[("name:contains", "pet")]).unwrap_err()),
-            "name"
-        );
+        assert_eq!(err_path(parse_on("Practitioner", &[("birthdate", "1980")]).unwrap_err()), "search");
+        assert_eq!(err_path(parse_on("Patient", &[("name:contains", "pet")]).unwrap_err()), "name");
     }
 
     #[test]
     fn string_values_are_normalized_or_and_and() {
-        let r = parse_on(
-            "Patient",
-            &[("name", "Zoë,PETER"), ("family", " Chalmers ")],
-        )
-        .unwrap();
+        let r = parse_on("Patient", &[("name", "Zoë,PETER"), ("family", " Chalmers ")]).unwrap();
         assert_eq!(r.clauses.len(), 2);
-        assert_eq!(
-            r.clauses[0].values,
-            vec![
-                SearchValue::Text("zoe".into()),
-                SearchValue::Text("peter".into())
-            ]
-        );
-        assert_eq!(
-            r.clauses[1].values,
-            vec![SearchValue::Text("chalmers".into())]
-        );
-        assert_eq!(
-            err_path(parse_on("Patient", &[("name", "")]).unwrap_err()),
-            "name"
-        );
+        assert_eq!(r.clauses[0].values, vec![SearchValue::Text("zoe".into()), SearchValue::Text("peter".into())]);
+        assert_eq!(r.clauses[1].values, vec![SearchValue::Text("chalmers".into())]);
+        assert_eq!(err_path(parse_on("Patient", &[("name", "")]).unwrap_err()), "name");
     }
 
     #[test]
     fn token_forms() {
-        let r = parse_on(
-            "Observation",
-            &[(
-                "code",
-                "http://loinc.org|8480-6,8462-4,|x,http://loinc.org|,a\\|b\\,c",
-            )],
-        )
-        .unwrap();
+        let r = parse_on("Observation", &[("code", "http://loinc.org|8480-6,8462-4,|x,http://loinc.org|,a\\|b\\,c")])
+            .unwrap();
         let p = r.clauses[0].param;
         let keys: Vec<Vec<String>> = r.clauses[0].values.iter().map(|v| v.keys(p)).collect();
         assert_eq!(
             keys,
-            vec![
-                vec!["http://loinc.org|8480-6"],
-                vec!["8462-4"],
-                vec!["|x"],
-                vec!["http://loinc.org|"],
-                vec!["a|b,c"]
-            ]
+            vec![vec!["http://loinc.org|8480-6"], vec!["8462-4"], vec!["|x"], vec!["http://loinc.org|"], vec!["a|b,c"]]
         );
-        assert_eq!(
-            err_path(parse_on("Observation", &[("code", "|")]).unwrap_err()),
-            "code"
-        );
+        assert_eq!(err_path(parse_on("Observation", &[("code", "|")]).unwrap_err()), "code");
     }
 
     #[test]
     fn date_prefixes_and_partial_dates() {
         let r = parse_on(
             "Patient",
-            &[
-                ("birthdate", "1980"),
-                ("birthdate", "ge1980-04"),
-                ("birthdate", "lt1980-04-12T10:30:00+02:00"),
-            ],
+            &[("birthdate", "1980"), ("birthdate", "ge1980-04"), ("birthdate", "lt1980-04-12T10:30:00+02:00")],
         )
         .unwrap();
         assert_eq!(
@@ -766,14 +602,7 @@ mod tests {
                 hi: ts("1980-04-12T08:30:01Z")
             }]
         );
-        for bad in [
-            "2024-13-45",
-            "2023-02-30",
-            "sa2020",
-            "ne2020",
-            "20x0",
-            "2020-01-01T10",
-        ] {
+        for bad in ["2024-13-45", "2023-02-30", "sa2020", "ne2020", "20x0", "2020-01-01T10"] {
             let e = parse_on("Patient", &[("birthdate", bad)]).unwrap_err();
             assert!(!format!("{e:?}").contains(bad));
             assert_eq!(err_path(e), "birthdate", "{bad}");
@@ -792,9 +621,7 @@ mod tests {
             p.matches(a, b, c, d)
         }
         assert!(
-            check(DatePrefix::Eq, "1980")
-                && check(DatePrefix::Eq, "1980-04")
-                && check(DatePrefix::Eq, "1980-04-12")
+            check(DatePrefix::Eq, "1980") && check(DatePrefix::Eq, "1980-04") && check(DatePrefix::Eq, "1980-04-12")
         );
         assert!(!check(DatePrefix::Eq, "1980-04-13") && !check(DatePrefix::Eq, "1981"));
         assert!(
@@ -809,34 +636,16 @@ mod tests {
 
     #[test]
     fn references_with_and_without_type() {
-        let r = parse_on(
-            "Observation",
-            &[(
-                "subject",
-                "Patient/abc,xyz,https://h/fhir/Patient/p1/_history/2",
-            )],
-        )
-        .unwrap();
+        let r =
+            parse_on("Observation", &[("subject", "Patient/abc,xyz,https://h/fhir/Patient/p1/_history/2")]).unwrap();
         let p = r.clauses[0].param;
         let keys: Vec<Vec<String>> = r.clauses[0].values.iter().map(|v| v.keys(p)).collect();
-        assert_eq!(
-            keys,
-            vec![vec!["Patient/abc"], vec!["Patient/xyz"], vec!["Patient/p1"]]
-        );
-        assert_eq!(
-            err_path(parse_on("Observation", &[("patient", "Practitioner/abc")]).unwrap_err()),
-            "patient"
-        );
-        assert_eq!(
-            err_path(parse_on("Observation", &[("patient", "a b")]).unwrap_err()),
-            "patient"
-        );
+        assert_eq!(keys, vec![vec!["Patient/abc"], vec!["Patient/xyz"], vec!["Patient/p1"]]);
+        assert_eq!(err_path(parse_on("Observation", &[("patient", "Practitioner/abc")]).unwrap_err()), "patient");
+        assert_eq!(err_path(parse_on("Observation", &[("patient", "a b")]).unwrap_err()), "patient");
         let r = parse_on("CareTeam", &[("participant", "pr1")]).unwrap();
         let p = r.clauses[0].param;
-        assert_eq!(
-            r.clauses[0].values[0].keys(p),
-            vec!["Practitioner/pr1", "Patient/pr1"]
-        );
+        assert_eq!(r.clauses[0].values[0].keys(p), vec!["Practitioner/pr1", "Patient/pr1"]);
     }
 
     /// Every declared parameter of every type parses a value of its kind.
@@ -861,11 +670,7 @@ mod tests {
         let index = extract_index(d, resource);
         let req = parse(d, &q(pairs), Handling::Strict).unwrap();
         req.clauses.iter().all(|c| {
-            c.values.iter().any(|v| {
-                index
-                    .iter()
-                    .any(|e| e.param == c.param.name && v.matches(c.param, &e.value))
-            })
+            c.values.iter().any(|v| index.iter().any(|e| e.param == c.param.name && v.matches(c.param, &e.value)))
         })
     }
 
@@ -875,38 +680,18 @@ mod tests {
             "name": [{"use": "official", "family": "Müller-Lüdenscheidt", "given": ["Zoë", "Ann Marie"]}],
             "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123-45-6789"}, {"value": "MRN7"}]});
         assert!(matching("Patient", &p, &[("_id", "p1")]));
-        assert!(matching(
-            "Patient",
-            &p,
-            &[("family", "muller-ludenscheidt")]
-        ));
-        assert!(matching(
-            "Patient",
-            &p,
-            &[("name", "LUDENSCHEIDT"), ("given", "zoe")]
-        ));
+        assert!(matching("Patient", &p, &[("family", "muller-ludenscheidt")]));
+        assert!(matching("Patient", &p, &[("name", "LUDENSCHEIDT"), ("given", "zoe")]));
         assert!(matching("Patient", &p, &[("given", "ann marie")]));
         assert!(!matching("Patient", &p, &[("name", "official")]));
         assert!(!matching("Patient", &p, &[("name", "zo")]));
         assert!(matching("Patient", &p, &[("gender", "male,female")]));
         assert!(!matching("Patient", &p, &[("gender", "male")]));
-        assert!(matching(
-            "Patient",
-            &p,
-            &[("identifier", "http://hl7.org/fhir/sid/us-ssn|123-45-6789")]
-        ));
-        assert!(matching(
-            "Patient",
-            &p,
-            &[("identifier", "http://hl7.org/fhir/sid/us-ssn|")]
-        ));
+        assert!(matching("Patient", &p, &[("identifier", "http://hl7.org/fhir/sid/us-ssn|123-45-6789")]));
+        assert!(matching("Patient", &p, &[("identifier", "http://hl7.org/fhir/sid/us-ssn|")]));
         assert!(matching("Patient", &p, &[("identifier", "|MRN7")]));
         assert!(!matching("Patient", &p, &[("identifier", "|123-45-6789")]));
-        assert!(matching(
-            "Patient",
-            &p,
-            &[("birthdate", "1980-04"), ("birthdate", "lt1981")]
-        ));
+        assert!(matching("Patient", &p, &[("birthdate", "1980-04"), ("birthdate", "lt1981")]));
         assert!(!matching("Patient", &p, &[("birthdate", "gt1980-04-12")]));
 
         let o = json!({"resourceType": "Observation", "status": "final",
@@ -914,33 +699,13 @@ mod tests {
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
             "subject": {"reference": "Patient/p1", "display": "Zoë"},
             "effectivePeriod": {"start": "2024-01-05T10:00:00Z"}});
-        assert!(matching(
-            "Observation",
-            &o,
-            &[
-                ("patient", "p1"),
-                ("code", "8867-4"),
-                ("category", "vital-signs")
-            ]
-        ));
-        assert!(matching(
-            "Observation",
-            &o,
-            &[("subject", "Patient/p1"), ("status", "final,amended")]
-        ));
-        assert!(matching(
-            "Observation",
-            &o,
-            &[("date", "ge2024-01-05"), ("date", "gt2030")]
-        )); // open end
+        assert!(matching("Observation", &o, &[("patient", "p1"), ("code", "8867-4"), ("category", "vital-signs")]));
+        assert!(matching("Observation", &o, &[("subject", "Patient/p1"), ("status", "final,amended")]));
+        assert!(matching("Observation", &o, &[("date", "ge2024-01-05"), ("date", "gt2030")])); // open end
         assert!(!matching("Observation", &o, &[("date", "lt2024-01-05")]));
         assert!(!matching("Observation", &o, &[("patient", "p2")]));
         let idx = extract_index(decl("Observation").unwrap(), &o);
-        assert!(
-            idx.iter()
-                .all(|e| e.value != IndexValue::Text("zoe".into())),
-            "display is not indexed"
-        );
+        assert!(idx.iter().all(|e| e.value != IndexValue::Text("zoe".into())), "display is not indexed");
     }
 
     #[test]
@@ -953,10 +718,6 @@ mod tests {
         let refs: Vec<_> = idx.iter().filter(|e| e.param == "patient").collect();
         assert_eq!(refs.len(), 1);
         assert_eq!(refs[0].value, IndexValue::Reference("Patient/p1".into()));
-        assert!(matching(
-            "AuditEvent",
-            &a,
-            &[("agent", "dr1"), ("action", "R"), ("date", "2024")]
-        ));
+        assert!(matching("AuditEvent", &a, &[("agent", "dr1"), ("action", "R"), ("date", "2024")]));
     }
 }

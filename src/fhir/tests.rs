@@ -50,12 +50,7 @@ fn schema_elements(ty: &str) -> BTreeSet<String> {
 fn phi_and_plain_partition_the_schema_elements() {
     for d in all() {
         let declared: BTreeSet<String> = d.elements().map(str::to_owned).collect();
-        assert_eq!(
-            declared.len(),
-            d.phi.len() + d.plain.len(),
-            "{} lists an element twice",
-            d.name
-        );
+        assert_eq!(declared.len(), d.phi.len() + d.plain.len(), "{} lists an element twice", d.name);
         assert_eq!(declared, schema_elements(d.name), "{}", d.name);
         assert!(d.is_phi("_birthDate") && d.is_phi("madeUp") && !d.is_phi("id"));
     }
@@ -69,79 +64,27 @@ fn search_parameters_are_coherent_with_the_elements() {
             assert!(names.insert(p.name), "{}.{} declared twice", d.name, p.name);
             for path in p.paths {
                 let top = path.split('.').next().unwrap();
-                assert!(
-                    top == "meta" || d.elements().any(|e| e == top),
-                    "{}.{} path {path}",
-                    d.name,
-                    p.name
-                );
+                assert!(top == "meta" || d.elements().any(|e| e == top), "{}.{} path {path}", d.name, p.name);
                 // A value taken from a PHI element is blind-indexed, except references (random ids).
                 let expected = d.is_phi(top) && p.kind != ParamKind::Reference && top != "meta";
                 assert_eq!(p.phi, expected, "{}.{} phi", d.name, p.name);
             }
-            assert_eq!(
-                p.kind == ParamKind::Reference,
-                !p.targets.is_empty(),
-                "{}.{}",
-                d.name,
-                p.name
-            );
+            assert_eq!(p.kind == ParamKind::Reference, !p.targets.is_empty(), "{}.{}", d.name, p.name);
         }
         if let PatientLink::Element(e) = d.patient_link {
             assert!(d.is_phi(e), "the link element may carry a display name");
-            assert!(
-                d.param("patient").is_some_and(|p| p.paths == [e]),
-                "{}",
-                d.name
-            );
+            assert!(d.param("patient").is_some_and(|p| p.paths == [e]), "{}", d.name);
         }
     }
     let required = [
-        (
-            "Patient",
-            &[
-                "_id",
-                "identifier",
-                "name",
-                "family",
-                "given",
-                "birthdate",
-                "gender",
-            ][..],
-        ),
+        ("Patient", &["_id", "identifier", "name", "family", "given", "birthdate", "gender"][..]),
         ("Practitioner", &["_id", "name", "identifier"]),
         ("CareTeam", &["patient", "participant", "status"]),
         ("Encounter", &["patient", "subject", "date", "status"]),
-        (
-            "Observation",
-            &["patient", "subject", "code", "date", "status", "category"],
-        ),
-        (
-            "Condition",
-            &[
-                "patient",
-                "subject",
-                "code",
-                "date",
-                "clinical-status",
-                "category",
-            ],
-        ),
-        (
-            "AllergyIntolerance",
-            &[
-                "patient",
-                "subject",
-                "code",
-                "date",
-                "clinical-status",
-                "category",
-            ],
-        ),
-        (
-            "MedicationRequest",
-            &["patient", "subject", "code", "date", "status", "category"],
-        ),
+        ("Observation", &["patient", "subject", "code", "date", "status", "category"]),
+        ("Condition", &["patient", "subject", "code", "date", "clinical-status", "category"]),
+        ("AllergyIntolerance", &["patient", "subject", "code", "date", "clinical-status", "category"]),
+        ("MedicationRequest", &["patient", "subject", "code", "date", "status", "category"]),
         ("AuditEvent", &["patient", "agent", "date", "action"]),
     ];
     for (ty, params) in required {
@@ -149,9 +92,7 @@ fn search_parameters_are_coherent_with_the_elements() {
             assert!(decl(ty).unwrap().param(p).is_some(), "{ty}?{p}");
         }
     }
-    assert!(
-        decl("AuditEvent").unwrap().read_only && all().iter().filter(|d| d.read_only).count() == 1
-    );
+    assert!(decl("AuditEvent").unwrap().read_only && all().iter().filter(|d| d.read_only).count() == 1);
     assert!(decl("Medication").is_none());
 }
 
@@ -162,9 +103,7 @@ fn official_examples_validate() {
     let mut seen = 0;
     for (file, example) in fixtures() {
         let ty = example["resourceType"].as_str().unwrap().to_owned();
-        validator()
-            .validate_output(&example)
-            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        validator().validate_output(&example).unwrap_or_else(|e| panic!("{file}: {e:?}"));
         let Some(d) = decl(&ty) else { continue };
         let mut body = example.clone();
         body.as_object_mut().unwrap().remove("id");
@@ -172,9 +111,7 @@ fn official_examples_validate() {
         if d.read_only {
             continue;
         }
-        validator()
-            .validate(&ty, &body)
-            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        validator().validate(&ty, &body).unwrap_or_else(|e| panic!("{file}: {e:?}"));
         let index = extract_index(d, &example);
         if matches!(d.patient_link, PatientLink::Element(_)) && d.patient_id(&example).is_ok() {
             assert!(index.iter().any(|e| e.param == "patient"), "{file}");
@@ -194,10 +131,7 @@ fn patient_link_fails_closed_on_the_examples_without_a_patient_reference() {
         };
         match d.patient_id(&example) {
             Ok(Some(_)) => {}
-            Ok(None) => assert!(
-                matches!(d.patient_link, PatientLink::None | PatientLink::Itself),
-                "{file}"
-            ),
+            Ok(None) => assert!(matches!(d.patient_link, PatientLink::None | PatientLink::Itself), "{file}"),
             Err(_) => refused.push(file),
         }
     }
@@ -212,14 +146,7 @@ fn patient_link_fails_closed_on_the_examples_without_a_patient_reference() {
         ]
     );
     let obs = json!({"resourceType": "Observation", "subject": {"reference": "Patient/p-1"}});
-    assert_eq!(
-        decl("Observation")
-            .unwrap()
-            .patient_id(&obs)
-            .unwrap()
-            .as_deref(),
-        Some("p-1")
-    );
+    assert_eq!(decl("Observation").unwrap().patient_id(&obs).unwrap().as_deref(), Some("p-1"));
     let group = json!({"resourceType": "Observation", "subject": {"reference": "Group/g"}});
     assert!(decl("Observation").unwrap().patient_id(&group).is_err());
 }
@@ -233,39 +160,21 @@ fn capability_statement_lists_the_declarations_and_validates() {
     assert_eq!(resources.len(), all().len());
     for (r, d) in resources.iter().zip(all()) {
         assert_eq!(r["type"], d.name);
-        let params: Vec<&str> = r["searchParam"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["name"].as_str().unwrap())
-            .collect();
+        let params: Vec<&str> =
+            r["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
         assert_eq!(params, d.search.iter().map(|p| p.name).collect::<Vec<_>>());
-        let codes: Vec<&str> = r["interaction"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["code"].as_str().unwrap())
-            .collect();
+        let codes: Vec<&str> =
+            r["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
         assert_eq!(codes.contains(&"create"), !d.read_only, "{}", d.name);
     }
-    let ops: Vec<&str> = resources[0]["operation"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["name"].as_str().unwrap())
-        .collect();
+    let ops: Vec<&str> =
+        resources[0]["operation"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
     assert_eq!(ops, ["everything", "access-report"]);
 }
 
 #[test]
 fn bundles_validate() {
-    let of = |ty: &str| {
-        fixtures()
-            .into_iter()
-            .map(|(_, v)| v)
-            .filter(|v| v["resourceType"] == ty)
-            .collect::<Vec<_>>()
-    };
+    let of = |ty: &str| fixtures().into_iter().map(|(_, v)| v).filter(|v| v["resourceType"] == ty).collect::<Vec<_>>();
     let examples: Vec<Value> = [of("Patient"), of("Observation")].concat();
     let b = searchset(
         examples.clone(),
@@ -275,22 +184,10 @@ fn bundles_validate() {
         Some(99),
     );
     validator().validate_output(&b).unwrap();
-    assert_eq!(
-        b["entry"][0]["fullUrl"],
-        format!(
-            "https://h/fhir/Patient/{}",
-            examples[0]["id"].as_str().unwrap()
-        )
-    );
+    assert_eq!(b["entry"][0]["fullUrl"], format!("https://h/fhir/Patient/{}", examples[0]["id"].as_str().unwrap()));
     assert_eq!(b["link"][1]["relation"], "next");
     assert_eq!(b["total"], 99);
-    let empty = searchset(
-        vec![],
-        "https://h/fhir",
-        "https://h/fhir/Patient?_summary=count",
-        None,
-        Some(0),
-    );
+    let empty = searchset(vec![], "https://h/fhir", "https://h/fhir/Patient?_summary=count", None, Some(0));
     validator().validate_output(&empty).unwrap();
     assert!(empty.get("entry").is_none());
 
@@ -322,10 +219,7 @@ fn bundles_validate() {
     let mut bad = b.clone();
     bad["entry"][1]["resource"]["birthDate"] = json!("1999-02-30");
     let err = validator().validate_output(&bad).unwrap_err();
-    assert!(
-        format!("{err:?}").contains("Bundle.entry[1].resource.birthDate"),
-        "{err:?}"
-    );
+    assert!(format!("{err:?}").contains("Bundle.entry[1].resource.birthDate"), "{err:?}");
     assert!(!format!("{err:?}").contains("1999-02-30"));
     let mut bad = b;
     bad["entry"][0]["resource"]["gender"] = json!(7);
@@ -341,9 +235,5 @@ fn operation_outcome_validates() {
         Some("Patient.birthDate"),
     );
     validator().validate_output(&oo).unwrap();
-    assert!(
-        validator()
-            .validate_output(&json!({"resourceType": "NoSuchType"}))
-            .is_err()
-    );
+    assert!(validator().validate_output(&json!({"resourceType": "NoSuchType"})).is_err());
 }

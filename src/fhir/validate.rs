@@ -57,9 +57,7 @@ pub struct FhirValidator {
 
 impl std::fmt::Debug for FhirValidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FhirValidator")
-            .field("resource_types", &self.resource_types.len())
-            .finish()
+        f.debug_struct("FhirValidator").field("resource_types", &self.resource_types.len()).finish()
     }
 }
 
@@ -78,26 +76,17 @@ impl FhirValidator {
             .unwrap_or_default();
         let date_patterns: Vec<&str> = ["date", "dateTime", "instant"]
             .iter()
-            .filter_map(|d| {
-                defs.get(*d)
-                    .and_then(|v| v.get("pattern"))
-                    .and_then(Value::as_str)
-            })
+            .filter_map(|d| defs.get(*d).and_then(|v| v.get("pattern")).and_then(Value::as_str))
             .collect();
         let kind_of = |prop: &Value| -> ElemType {
             let target = prop.get("items").unwrap_or(prop);
-            if let Some(name) = target
-                .get("$ref")
-                .and_then(Value::as_str)
-                .and_then(|r| r.strip_prefix("#/definitions/"))
+            if let Some(name) =
+                target.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/definitions/"))
             {
                 return match name {
                     "date" | "dateTime" | "instant" => ElemType::Date,
                     "ResourceList" => ElemType::Resource,
-                    _ if defs
-                        .get(name)
-                        .is_some_and(|d| d.get("properties").is_some()) =>
-                    {
+                    _ if defs.get(name).is_some_and(|d| d.get("properties").is_some()) => {
                         ElemType::Object(name.to_owned())
                     }
                     _ => ElemType::Other,
@@ -127,49 +116,27 @@ impl FhirValidator {
             .with_draft(jsonschema::Draft::Draft7)
             .build(&root)
             .map_err(|e| AppError::internal(format!("FHIR schema does not compile: {e}")))?;
-        if let Some(missing) = decl::all()
-            .iter()
-            .find(|d| !resource_types.iter().any(|t| t == d.name))
-        {
-            return Err(AppError::internal(format!(
-                "FHIR schema lacks {}",
-                missing.name
-            )));
+        if let Some(missing) = decl::all().iter().find(|d| !resource_types.iter().any(|t| t == d.name)) {
+            return Err(AppError::internal(format!("FHIR schema lacks {}", missing.name)));
         }
-        Ok(Self {
-            validator,
-            types,
-            resource_types,
-        })
+        Ok(Self { validator, types, resource_types })
     }
 
     /// Validates a resource a client writes to `/fhir/{resource_type}`.
     pub fn validate(&self, resource_type: &str, resource: &Value) -> AppResult<()> {
-        let decl = decl::decl(resource_type)
-            .ok_or_else(|| AppError::invalid("resourceType", UNSUPPORTED_TYPE))?;
-        let obj = resource
-            .as_object()
-            .ok_or_else(|| AppError::invalid(resource_type, NOT_OBJECT))?;
+        let decl = decl::decl(resource_type).ok_or_else(|| AppError::invalid("resourceType", UNSUPPORTED_TYPE))?;
+        let obj = resource.as_object().ok_or_else(|| AppError::invalid(resource_type, NOT_OBJECT))?;
         if obj.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
-            return Err(AppError::invalid(
-                format!("{resource_type}.resourceType"),
-                WRONG_TYPE,
-            ));
+            return Err(AppError::invalid(format!("{resource_type}.resourceType"), WRONG_TYPE));
         }
         check_limits(resource, resource_type)?;
         if resource.pointer("/meta/security").is_some() {
-            return Err(AppError::invalid(
-                format!("{resource_type}.meta.security"),
-                SERVER_SECURITY,
-            ));
+            return Err(AppError::invalid(format!("{resource_type}.meta.security"), SERVER_SECURITY));
         }
         self.check(resource_type, resource)?;
         for element in decl.required {
             if !obj.contains_key(*element) && !obj.contains_key(&format!("_{element}")) {
-                return Err(AppError::invalid(
-                    format!("{resource_type}.{element}"),
-                    REQUIRED,
-                ));
+                return Err(AppError::invalid(format!("{resource_type}.{element}"), REQUIRED));
             }
         }
         Ok(())
@@ -178,10 +145,7 @@ impl FhirValidator {
     /// Validates any resource the API returns (a served type, Bundle, CapabilityStatement, OperationOutcome...)
     /// against the schema and the calendar; no write-only rules.
     pub fn validate_output(&self, resource: &Value) -> AppResult<()> {
-        let rt = resource
-            .get("resourceType")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let rt = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
         if !self.resource_types.iter().any(|t| t == rt) {
             return Err(AppError::invalid("resourceType", UNSUPPORTED_TYPE));
         }
@@ -189,9 +153,7 @@ impl FhirValidator {
     }
 
     fn check(&self, resource_type: &str, resource: &Value) -> AppResult<()> {
-        self.validator
-            .validate(resource)
-            .map_err(|e| schema_error(resource_type, &e))?;
+        self.validator.validate(resource).map_err(|e| schema_error(resource_type, &e))?;
         let mut path = resource_type.to_owned();
         self.check_dates(resource_type, resource, &mut path)
     }
@@ -253,20 +215,12 @@ fn dispatching_schema(mut schema: Value, resource_types: &[String]) -> AppResult
         "properties": { "resourceType": { "enum": resource_types } },
         "allOf": branches
     });
-    let obj = schema
-        .as_object_mut()
-        .ok_or_else(|| AppError::internal("FHIR schema is not an object"))?;
+    let obj = schema.as_object_mut().ok_or_else(|| AppError::internal("FHIR schema is not an object"))?;
     obj.remove("oneOf");
     obj.remove("discriminator");
     obj.remove("id");
-    obj.insert(
-        "$schema".into(),
-        Value::String("http://json-schema.org/draft-07/schema#".into()),
-    );
-    obj.insert(
-        "$ref".into(),
-        Value::String("#/definitions/ResourceList".into()),
-    );
+    obj.insert("$schema".into(), Value::String("http://json-schema.org/draft-07/schema#".into()));
+    obj.insert("$ref".into(), Value::String("#/definitions/ResourceList".into()));
     let defs = obj
         .get_mut("definitions")
         .and_then(Value::as_object_mut)
@@ -277,20 +231,11 @@ fn dispatching_schema(mut schema: Value, resource_types: &[String]) -> AppResult
 
 /// Sets the server-owned elements of a resource about to be stored: `id`, `meta.versionId`,
 /// `meta.lastUpdated` (replacing whatever the client sent; other `meta` elements are kept).
-pub fn stamp(
-    resource: &mut Value,
-    id: &str,
-    version_id: u64,
-    last_updated: OffsetDateTime,
-) -> AppResult<()> {
+pub fn stamp(resource: &mut Value, id: &str, version_id: u64, last_updated: OffsetDateTime) -> AppResult<()> {
     let when = last_updated.format(&Rfc3339).map_err(AppError::internal)?;
-    let obj = resource
-        .as_object_mut()
-        .ok_or_else(|| AppError::invalid("resourceType", NOT_OBJECT))?;
+    let obj = resource.as_object_mut().ok_or_else(|| AppError::invalid("resourceType", NOT_OBJECT))?;
     obj.insert("id".into(), Value::String(id.to_owned()));
-    let meta = obj
-        .entry("meta")
-        .or_insert_with(|| Value::Object(Default::default()));
+    let meta = obj.entry("meta").or_insert_with(|| Value::Object(Default::default()));
     if !meta.is_object() {
         *meta = Value::Object(Default::default());
     }
@@ -379,9 +324,7 @@ fn schema_error(resource_type: &str, e: &ValidationError<'_>) -> AppError {
             "The element is not known for this type."
         }
         ValidationErrorKind::Type { .. } => "The element has the wrong data type.",
-        ValidationErrorKind::Pattern { .. } => {
-            "The value does not have the format of its data type."
-        }
+        ValidationErrorKind::Pattern { .. } => "The value does not have the format of its data type.",
         ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => {
             "The code is not in the required value set."
         }
@@ -415,13 +358,7 @@ mod tests {
     /// Asserts the write is rejected, naming `path`, and that the error never carries `secret`.
     fn rejects(rt: &str, body: Value, path: &str, secret: &str) {
         let err = validator().validate(rt, &body).unwrap_err();
-        let AppError::Invalid {
-            path: Some(p),
-            reason,
-        } = &err
-        else {
-            panic!("{err:?}")
-        };
+        let AppError::Invalid { path: Some(p), reason } = &err else { panic!("{err:?}") };
         assert_eq!(p, path);
         let shown = format!("{err:?} {err}");
         assert!(!secret.is_empty() && !shown.contains(secret), "{shown}");
@@ -469,12 +406,7 @@ mod tests {
 
     #[test]
     fn rejects_resource_type_mismatch_and_unserved_types() {
-        rejects(
-            "Observation",
-            patient(),
-            "Observation.resourceType",
-            "Chalmers",
-        );
+        rejects("Observation", patient(), "Observation.resourceType", "Chalmers");
         rejects("Medication", patient(), "resourceType", "Chalmers");
         rejects("Patient", json!(["Chalmers"]), "Patient", "Chalmers");
     }
@@ -483,20 +415,10 @@ mod tests {
     fn dates_inside_nested_and_choice_elements_are_checked() {
         let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
             "subject": {"reference": "Patient/a"}, "effectivePeriod": {"start": "2023-02-29T10:00:00Z"}});
-        rejects(
-            "Observation",
-            obs,
-            "Observation.effectivePeriod.start",
-            "2023-02-29",
-        );
+        rejects("Observation", obs, "Observation.effectivePeriod.start", "2023-02-29");
         let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
             "effectiveDateTime": "2024-02-29T23:59:60+01:00", "valueDateTime": "2021-04-31"});
-        rejects(
-            "Observation",
-            obs,
-            "Observation.valueDateTime",
-            "2021-04-31",
-        );
+        rejects("Observation", obs, "Observation.valueDateTime", "2021-04-31");
         let mut p = patient();
         p["contained"] = json!([{"resourceType": "Practitioner", "birthDate": "1990-06-31"}]);
         rejects("Patient", p, "Patient.contained[0].birthDate", "1990-06-31");
@@ -544,13 +466,7 @@ mod tests {
 
     #[test]
     fn calendar_dates() {
-        for ok in [
-            "2024",
-            "2024-02",
-            "2024-02-29",
-            "2023-12-31T23:59:60Z",
-            "0001-01-01",
-        ] {
+        for ok in ["2024", "2024-02", "2024-02-29", "2023-12-31T23:59:60Z", "0001-01-01"] {
             assert!(is_calendar_date(ok), "{ok}");
         }
         for bad in ["2023-02-29", "2024-04-31", "2024-13", "2024-00-10", "x"] {
@@ -563,13 +479,7 @@ mod tests {
         let mut p = patient();
         p["id"] = json!("client-id");
         p["meta"] = json!({"versionId": "99", "lastUpdated": "1999-01-01T00:00:00Z", "tag": [{"code": "t"}]});
-        stamp(
-            &mut p,
-            "abc",
-            3,
-            time::macros::datetime!(2026-01-02 03:04:05 UTC),
-        )
-        .unwrap();
+        stamp(&mut p, "abc", 3, time::macros::datetime!(2026-01-02 03:04:05 UTC)).unwrap();
         assert_eq!(p["id"], "abc");
         assert_eq!(p["meta"]["versionId"], "3");
         assert_eq!(p["meta"]["lastUpdated"], "2026-01-02T03:04:05Z");

@@ -36,7 +36,12 @@ pub async fn read(state: &AppState, caller: &Caller, id: &str) -> AppResult<Valu
     let body: String = state
         .db
         .run(move |c| {
-            audit_events::table.filter(audit_events::id.eq(&id)).select(audit_events::body).first(c).optional()?.ok_or(AppError::NotFound)
+            audit_events::table
+                .filter(audit_events::id.eq(&id))
+                .select(audit_events::body)
+                .first(c)
+                .optional()?
+                .ok_or(AppError::NotFound)
         })
         .await?;
     let event: AuditEvent = serde_json::from_str(&body).map_err(AppError::internal)?;
@@ -55,7 +60,12 @@ fn caller_agent(caller: &Caller) -> crate::audit::Agent {
 }
 
 /// `GET /fhir/AuditEvent?patient=&agent=&date=&action=` (auditors), newest first, keyset-paged by sequence.
-pub async fn search(state: &AppState, caller: &Caller, pairs: Vec<(String, String)>, handling: Handling) -> AppResult<Value> {
+pub async fn search(
+    state: &AppState,
+    caller: &Caller,
+    pairs: Vec<(String, String)>,
+    handling: Handling,
+) -> AppResult<Value> {
     require(state, caller, "AuditEvent", Action::Search)?;
     let d = crate::fhir::decl::decl("AuditEvent").ok_or(AppError::NotFound)?;
     let req = search::parse(d, &pairs, handling)?;
@@ -71,16 +81,24 @@ pub async fn search(state: &AppState, caller: &Caller, pairs: Vec<(String, Strin
             "agent" => agents = Some(vals.iter().filter_map(|v| ref_id(v)).collect()),
             "date" => dates.push(vals.clone()),
             "action" => {
-                actions = Some(vals.iter().filter_map(|v| match v {
-                    SearchValue::Token { code: Some(code), .. } => Some(code.clone()),
-                    _ => None,
-                }).collect())
+                actions = Some(
+                    vals.iter()
+                        .filter_map(|v| match v {
+                            SearchValue::Token { code: Some(code), .. } => Some(code.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                )
             }
             "_id" => ids = Some(vals.iter().flat_map(|v| v.keys(c.param)).collect()),
             _ => return Err(AppError::invalid("search", "The parameter is not supported for AuditEvent.")),
         }
     }
-    let after: Option<i64> = req.cursor.as_deref().map(|c| c.parse().map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))).transpose()?;
+    let after: Option<i64> = req
+        .cursor
+        .as_deref()
+        .map(|c| c.parse().map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid.")))
+        .transpose()?;
     let page = usize::try_from(req.count).unwrap_or(20);
     let summary = req.summary_count;
     let rows: Vec<(i64, String)> = state
@@ -124,9 +142,17 @@ pub async fn search(state: &AppState, caller: &Caller, pairs: Vec<(String, Strin
     }
     let mut own = AuditEvent::new(AuditKind::Search, state.clock.now(), Outcome::Success, caller_agent(caller))
         .with_resource("AuditEvent", None, None)
-        .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| d.param(n.split(':').next().unwrap_or(n)).is_some() || n.starts_with('_'))
+        .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| {
+            d.param(n.split(':').next().unwrap_or(n)).is_some() || n.starts_with('_')
+        })
         .with_purpose(purpose::HCOMPL);
-    if let [only] = matched.iter().filter_map(|e| e.patient).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>()[..] {
+    if let [only] = matched
+        .iter()
+        .filter_map(|e| e.patient)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()[..]
+    {
         own = own.with_patient(only);
     }
     state.audit.record(own).await?;
@@ -197,8 +223,11 @@ pub async fn break_glass(state: &AppState, caller: &Caller, patient_ref: &str, r
     if reason.is_empty() || reason.chars().count() > MAX_REASON {
         return Err(AppError::invalid("reason", "A reason of 1 to 1000 characters is required."));
     }
-    let id = patient_ref.strip_prefix("Patient/").ok_or_else(|| AppError::invalid("patient", "The patient must be given as Patient/ID."))?;
-    let patient = Uuid::parse_str(id).map_err(|_| AppError::invalid("patient", "The patient must be given as Patient/ID."))?;
+    let id = patient_ref
+        .strip_prefix("Patient/")
+        .ok_or_else(|| AppError::invalid("patient", "The patient must be given as Patient/ID."))?;
+    let patient =
+        Uuid::parse_str(id).map_err(|_| AppError::invalid("patient", "The patient must be given as Patient/ID."))?;
     if !state.records.patient_exists(id).await? {
         return Err(AppError::NotFound);
     }

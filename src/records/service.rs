@@ -164,7 +164,10 @@ impl Records {
                         .select(break_glass::patient_id)
                         .load(conn)?;
                     Reach {
-                        filter: ScopeFilter::CareTeam { practitioner_id: pr.to_string(), extra_patients: grants.clone() },
+                        filter: ScopeFilter::CareTeam {
+                            practitioner_id: pr.to_string(),
+                            extra_patients: grants.clone(),
+                        },
                         break_glass: grants,
                     }
                 }
@@ -175,7 +178,13 @@ impl Records {
     }
 
     /// BTG when the patient is reached only through a break-glass grant.
-    fn purpose_for(&self, conn: &mut AnyConnection, caller: &Caller, reach: &Reach, patient: Option<&str>) -> AppResult<&'static str> {
+    fn purpose_for(
+        &self,
+        conn: &mut AnyConnection,
+        caller: &Caller,
+        reach: &Reach,
+        patient: Option<&str>,
+    ) -> AppResult<&'static str> {
         if let (Some(patient), Some(pr)) = (patient, caller.principal.practitioner)
             && reach.break_glass.iter().any(|g| g == patient)
             && !store::in_care_team(conn, &pr.to_string(), patient)?
@@ -193,7 +202,13 @@ impl Records {
 
     /// Encrypts every PHI element on its own (AAD: type, id, element). `keep` holds stored ciphertexts the
     /// caller could not see, carried over unchanged (valid: same row, same element).
-    fn encode(&self, d: &ResourceDecl, id: &str, resource: &Map<String, Value>, keep: &Map<String, Value>) -> AppResult<(String, i32)> {
+    fn encode(
+        &self,
+        d: &ResourceDecl,
+        id: &str,
+        resource: &Map<String, Value>,
+        keep: &Map<String, Value>,
+    ) -> AppResult<(String, i32)> {
         let mut out = Map::new();
         let mut min_version = i32::try_from(self.cipher.active_version()).unwrap_or(i32::MAX);
         for (k, v) in resource {
@@ -221,7 +236,15 @@ impl Records {
 
     /// Decrypts only the elements `mask` allows; the rest are never decrypted. Returns the resource (with
     /// server meta) and whether anything was withheld.
-    fn decode(&self, d: &ResourceDecl, id: &str, version: i64, updated: i64, content: &str, mask: &FieldMask) -> AppResult<(Map<String, Value>, bool)> {
+    fn decode(
+        &self,
+        d: &ResourceDecl,
+        id: &str,
+        version: i64,
+        updated: i64,
+        content: &str,
+        mask: &FieldMask,
+    ) -> AppResult<(Map<String, Value>, bool)> {
         let stored: Map<String, Value> = serde_json::from_str(content).map_err(AppError::internal)?;
         let mut out = Map::new();
         out.insert("resourceType".into(), Value::String(d.name.to_owned()));
@@ -252,7 +275,16 @@ impl Records {
     }
 
     /// decode + shape (mask ∩ `_elements`), tagging SUBSETTED when anything was removed.
-    fn show(&self, d: &ResourceDecl, id: &str, version: i64, updated: i64, content: &str, mask: &FieldMask, elements: Option<&[String]>) -> AppResult<Value> {
+    fn show(
+        &self,
+        d: &ResourceDecl,
+        id: &str,
+        version: i64,
+        updated: i64,
+        content: &str,
+        mask: &FieldMask,
+        elements: Option<&[String]>,
+    ) -> AppResult<Value> {
         let (obj, withheld) = self.decode(d, id, version, updated, content, mask)?;
         let mut value = Value::Object(obj);
         let shaped = mask.shape(&mut value, elements);
@@ -302,14 +334,25 @@ impl Records {
 
     /// Every reference must point at an existing, live resource of an allowed type (and, for the patient
     /// link, at a patient the caller may reach: otherwise it looks exactly like a missing one).
-    fn check_references(&self, conn: &mut AnyConnection, d: &ResourceDecl, resource: &Value, reach: &ScopeFilter) -> AppResult<()> {
+    fn check_references(
+        &self,
+        conn: &mut AnyConnection,
+        d: &ResourceDecl,
+        resource: &Value,
+        reach: &ScopeFilter,
+    ) -> AppResult<()> {
         for (path, targets) in d.references {
             for node in values_at(resource, path) {
                 let Some(reference) = node.get("reference").and_then(Value::as_str) else { continue };
                 if reference.starts_with('#') {
                     continue;
                 }
-                let bad = || AppError::invalid(format!("{}.{path}", d.name), "The reference does not resolve to a resource of an allowed type.");
+                let bad = || {
+                    AppError::invalid(
+                        format!("{}.{path}", d.name),
+                        "The reference does not resolve to a resource of an allowed type.",
+                    )
+                };
                 let (rtype, id) = reference.split_once('/').ok_or_else(bad)?;
                 if !targets.contains(&rtype) || Uuid::parse_str(id).is_err() {
                     return Err(bad());
@@ -337,9 +380,12 @@ impl Records {
 
     /// Parses and validates a client body for `rtype`; removes server-owned elements.
     pub fn parse_body(&self, rtype: &str, body: &[u8]) -> AppResult<Map<String, Value>> {
-        let value: Value = serde_json::from_slice(body).map_err(|_| AppError::invalid(rtype, "The body is not valid JSON."))?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|_| AppError::invalid(rtype, "The body is not valid JSON."))?;
         self.validator.validate(rtype, &value)?;
-        let Value::Object(mut obj) = value else { return Err(AppError::invalid(rtype, "The body must be a JSON object.")) };
+        let Value::Object(mut obj) = value else {
+            return Err(AppError::invalid(rtype, "The body must be a JSON object."));
+        };
         if obj.get("meta").and_then(|m| m.get("security")).is_some() {
             return Err(AppError::invalid(format!("{rtype}.meta.security"), "Security labels are set by the server."));
         }
@@ -396,18 +442,35 @@ impl Records {
                     };
                     store::insert(conn, &row, &WriteExtras { index, care })?;
                     let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
-                    let event = this.write_event(&caller2, AuditKind::Create, d.name, &id2, 1, patient.as_deref(), purpose);
+                    let event =
+                        this.write_event(&caller2, AuditKind::Create, d.name, &id2, 1, patient.as_deref(), purpose);
                     crate::audit::store::append_locked(conn, head, &[event])?;
                     Ok((1i64, patient))
                 })
             })
             .await?;
         let _ = patient;
-        let shown = self.shape_plain(d, &id, version, micros(now), obj, &self.access.decide(&caller.principal.roles, rtype, Action::Read))?;
+        let shown = self.shape_plain(
+            d,
+            &id,
+            version,
+            micros(now),
+            obj,
+            &self.access.decide(&caller.principal.roles, rtype, Action::Read),
+        )?;
         Ok(shown)
     }
 
-    fn write_event(&self, caller: &Caller, kind: AuditKind, rtype: &'static str, id: &str, version: i64, patient: Option<&str>, purpose: &'static str) -> AuditEvent {
+    fn write_event(
+        &self,
+        caller: &Caller,
+        kind: AuditKind,
+        rtype: &'static str,
+        id: &str,
+        version: i64,
+        patient: Option<&str>,
+        purpose: &'static str,
+    ) -> AuditEvent {
         let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::Success, caller.agent())
             .with_resource(rtype, Uuid::parse_str(id).ok(), Some(version))
             .with_purpose(purpose);
@@ -418,7 +481,15 @@ impl Records {
     }
 
     /// The body returned by create and update: shaped by the caller's *read* mask (no decryption needed).
-    fn shape_plain(&self, d: &ResourceDecl, id: &str, version: i64, updated: i64, mut obj: Map<String, Value>, read: &Decision) -> AppResult<Shown> {
+    fn shape_plain(
+        &self,
+        d: &ResourceDecl,
+        id: &str,
+        version: i64,
+        updated: i64,
+        mut obj: Map<String, Value>,
+        read: &Decision,
+    ) -> AppResult<Shown> {
         let when = from_micros(updated);
         obj.insert("resourceType".into(), Value::String(d.name.to_owned()));
         obj.insert("id".into(), Value::String(id.to_owned()));
@@ -453,7 +524,13 @@ impl Records {
         })
     }
 
-    pub async fn read(&self, caller: &Caller, rtype: &str, id: &str, elements: Option<Vec<String>>) -> AppResult<Shown> {
+    pub async fn read(
+        &self,
+        caller: &Caller,
+        rtype: &str,
+        id: &str,
+        elements: Option<Vec<String>>,
+    ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
         parse_id(id)?;
         let decision = self.decide(caller, rtype, Action::Read)?;
@@ -472,8 +549,10 @@ impl Records {
             return Err(AppError::Gone);
         }
         let decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
-        let resource = self.show(d, id, row.version_id, row.last_updated, &row.content, &decision.read_mask, elements.as_deref())?;
-        let event = self.write_event(caller, AuditKind::Read, d.name, id, row.version_id, row.patient_id.as_deref(), purpose);
+        let resource =
+            self.show(d, id, row.version_id, row.last_updated, &row.content, &decision.read_mask, elements.as_deref())?;
+        let event =
+            self.write_event(caller, AuditKind::Read, d.name, id, row.version_id, row.patient_id.as_deref(), purpose);
         self.audit.record(event).await?;
         Ok(Shown { resource, version_id: row.version_id, last_updated: from_micros(row.last_updated) })
     }
@@ -499,8 +578,17 @@ impl Records {
         if version.deleted {
             return Err(AppError::Gone);
         }
-        let resource = self.show(d, id, version.version_id, version.last_updated, &version.content, &decision.read_mask, None)?;
-        let event = self.write_event(caller, AuditKind::Vread, d.name, id, version.version_id, current.patient_id.as_deref(), purpose);
+        let resource =
+            self.show(d, id, version.version_id, version.last_updated, &version.content, &decision.read_mask, None)?;
+        let event = self.write_event(
+            caller,
+            AuditKind::Vread,
+            d.name,
+            id,
+            version.version_id,
+            current.patient_id.as_deref(),
+            purpose,
+        );
         self.audit.record(event).await?;
         Ok(Shown { resource, version_id: version.version_id, last_updated: from_micros(version.last_updated) })
     }
@@ -548,12 +636,27 @@ impl Records {
         let total = u64::try_from(entries.len()).unwrap_or(0);
         let self_link = format!("{}/{}/{}/_history", self.base, d.name, id);
         let out = bundle::history(entries, &self.base, &self_link, None, Some(total));
-        let event = self.write_event(caller, AuditKind::History, d.name, id, current.version_id, current.patient_id.as_deref(), purpose);
+        let event = self.write_event(
+            caller,
+            AuditKind::History,
+            d.name,
+            id,
+            current.version_id,
+            current.patient_id.as_deref(),
+            purpose,
+        );
         self.audit.record(event).await?;
         Ok(out)
     }
 
-    pub async fn update(&self, caller: &Caller, rtype: &str, id: &str, if_match: Option<i64>, body: &[u8]) -> AppResult<Shown> {
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        rtype: &str,
+        id: &str,
+        if_match: Option<i64>,
+        body: &[u8],
+    ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
         if d.read_only {
             return Err(AppError::MethodNotAllowed);
@@ -581,9 +684,18 @@ impl Records {
                         return Err(AppError::PreconditionFailed);
                     }
                     // What the caller could see is decrypted; what it could not is carried over as ciphertext.
-                    let visible_mask = if read2.allowed { read2.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
-                    let stored: Map<String, Value> = serde_json::from_str(&current.content).map_err(AppError::internal)?;
-                    let (mut view, _) = this.decode(d, &id2, current.version_id, current.last_updated, &current.content, &visible_mask)?;
+                    let visible_mask =
+                        if read2.allowed { read2.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
+                    let stored: Map<String, Value> =
+                        serde_json::from_str(&current.content).map_err(AppError::internal)?;
+                    let (mut view, _) = this.decode(
+                        d,
+                        &id2,
+                        current.version_id,
+                        current.last_updated,
+                        &current.content,
+                        &visible_mask,
+                    )?;
                     view.remove("meta");
                     let mut keep = Map::new();
                     for (k, v) in &stored {
@@ -594,7 +706,9 @@ impl Records {
                     }
                     let mut incoming = Value::Object(std::mem::take(&mut obj));
                     decision.merge_hidden(Some(&Value::Object(view)), &mut incoming)?;
-                    let Value::Object(mut merged) = incoming else { return Err(AppError::internal("merge produced a non-object")) };
+                    let Value::Object(mut merged) = incoming else {
+                        return Err(AppError::internal("merge produced a non-object"));
+                    };
                     merged.insert("id".into(), Value::String(id2.clone()));
                     // The merged resource (with hidden elements restored) must still be valid FHIR.
                     let mut check = merged.clone();
@@ -605,11 +719,31 @@ impl Records {
                     this.check_references(conn, d, &value, &reach.filter)?;
                     let patient = Self::compartment(d, &id2, &value).or_else(|e| {
                         // A hidden link element (kept as ciphertext) keeps the stored compartment.
-                        if keep.contains_key(match d.patient_link { PatientLink::Element(e) => e, _ => "" }) { Ok(current.patient_id.clone()) } else { Err(e) }
+                        if keep.contains_key(match d.patient_link {
+                            PatientLink::Element(e) => e,
+                            _ => "",
+                        }) {
+                            Ok(current.patient_id.clone())
+                        } else {
+                            Err(e)
+                        }
                     })?;
-                    if d.patient_link != PatientLink::Itself && patient != current.patient_id && current.patient_id.is_some() {
+                    if d.patient_link != PatientLink::Itself
+                        && patient != current.patient_id
+                        && current.patient_id.is_some()
+                    {
                         // Moving a record to another patient's compartment is not an update.
-                        return Err(AppError::invalid(format!("{}.{}", d.name, match d.patient_link { PatientLink::Element(e) => e, _ => "subject" }), "The patient of a record cannot change."));
+                        return Err(AppError::invalid(
+                            format!(
+                                "{}.{}",
+                                d.name,
+                                match d.patient_link {
+                                    PatientLink::Element(e) => e,
+                                    _ => "subject",
+                                }
+                            ),
+                            "The patient of a record cannot change.",
+                        ));
                     }
                     let (content, key_version) = this.encode(d, &id2, &merged, &keep)?;
                     let index = this.index_values(d, &Value::Object(check));
@@ -627,7 +761,15 @@ impl Records {
                     };
                     store::replace(conn, &row, expected, &WriteExtras { index, care })?;
                     let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
-                    let event = this.write_event(&caller2, AuditKind::Update, d.name, &id2, version, patient.as_deref(), purpose);
+                    let event = this.write_event(
+                        &caller2,
+                        AuditKind::Update,
+                        d.name,
+                        &id2,
+                        version,
+                        patient.as_deref(),
+                        purpose,
+                    );
                     crate::audit::store::append_locked(conn, head, &[event])?;
                     for k in keep.keys() {
                         merged.remove(k);
@@ -672,7 +814,15 @@ impl Records {
                     let care = (d.name == "CareTeam").then(Vec::new);
                     store::replace(conn, &row, current.version_id, &WriteExtras { index: vec![], care })?;
                     let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
-                    let event = this.write_event(&caller2, AuditKind::Delete, d.name, &id2, version, current.patient_id.as_deref(), purpose);
+                    let event = this.write_event(
+                        &caller2,
+                        AuditKind::Delete,
+                        d.name,
+                        &id2,
+                        version,
+                        current.patient_id.as_deref(),
+                        purpose,
+                    );
                     crate::audit::store::append_locked(conn, head, &[event])?;
                     Ok(())
                 })
@@ -682,7 +832,13 @@ impl Records {
 
     /// Search: index clauses in SQL within scope; exact matching (and dates) by decrypt-and-filter on the
     /// candidates, using only elements the caller may read. Keyset paging over ids; never OFFSET.
-    pub async fn search(&self, caller: &Caller, rtype: &str, pairs: Vec<(String, String)>, handling: Handling) -> AppResult<Value> {
+    pub async fn search(
+        &self,
+        caller: &Caller,
+        rtype: &str,
+        pairs: Vec<(String, String)>,
+        handling: Handling,
+    ) -> AppResult<Value> {
         let d = decl_of(rtype)?;
         let decision = self.decide(caller, rtype, Action::Search)?;
         let req = search::parse(d, &pairs, handling)?;
@@ -739,7 +895,10 @@ impl Records {
                         return Ok((out, false));
                     }
                     if needs_filter && scanned > MAX_SCAN {
-                        return Err(AppError::invalid("search", "The search is too broad to filter; narrow it (for example by patient)."));
+                        return Err(AppError::invalid(
+                            "search",
+                            "The search is too broad to filter; narrow it (for example by patient).",
+                        ));
                     }
                 }
             })
@@ -759,11 +918,20 @@ impl Records {
         }
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
-            entries.push(self.show(d, &row.id, row.version_id, row.last_updated, &row.content, &decision.read_mask, req.elements.as_deref())?);
+            entries.push(self.show(
+                d,
+                &row.id,
+                row.version_id,
+                row.last_updated,
+                &row.content,
+                &decision.read_mask,
+                req.elements.as_deref(),
+            )?);
         }
         let next = if more {
             rows.last().map(|r| {
-                let mut p: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != search::CURSOR_PARAM).cloned().collect();
+                let mut p: Vec<(String, String)> =
+                    pairs.iter().filter(|(k, _)| k != search::CURSOR_PARAM).cloned().collect();
                 p.push((search::CURSOR_PARAM.to_owned(), encode_cursor(&r.id)));
                 format!("{}/{}?{}", self.base, d.name, encode_pairs(&p))
             })
@@ -780,7 +948,9 @@ impl Records {
         let value = Value::Object(obj);
         let entries = search::extract_index(d, &value);
         Ok(req.clauses.iter().all(|c| {
-            c.values.iter().any(|v| entries.iter().filter(|e| e.param == c.param.name).any(|e| v.matches(c.param, &e.value)))
+            c.values
+                .iter()
+                .any(|v| entries.iter().filter(|e| e.param == c.param.name).any(|e| v.matches(c.param, &e.value)))
         }))
     }
 
@@ -816,8 +986,20 @@ impl Records {
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
             let d = decl_of(&row.resource_type)?;
-            let dec = if d.name == "Patient" { self.access.decide(&caller.principal.roles, "Patient", Action::Everything) } else { self.access.decide(&caller.principal.roles, d.name, Action::Read) };
-            entries.push(self.show(d, &row.id, row.version_id, row.last_updated, &row.content, &dec.read_mask, None)?);
+            let dec = if d.name == "Patient" {
+                self.access.decide(&caller.principal.roles, "Patient", Action::Everything)
+            } else {
+                self.access.decide(&caller.principal.roles, d.name, Action::Read)
+            };
+            entries.push(self.show(
+                d,
+                &row.id,
+                row.version_id,
+                row.last_updated,
+                &row.content,
+                &dec.read_mask,
+                None,
+            )?);
         }
         let self_link = format!("{}/Patient/{}/$everything", self.base, id);
         let mut event = AuditEvent::new(AuditKind::Everything, self.clock.now(), Outcome::Success, caller.agent())
@@ -847,7 +1029,8 @@ impl Records {
 
     pub fn record_failure_event(&self, caller: &Caller, kind: AuditKind, rtype: &str, status: u16) -> AuditEvent {
         let d = decl::decl(rtype).map(|d| d.name);
-        let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::from_http_status(status), caller.agent()).with_purpose(caller.purpose());
+        let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::from_http_status(status), caller.agent())
+            .with_purpose(caller.purpose());
         if let Some(name) = d {
             e = e.with_resource(name, None, None);
         }
@@ -869,7 +1052,9 @@ fn is_known_param(d: &ResourceDecl, name: &str) -> bool {
 }
 
 fn single_patient(req: &SearchRequest) -> Option<Uuid> {
-    let clause = req.clauses.iter().find(|c| c.param.name == "patient" || (c.param.name == "subject" && c.param.kind == crate::fhir::ParamKind::Reference))?;
+    let clause = req.clauses.iter().find(|c| {
+        c.param.name == "patient" || (c.param.name == "subject" && c.param.kind == crate::fhir::ParamKind::Reference)
+    })?;
     match clause.values.as_slice() {
         [search::SearchValue::Reference { id, .. }] => Uuid::parse_str(id).ok(),
         _ => None,
@@ -909,7 +1094,9 @@ fn encode_cursor(id: &str) -> String {
 
 fn decode_cursor(c: &str) -> AppResult<String> {
     use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
     let id = String::from_utf8(bytes).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
     Uuid::parse_str(&id).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
     Ok(id)

@@ -7,4 +7,6 @@
 mod helpers;
 
 mod auth;
+mod fhir;
 mod foundation;
+mod world;

@@ -1,0 +1,339 @@
+//! The FHIR API: interactions, versioning, validation, search and paging, on both backends.
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+use crate::world::observation;
+use serde_json::{Value, json};
+
+both_backends!(create_read_update_delete_with_versions, |app: TestApp| async move {
+    let w = app.world().await;
+    let r = app.get(&w.front, &format!("/fhir/Patient/{}", w.bob)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"], "W/\"1\"");
+    assert_eq!(r.headers()["content-type"], "application/fhir+json");
+    let mut bob: Value = r.json().await.unwrap();
+    app.assert_valid(&bob);
+    assert_eq!(bob["name"][0]["family"], "Brown");
+    bob["name"][0]["family"] = json!("Browne");
+    let path = format!("/fhir/Patient/{}", w.bob);
+    assert_eq!(app.put(&w.front, &path, None, &bob).await.status(), 428);
+    assert_eq!(app.put(&w.front, &path, Some("7"), &bob).await.status(), 412);
+    let ok = app.put(&w.front, &path, Some("1"), &bob).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["etag"], "W/\"2\"");
+    let v1 = app.get_json(&w.front, &format!("{path}/_history/1")).await;
+    assert_eq!((v1.0, v1.1["name"][0]["family"].as_str()), (200, Some("Brown")));
+    let del = app.client.delete(app.url(&path)).bearer_auth(&w.front.access).send().await.unwrap();
+    assert_eq!(del.status(), 204);
+    assert_eq!(app.get(&w.front, &path).await.status(), 410);
+    let (status, hist) = app.get_json(&w.front, &format!("{path}/_history")).await;
+    assert_eq!(status, 200);
+    app.assert_valid(&hist);
+    assert_eq!(hist["entry"].as_array().unwrap().len(), 3, "history is kept");
+    assert_eq!(hist["entry"][0]["request"]["method"], "DELETE");
+});
+
+both_backends!(create_answers_location_and_etag, |app: TestApp| async move {
+    let w = app.world().await;
+    let r =
+        app.post(&w.doc, "/fhir/Observation", &observation(&w.alice, "8480-6", 120.0, "2024-05-01T10:00:00Z")).await;
+    assert_eq!(r.status(), 201);
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(loc.starts_with("/fhir/Observation/") && loc.ends_with("/_history/1"), "{loc}");
+    assert_eq!(r.headers()["etag"], "W/\"1\"");
+    let body: Value = r.json().await.unwrap();
+    app.assert_valid(&body);
+    let minimal = app
+        .client
+        .post(app.url("/fhir/Observation"))
+        .bearer_auth(&w.doc.access)
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=minimal")
+        .body(observation(&w.alice, "8480-6", 121.0, "2024-05-02T10:00:00Z").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(minimal.status(), 201);
+    assert!(minimal.text().await.unwrap().is_empty());
+});
+
+both_backends!(bad_input_is_400_and_never_echoed, |app: TestApp| async move {
+    let w = app.world().await;
+    let cases = [
+        (json!({"resourceType":"Patient","birthDate":"2024-13-45","name":[{"family":"CANARY-ECHO-1"}]}), "birthDate"),
+        (json!({"resourceType":"Patient","favouriteColour":"CANARY-ECHO-2"}), "favouriteColour"),
+        (json!({"resourceType":"Observation","status":"final"}), ""),
+        (json!({"resourceType":"Patient","gender":"CANARY-ECHO-3"}), "gender"),
+    ];
+    for (body, path) in cases {
+        let r = app.post(&w.front, "/fhir/Patient", &body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("CANARY-ECHO"), "{text}");
+        assert!(text.contains(path), "{path}: {text}");
+    }
+    let r = app
+        .client
+        .post(app.url("/fhir/Patient"))
+        .bearer_auth(&w.front.access)
+        .header("content-type", "application/fhir+json")
+        .body("{\"resourceType\": \"Patient\", CANARY-ECHO-4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(!r.text().await.unwrap().contains("CANARY"));
+    // A reference to a patient that does not exist.
+    let missing = observation("00000000-0000-4000-8000-000000000000", "1", 1.0, "2024-01-01");
+    assert_eq!(app.post(&w.doc, "/fhir/Observation", &missing).await.status(), 400);
+    // An id that is not a UUID: 404. Nothing was written by any of the above.
+    assert_eq!(app.get(&w.front, "/fhir/Patient/not-a-uuid").await.status(), 404);
+    let (_, all) = app.get_json(&w.front, "/fhir/Patient?_summary=count").await;
+    assert_eq!(all["total"], 2);
+});
+
+both_backends!(search_by_every_patient_parameter, |app: TestApp| async move {
+    let w = app.world().await;
+    let count = |q: &str| {
+        let app = &app;
+        let front = w.front.clone();
+        let q = q.to_owned();
+        async move {
+            let (status, b) = app.get_json(&front, &format!("/fhir/Patient?{q}")).await;
+            assert_eq!(status, 200, "{q}: {b}");
+            app.assert_valid(&b);
+            b["entry"].as_array().map_or(0, Vec::len)
+        }
+    };
+    assert_eq!(count("name=zoe-lindqvist").await, 1, "accent- and case-insensitive");
+    assert_eq!(count("family=ZOË-LINDQVIST").await, 1);
+    assert_eq!(count("given=alice").await, 1);
+    assert_eq!(count("given=alice,bob").await, 2, "OR");
+    assert_eq!(count("given=alice&family=brown").await, 0, "AND");
+    assert_eq!(count("gender=male").await, 1);
+    assert_eq!(count("identifier=urn:mrn|MRN-1").await, 1);
+    assert_eq!(count("identifier=MRN-1").await, 1);
+    assert_eq!(count(&format!("_id={}", w.bob)).await, 1);
+    assert_eq!(count("birthdate=1980-04-12").await, 1);
+    assert_eq!(count("birthdate=1980").await, 1, "partial date");
+    assert_eq!(count("birthdate=ge1976").await, 1);
+    assert_eq!(count("birthdate=lt1976-01").await, 1);
+    let bad = app.get(&w.front, "/fhir/Patient?shoeSize=CANARY-Q").await;
+    assert_eq!(bad.status(), 400);
+    assert!(!bad.text().await.unwrap().contains("CANARY"));
+    let lenient = app
+        .client
+        .get(app.url("/fhir/Patient?shoeSize=9"))
+        .bearer_auth(&w.front.access)
+        .header("prefer", "handling=lenient")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lenient.status(), 200);
+    let post = app
+        .client
+        .post(app.url("/fhir/Patient/_search"))
+        .bearer_auth(&w.front.access)
+        .form(&[("family", "brown")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(post.json::<Value>().await.unwrap()["entry"].as_array().unwrap().len(), 1);
+    let (_, els) = app.get_json(&w.front, "/fhir/Patient?family=brown&_elements=gender").await;
+    let p = &els["entry"][0]["resource"];
+    assert!(p.get("name").is_none() && p["gender"] == "male");
+    assert!(p["meta"]["tag"].as_array().unwrap().iter().any(|t| t["code"] == "SUBSETTED"));
+});
+
+both_backends!(clinical_search_by_patient_code_and_date, |app: TestApp| async move {
+    let w = app.world().await;
+    for (code, when) in
+        [("8480-6", "2024-05-01T10:00:00Z"), ("8480-6", "2024-06-01T10:00:00Z"), ("8462-4", "2024-06-02T10:00:00Z")]
+    {
+        app.create(&w.doc, observation(&w.alice, code, 100.0, when)).await;
+    }
+    let n = |q: String| {
+        let app = &app;
+        let doc = w.doc.clone();
+        async move {
+            let (status, b) = app.get_json(&doc, &format!("/fhir/Observation?{q}")).await;
+            assert_eq!(status, 200, "{q}: {b}");
+            b["entry"].as_array().map_or(0, Vec::len)
+        }
+    };
+    assert_eq!(n(format!("patient={}", w.alice)).await, 3);
+    assert_eq!(n(format!("subject=Patient/{}", w.alice)).await, 3);
+    assert_eq!(n(format!("patient={}&code=http://loinc.org|8480-6", w.alice)).await, 2);
+    assert_eq!(n(format!("patient={}&code=8462-4", w.alice)).await, 1);
+    assert_eq!(n(format!("patient={}&date=ge2024-06-01", w.alice)).await, 2);
+    assert_eq!(n(format!("patient={}&date=lt2024-06", w.alice)).await, 1);
+    assert_eq!(n(format!("patient={}&status=final", w.alice)).await, 3);
+    let (_, everything) = app.get_json(&w.doc, &format!("/fhir/Patient/{}/$everything", w.alice)).await;
+    app.assert_valid(&everything);
+    let types: Vec<&str> = everything["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().unwrap())
+        .collect();
+    assert_eq!(types.iter().filter(|t| **t == "Observation").count(), 3);
+    assert!(types.contains(&"Patient") && types.contains(&"CareTeam"));
+});
+
+both_backends!(paging_returns_every_match_once_while_inserting, |app: TestApp| async move {
+    let w = app.world().await;
+    for i in 0..7 {
+        app.create(&w.doc, observation(&w.alice, "x", f64::from(i), "2024-01-01")).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut next = Some(app.url(&format!("/fhir/Observation?patient={}&_count=1", w.alice)));
+    let mut pages = 0;
+    while let Some(url) = next.take() {
+        let url = url.replacen("https://127.0.0.1", "https://localhost", 1);
+        assert!(url.contains(&format!(":{}/", app.port)), "links point at this server: {url}");
+        let b: Value = app.client.get(&url).bearer_auth(&w.doc.access).send().await.unwrap().json().await.unwrap();
+        app.assert_valid(&b);
+        if let Some(e) = b["entry"].as_array() {
+            assert!(e.len() <= 1);
+            for entry in e {
+                assert!(seen.insert(entry["resource"]["id"].as_str().unwrap().to_owned()), "seen twice");
+            }
+        }
+        // Concurrent inserts while paging.
+        if pages < 3 {
+            app.create(&w.doc, observation(&w.alice, "x", 99.0, "2024-01-01")).await;
+        }
+        pages += 1;
+        next = b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_owned());
+        assert!(pages < 50);
+    }
+    assert!(seen.len() >= 7, "every original match once: {}", seen.len());
+    let (_, count) = app.get_json(&w.doc, &format!("/fhir/Observation?patient={}&_summary=count", w.alice)).await;
+    assert_eq!(count["total"], 10);
+});
+
+both_backends!(metadata_lists_what_is_implemented, |app: TestApp| async move {
+    let r = app.client.get(app.url("/fhir/metadata")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cs: Value = r.json().await.unwrap();
+    app.assert_valid(&cs);
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    let types: Vec<&str> =
+        cs["rest"][0]["resource"].as_array().unwrap().iter().map(|r| r["type"].as_str().unwrap()).collect();
+    for t in [
+        "Patient",
+        "Practitioner",
+        "CareTeam",
+        "Encounter",
+        "Observation",
+        "Condition",
+        "AllergyIntolerance",
+        "MedicationRequest",
+        "AuditEvent",
+    ] {
+        assert!(types.contains(&t), "{t}");
+    }
+});
+
+both_backends!(official_examples_go_through_the_api, |app: TestApp| async move {
+    let w = app.world().await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fhir");
+    let mut accepted = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let Ok(mut v) = serde_json::from_str::<Value>(&std::fs::read_to_string(&path).unwrap()) else { continue };
+        let rtype = v["resourceType"].as_str().unwrap_or("").to_owned();
+        let who = match rtype.as_str() {
+            "Patient" | "Practitioner" => &w.front,
+            "Observation" | "Condition" | "AllergyIntolerance" | "MedicationRequest" => &w.doc,
+            _ => continue,
+        };
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("id");
+        obj.remove("meta");
+        // Point every reference at resources that exist here; drop the ones that cannot resolve.
+        let text = serde_json::to_string(obj).unwrap();
+        let mut fixed: Value = serde_json::from_str(&relink(&text, &w.alice, &w.doc_practitioner)).unwrap();
+        let fobj = fixed.as_object_mut().unwrap();
+        for k in [
+            "encounter",
+            "basedOn",
+            "partOf",
+            "hasMember",
+            "derivedFrom",
+            "generalPractitioner",
+            "managingOrganization",
+            "link",
+            "reasonReference",
+            "supportingInformation",
+            "insurance",
+            "medicationReference",
+            "evidence",
+            "specimen",
+            "device",
+            "focus",
+            "performer",
+            "recorder",
+            "asserter",
+            "requester",
+            "priorPrescription",
+            "detectedIssue",
+            "eventHistory",
+            "contained",
+            "qualification",
+            "stage",
+            "reportedReference",
+            "dispenseRequest",
+            "substitution",
+        ] {
+            fobj.remove(k);
+        }
+        if rtype != "Patient"
+            && rtype != "Practitioner"
+            && !text.contains("\"subject\"")
+            && !text.contains("\"patient\"")
+        {
+            continue;
+        }
+        let r = app.post(who, &format!("/fhir/{rtype}"), &fixed).await;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if status == 201 {
+            app.assert_valid(&body);
+            accepted += 1;
+        } else {
+            // Elements the role may not write (403) or references that cannot resolve here (400).
+            assert!(status == 400 || status == 403, "{}: {status} {body}", path.display());
+        }
+    }
+    assert!(accepted >= 40, "accepted {accepted} official examples");
+});
+
+/// Rewrites `Patient/...` and `Practitioner/...` references to ids that exist in the test world.
+fn relink(text: &str, patient: &str, practitioner: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("\"reference\":\"") {
+        let (head, tail) = rest.split_at(i + 13);
+        out.push_str(head);
+        let end = tail.find('"').unwrap();
+        let r = &tail[..end];
+        let replaced = if r.starts_with("Patient/") {
+            format!("Patient/{patient}")
+        } else if r.starts_with("Practitioner/") {
+            format!("Practitioner/{practitioner}")
+        } else {
+            r.to_owned()
+        };
+        out.push_str(&replaced);
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
