@@ -6,6 +6,7 @@
 
 mod helpers;
 
+mod access;
 mod auth;
 mod fhir;
 mod foundation;

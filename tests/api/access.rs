@@ -1,0 +1,164 @@
+//! Minimum necessary on every path: object-level scope (care teams, own compartment, break-glass), field
+//! masks with SUBSETTED, hidden fields surviving writes, and fields outside the mask never decrypted.
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+use crate::world::{SSN_SYSTEM, observation};
+use serde_json::{Value, json};
+use time::Duration;
+
+fn has_ssn(v: &Value) -> bool {
+    v.to_string().contains("123-45-6789")
+}
+
+fn subsetted(v: &Value) -> bool {
+    v["meta"]["tag"].as_array().is_some_and(|t| t.iter().any(|x| x["code"] == "SUBSETTED"))
+}
+
+both_backends!(care_team_scope_on_every_id_route_and_search, |app: TestApp| async move {
+    let w = app.world().await;
+    let obs = app.create(&w.doc, observation(&w.alice, "8480-6", 120.0, "2024-05-01T10:00:00Z")).await;
+    // The clinician on the care team reaches Alice; the other clinician gets 404 exactly like a missing id.
+    let missing = "00000000-0000-4000-8000-000000000001";
+    for path in [
+        format!("/fhir/Patient/{}", w.alice),
+        format!("/fhir/Patient/{}/_history", w.alice),
+        format!("/fhir/Patient/{}/_history/1", w.alice),
+        format!("/fhir/Patient/{}/$everything", w.alice),
+        format!("/fhir/Observation/{obs}"),
+        format!("/fhir/Observation/{obs}/_history/1"),
+    ] {
+        assert_eq!(app.get(&w.doc, &path).await.status(), 200, "{path}");
+        let other = app.get(&w.other_doc, &path).await;
+        assert_eq!(other.status(), 404, "{path}");
+        let absent = app.get(&w.other_doc, &path.replace(&w.alice, missing).replace(&obs, missing)).await;
+        assert_eq!(absent.status(), 404);
+        assert_eq!(other.text().await.unwrap(), absent.text().await.unwrap(), "out of scope looks like absent");
+    }
+    // Searches never count what the caller cannot see.
+    let (_, b) = app.get_json(&w.other_doc, "/fhir/Observation?_summary=count").await;
+    assert_eq!(b["total"], 0);
+    let (_, b) = app.get_json(&w.other_doc, "/fhir/Patient?_summary=count").await;
+    assert_eq!(b["total"], 0);
+    let (_, b) = app.get_json(&w.doc, "/fhir/Patient?_summary=count").await;
+    assert_eq!(b["total"], 1, "only the care-team patient, never Bob");
+    // Writes out of scope: the other clinician cannot update or delete Alice's observation.
+    let mut o: Value = app.get_json(&w.doc, &format!("/fhir/Observation/{obs}")).await.1;
+    o["status"] = json!("amended");
+    assert_eq!(app.put(&w.other_doc, &format!("/fhir/Observation/{obs}"), Some("1"), &o).await.status(), 404);
+    let del = app.client.delete(app.url(&format!("/fhir/Observation/{obs}"))).bearer_auth(&w.other_doc.access).send().await.unwrap();
+    assert_eq!(del.status(), 404);
+    // Creating for a patient out of scope looks like a reference to a missing patient.
+    assert_eq!(app.post(&w.other_doc, "/fhir/Observation", &observation(&w.alice, "1", 1.0, "2024-01-01")).await.status(), 400);
+    // Leaving the care team takes effect on the next request.
+    let ct_path = format!("/fhir/CareTeam/{}", w.care_team);
+    let mut ct = app.get_json(&w.front, &ct_path).await.1;
+    ct["status"] = json!("inactive");
+    assert_eq!(app.put(&w.front, &ct_path, Some("1"), &ct).await.status(), 200);
+    assert_eq!(app.get(&w.doc, &format!("/fhir/Patient/{}", w.alice)).await.status(), 404);
+});
+
+both_backends!(patients_see_only_their_own_compartment, |app: TestApp| async move {
+    let w = app.world().await;
+    app.create(&w.doc, observation(&w.alice, "8480-6", 120.0, "2024-05-01T10:00:00Z")).await;
+    let (s, me) = app.get_json(&w.alice_user, &format!("/fhir/Patient/{}", w.alice)).await;
+    assert_eq!(s, 200);
+    assert!(has_ssn(&me), "a patient sees all of their own record");
+    assert_eq!(app.get(&w.alice_user, &format!("/fhir/Patient/{}", w.bob)).await.status(), 404);
+    let (_, obs) = app.get_json(&w.alice_user, "/fhir/Observation").await;
+    assert_eq!(obs["entry"].as_array().unwrap().len(), 1);
+    assert_eq!(app.post(&w.alice_user, "/fhir/Observation", &observation(&w.alice, "1", 1.0, "2024-01-01")).await.status(), 403);
+    assert_eq!(app.get(&w.alice_user, "/fhir/AuditEvent").await.status(), 403);
+});
+
+both_backends!(field_masks_on_read_search_history_and_write_bodies, |app: TestApp| async move {
+    let w = app.world().await;
+    let alice = format!("/fhir/Patient/{}", w.alice);
+    // Front desk: demographics without the SSN, tagged SUBSETTED, on read, search, history and vread.
+    for path in [alice.clone(), format!("{alice}/_history/1")] {
+        let (_, p) = app.get_json(&w.front, &path).await;
+        assert!(!has_ssn(&p) && subsetted(&p), "{path}: {p}");
+        assert_eq!(p["identifier"][0]["value"], "MRN-1");
+        app.assert_valid(&p);
+    }
+    let (_, bundle) = app.get_json(&w.front, "/fhir/Patient?family=zoe-lindqvist").await;
+    assert!(!has_ssn(&bundle) && subsetted(&bundle["entry"][0]["resource"]));
+    let (_, hist) = app.get_json(&w.front, &format!("{alice}/_history")).await;
+    assert!(!has_ssn(&hist));
+    // Billing sees the SSN but not the telecom.
+    let (_, b) = app.get_json(&w.billing, &alice).await;
+    assert!(has_ssn(&b) && b.get("telecom").is_none() && subsetted(&b));
+    // Clinicians see no SSN.
+    let (_, c) = app.get_json(&w.doc, &alice).await;
+    assert!(!has_ssn(&c) && c["telecom"].is_array());
+    // A front-desk PUT keeps the SSN it was not shown.
+    let mut p = app.get_json(&w.front, &alice).await.1;
+    p["name"][0]["family"] = json!("Lindqvist");
+    let put = app.put(&w.front, &alice, Some("1"), &p).await;
+    assert_eq!(put.status(), 200);
+    let body: Value = put.json().await.unwrap();
+    assert!(!has_ssn(&body), "the write body is shaped too");
+    let (_, b) = app.get_json(&w.billing, &alice).await;
+    assert!(has_ssn(&b), "SSN survived the front-desk update");
+    assert_eq!(b["name"][0]["family"], "Lindqvist");
+    // Sending an SSN is refused for a role that may not write it (no overwrite, no probing).
+    p["identifier"] = json!([{"system":SSN_SYSTEM,"value":"999-99-9999"}]);
+    assert_eq!(app.put(&w.front, &alice, Some("2"), &p).await.status(), 403);
+    // Billing: Condition code/subject/encounter only.
+    let cond = app
+        .create(&w.doc, json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{}", w.alice)},
+            "code":{"text":"Hypertension"},"note":[{"text":"CANARY-NOTE lives alone"}],"recordedDate":"2024-02-02"}))
+        .await;
+    let (_, c) = app.get_json(&w.billing, &format!("/fhir/Condition/{cond}")).await;
+    assert!(c.get("note").is_none() && c.get("recordedDate").is_none() && c["code"]["text"] == "Hypertension" && subsetted(&c));
+    // Front desk may not read clinical resources at all.
+    assert_eq!(app.get(&w.front, &format!("/fhir/Condition/{cond}")).await.status(), 403);
+    assert_eq!(app.get(&w.front, "/fhir/Observation").await.status(), 403);
+    // Searching by what one may not see is refused.
+    assert_eq!(app.get(&w.front, &format!("/fhir/Patient?identifier={SSN_SYSTEM}|123-45-6789")).await.status(), 403);
+});
+
+both_backends!(fields_outside_the_mask_are_never_decrypted, |app: TestApp| async move {
+    let w = app.world().await;
+    let cond = app
+        .create(&w.doc, json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{}", w.alice)},
+            "code":{"text":"Asthma"},"note":[{"text":"n"}],"recordedDate":"2024-02-02","onsetDateTime":"2020-01-01",
+            "bodySite":[{"text":"lung"}],"severity":{"text":"mild"}}))
+        .await;
+    let path = format!("/fhir/Condition/{cond}");
+    let before = app.state.cipher.decryption_count();
+    assert_eq!(app.get(&w.billing, &path).await.status(), 200);
+    let billing = app.state.cipher.decryption_count() - before;
+    let before = app.state.cipher.decryption_count();
+    assert_eq!(app.get(&w.doc, &path).await.status(), 200);
+    let clinician = app.state.cipher.decryption_count() - before;
+    // Billing may see code and subject (encounter is absent): exactly two decryptions; the clinician all seven.
+    assert_eq!(billing, 2, "billing decrypted {billing}");
+    assert_eq!(clinician, 7, "clinician decrypted {clinician}");
+});
+
+both_backends!(break_glass_opens_one_patient_for_a_limited_time, |app: TestApp| async move {
+    let w = app.world().await;
+    let bob = format!("/fhir/Patient/{}", w.bob);
+    assert_eq!(app.get(&w.nurse, &bob).await.status(), 404);
+    let bg = |s: &crate::helpers::Session, body: Value| {
+        let app = &app;
+        let s = s.clone();
+        async move { app.client.post(app.url("/auth/break-glass")).bearer_auth(&s.access).json(&body).send().await.unwrap() }
+    };
+    assert_eq!(bg(&w.nurse, json!({"patient":format!("Patient/{}", w.bob),"reason":""})).await.status(), 400);
+    assert_eq!(bg(&w.billing, json!({"patient":format!("Patient/{}", w.bob),"reason":"billing emergency"})).await.status(), 403);
+    assert_eq!(bg(&w.front, json!({"patient":format!("Patient/{}", w.bob),"reason":"x"})).await.status(), 403);
+    let r = bg(&w.nurse, json!({"patient":format!("Patient/{}", w.bob),"reason":"CANARY-BTG unconscious in ER"})).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(app.get(&w.nurse, &bob).await.status(), 200);
+    assert_eq!(app.get(&w.other_doc, &bob).await.status(), 404, "the grant is the nurse's alone");
+    // Audited with purpose of use BTG; the reason never enters the trail.
+    let (_, events) = app.get_json(&w.auditor, &format!("/fhir/AuditEvent?patient={}", w.bob)).await;
+    let text = events.to_string();
+    assert!(text.contains("\"BTG\""), "{text}");
+    assert!(!text.contains("CANARY-BTG"));
+    app.clock.advance(Duration::minutes(61));
+    let s = app.login_as("nurse").await;
+    assert_eq!(app.get(&s, &bob).await.status(), 404, "the grant expired");
+});
