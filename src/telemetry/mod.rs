@@ -188,7 +188,7 @@ pub async fn request_log(
         Ok(res) => res.status(),
         Err(e) => e.as_response_error().status_code(),
     };
-    span.record("http.response.status_code", status.as_u16());
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
         span.record("error.type", status.as_str());
