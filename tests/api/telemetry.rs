@@ -474,3 +474,36 @@ async fn nothing_is_exported_when_the_exporters_are_off() {
     assert!(receiver.all_bytes().is_empty(), "exported although OTEL_SDK_DISABLED=true");
     assert!(server.log_lines().iter().any(|l| l.contains("\"http.route\":\"/health/live\"")), "logs still written");
 }
+
+/// Throughput of `GET /health/ready` (one pooled database round trip, a `store` span) with export off and on.
+/// Prints requests per second; run with `cargo test --release --test api throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_with_export_on_and_off() {
+    let (_receiver, endpoint, collector) = Receiver::start();
+    let on = fast_export(&endpoint);
+    for (label, env) in [("off", Vec::new()), ("on", on.iter().map(|(k, v)| (*k, v.as_str())).collect())] {
+        let mut server = Server::start(&env, |_| {});
+        let url = server.url("/health/ready");
+        let run = |n: usize| {
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (c, url) = (server.client.clone(), url.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..n {
+                            assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+                        }
+                    })
+                })
+                .collect();
+            futures_util::future::join_all(tasks)
+        };
+        run(50).await;
+        let started = Instant::now();
+        run(500).await;
+        let rate = 16.0 * 500.0 / started.elapsed().as_secs_f64();
+        println!("export {label}: {rate:.0} requests/s");
+        server.stop();
+    }
+    collector.stop(true).await;
+}
