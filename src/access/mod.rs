@@ -286,7 +286,10 @@ impl AccessControl {
 
     /// The decision for a principal holding `roles` (see the module doc for several roles).
     pub fn decide(&self, roles: &[Role], resource_type: &str, action: Action) -> Decision {
-        self.current.load().decide(roles, resource_type, action)
+        let _span = tracing::info_span!(target: "carevault::access", "decide").entered();
+        let decision = self.current.load().decide(roles, resource_type, action);
+        crate::telemetry::metrics::policy_decision(decision.allowed);
+        decision
     }
 
     /// The decision and the rule that made it, for `carevault policy explain`.

@@ -4,9 +4,10 @@
 use crate::app::AppState;
 use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
 use crate::auth::principal::Principal;
-use crate::auth::service::{Account, LoginOutcome};
+use crate::auth::service::{Account, LoginFailure, LoginOutcome};
 use crate::auth::session::RefreshDecision;
 use crate::error::{AppError, AppResult};
+use crate::telemetry::metrics;
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
@@ -15,6 +16,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::json;
 use std::net::IpAddr;
+use tracing::Instrument;
 
 /// Longest credential field accepted (anything longer is refused before hashing).
 const MAX_FIELD: usize = 1024;
@@ -58,8 +60,16 @@ impl FromRequest for Principal {
             .map(|t| t.trim().to_owned());
         Box::pin(async move {
             let state = state.ok_or_else(|| AppError::internal("application state missing"))?;
-            let token = token.filter(|t| !t.is_empty() && t.len() <= 8192).ok_or(AppError::Unauthenticated)?;
-            state.auth.authenticate(&token).await
+            let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 8192) else {
+                metrics::auth_failure("missing-token");
+                return Err(AppError::Unauthenticated);
+            };
+            let span = tracing::info_span!(target: "carevault::auth", "authenticate");
+            let result = state.auth.authenticate(&token).instrument(span).await;
+            if result.is_err() {
+                metrics::auth_failure("invalid-token");
+            }
+            result
         })
     }
 }
@@ -89,7 +99,11 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             state.audit.record(event).await?;
             Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
         }
-        LoginOutcome::Failed { account, .. } => {
+        LoginOutcome::Failed { account, reason } => {
+            metrics::auth_failure(match reason {
+                LoginFailure::UnknownOrWrong => "invalid-credentials",
+                LoginFailure::Disabled => "account-disabled",
+            });
             let agent = match &account {
                 Some(a) => agent_of(a, ip),
                 None => ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip)),
@@ -136,13 +150,17 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
                     Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
                 }
                 (RefreshDecision::Reuse, found) => {
+                    metrics::auth_failure("refresh-token-reuse");
                     let agent = found.map_or_else(Agent::default, |(_, a)| agent_of(&a, ip));
                     let event = AuditEvent::new(AuditKind::Refresh, now, Outcome::SeriousFailure, agent)
                         .with_detail("refresh-token-reuse");
                     state.audit.record(event).await?;
                     Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"))
                 }
-                _ => Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant")),
+                _ => {
+                    metrics::auth_failure("invalid-grant");
+                    Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"))
+                }
             }
         }
         Some("client_credentials") => {
@@ -161,6 +179,7 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
                     Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
                 }
                 None => {
+                    metrics::auth_failure("invalid-client");
                     let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
                     let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
                         .with_detail("invalid-client");

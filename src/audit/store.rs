@@ -97,9 +97,11 @@ impl Auditor {
                         }
                     }
                     let events: Vec<AuditEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+                    let started = std::time::Instant::now();
                     let result = db.conn().and_then(|mut c| append(&mut c, &events));
-                    if let Err(e) = &result {
-                        tracing::error!(audit.batch = events.len(), error.kind = %e, "audit append failed");
+                    match &result {
+                        Ok(()) => crate::telemetry::metrics::audit_append(events.len(), started.elapsed()),
+                        Err(e) => tracing::error!(audit.batch = events.len(), error.kind = %e, "audit append failed"),
                     }
                     for (_, done) in batch {
                         let _ = done.send(match &result {
@@ -115,9 +117,15 @@ impl Auditor {
 
     /// Records one event and returns once it is committed. Fails closed (503) when it cannot be.
     pub async fn record(&self, event: AuditEvent) -> AppResult<()> {
-        let (done, wait) = oneshot::channel();
-        self.tx.send((event, done)).await.map_err(|_| AppError::unavailable("audit appender stopped"))?;
-        wait.await.map_err(|_| AppError::unavailable("audit appender stopped"))?
+        use tracing::Instrument;
+        let span = tracing::info_span!(target: "carevault::audit", "audit");
+        async move {
+            let (done, wait) = oneshot::channel();
+            self.tx.send((event, done)).await.map_err(|_| AppError::unavailable("audit appender stopped"))?;
+            wait.await.map_err(|_| AppError::unavailable("audit appender stopped"))?
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -25,12 +25,12 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<(), String> {
             o.insecure_http = args.insecure_http_behind_proxy;
         })
         .map_err(|e| e.to_string())?;
-    crate::telemetry::init_logging();
-    crate::telemetry::install_panic_hook();
+    let _telemetry = crate::telemetry::init(&cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let scheme = if cfg.insecure_http { "http" } else { "https" };
         let app = Application::build(cfg, crate::clock::system()).map_err(|e| e.to_string())?;
+        crate::telemetry::metrics::observe_pool(&app.state().db);
         let addr = format!("{scheme}://{}:{}", app.state().config.listen.ip(), app.port());
         tracing::info!(listen = %addr, "carevault is serving");
         println!("carevault is serving on {addr}");

@@ -135,6 +135,12 @@ impl Db {
         self.pool.get().map_err(AppError::unavailable)
     }
 
+    /// Connections open, of which idle, and the pool's maximum size (for the pool gauges).
+    pub fn pool_state(&self) -> (u32, u32, u32) {
+        let state = self.pool.state();
+        (state.connections, state.idle_connections, self.pool.max_size())
+    }
+
     /// Runs pending migrations; returns how many ran.
     pub fn migrate(&self) -> Result<usize, StoreError> {
         let mut conn = self.pool.get().map_err(|_| StoreError::Connect)?;
@@ -157,11 +163,18 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut AnyConnection) -> Result<T, AppError> + Send + 'static,
     {
+        use tracing::Instrument;
+        let system = match self.backend {
+            Backend::Postgres => "postgresql",
+            Backend::Sqlite => "sqlite",
+        };
+        let span = tracing::info_span!(target: "carevault::store", "store", db.system.name = system);
         let pool = self.pool.clone();
         actix_web::web::block(move || {
             let mut conn = pool.get().map_err(AppError::unavailable)?;
             f(&mut conn)
         })
+        .instrument(span)
         .await
         .map_err(AppError::internal)?
     }

@@ -10,4 +10,5 @@ mod access;
 mod auth;
 mod fhir;
 mod foundation;
+mod telemetry;
 mod world;

@@ -1,0 +1,133 @@
+//! The JSON log line: one object per event with `timestamp`, `level`, `target` and the event's fields, flattened.
+//! Field values pass through the allow-list and the scrubber ([`super::scrub`]) before they are written: a key that
+//! is not allow-listed is written with the value `[withheld]`, and PHI-shaped substrings become `[redacted]`.
+
+use super::scrub::{WITHHELD, allowed, scrub};
+use serde_json::{Map, Value};
+use std::fmt;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The event formatter used for every log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScrubbedJson;
+
+impl<S, N> FormatEvent<S, N> for ScrubbedJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let meta = event.metadata();
+        let mut fields = Fields(Map::new());
+        fields.0.insert("timestamp".into(), Value::String(timestamp));
+        fields.0.insert("level".into(), Value::String(meta.level().as_str().to_owned()));
+        fields.0.insert("target".into(), Value::String(scrub(meta.target()).into_owned()));
+        event.record(&mut fields);
+        writeln!(writer, "{}", Value::Object(fields.0))
+    }
+}
+
+struct Fields(Map<String, Value>);
+
+impl Fields {
+    fn put(&mut self, field: &Field, value: impl FnOnce() -> Value) {
+        let value = if allowed(field.name()) { value() } else { Value::String(WITHHELD.to_owned()) };
+        self.0.insert(field.name().to_owned(), value);
+    }
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, || Value::String(scrub(value).into_owned()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, || Value::String(scrub(&format!("{value:?}")).into_owned()));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.put(field, || Value::String(scrub(&value.to_string()).into_owned()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, || Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, || Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, || Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, || Value::from(value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let out = Capture::default();
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(super::super::log_layer(move || sink.clone(), tracing_subscriber::EnvFilter::new("trace")));
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn lines_are_json_with_scrubbed_allowed_fields_and_withheld_others() {
+        let lines = capture(|| {
+            tracing::warn!(
+                error.detail = "row for jane@example.org born 1984-07-02 not found",
+                patient_name = "Jane Doe",
+                http.route = "/fhir/{type}/{id}",
+                http.response.status_code = 404u16,
+                mrn = 123456u64,
+                "lookup failed for 123-45-6789"
+            );
+        });
+        assert_eq!(lines.len(), 1);
+        let line = &lines[0];
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["error.detail"], "row for [redacted] born [redacted] not found");
+        assert_eq!(line["message"], "lookup failed for [redacted]");
+        assert_eq!(line["patient_name"], "[withheld]");
+        assert_eq!(line["mrn"], "[withheld]");
+        assert_eq!(line["http.route"], "/fhir/{type}/{id}");
+        assert_eq!(line["http.response.status_code"], 404);
+        assert!(line["timestamp"].as_str().is_some_and(|t| t.len() >= 20), "the log's own timestamp stays readable");
+    }
+
+    #[test]
+    fn display_and_error_values_are_scrubbed() {
+        let err = std::io::Error::other("cannot reach +15551234567");
+        let lines = capture(|| {
+            tracing::error!(error.kind = %"ssn 123-45-6789", error.type = ?"x@y.io", error.detail = &err as &dyn std::error::Error, "e");
+        });
+        assert_eq!(lines[0]["error.kind"], "ssn [redacted]");
+        assert_eq!(lines[0]["error.type"], "\"[redacted]\"");
+        assert_eq!(lines[0]["error.detail"], "cannot reach [redacted]");
+    }
+}
