@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod health;
+pub mod oidc;
 
 use crate::app::AppState;
 use crate::error::{AppError, FHIR_JSON, operation_outcome};
@@ -21,7 +22,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/auth/login").route(web::post().to(auth::login)))
         .service(web::resource("/auth/token").route(web::post().to(auth::token)))
         .service(web::resource("/auth/revoke").route(web::post().to(auth::revoke)))
-        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)));
+        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)))
+        .service(web::resource("/auth/session").route(web::get().to(auth::session)))
+        .service(web::resource("/auth/oidc/login").route(web::get().to(oidc::login)))
+        .service(web::resource("/auth/oidc/callback").route(web::get().to(oidc::callback)));
 }
 
 /// Unknown routes answer 404 with an OperationOutcome.
