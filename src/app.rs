@@ -59,7 +59,8 @@ impl AppState {
             None => None,
         };
         let auth = Arc::new(
-            AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer).with_oidc(oidc),
+            AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer)
+                .with_oidc(oidc),
         );
         let audit = Auditor::start(db.clone());
         Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit })

@@ -143,7 +143,7 @@ impl Refusal {
 /// What a login attempt came to.
 #[derive(Debug)]
 pub enum OidcLogin {
-    Ok(Account),
+    Ok(Box<Account>),
     Refused(Refusal),
 }
 
@@ -385,7 +385,7 @@ impl OidcService {
         };
         let Some(identity) = self.identity(&claims) else { return refuse(Refusal::Role) };
         match self.upsert_account(identity).await? {
-            Some(account) => Ok(OidcLogin::Ok(account)),
+            Some(account) => Ok(OidcLogin::Ok(Box::new(account))),
             None => refuse(Refusal::Disabled),
         }
     }
