@@ -54,7 +54,10 @@ impl AppState {
             }
             Some(settings) => Some(Arc::new(
                 OidcService::new(settings, db.clone(), clock.clone())
-                    .map_err(|_| StartError::Other("invalid `auth.oidc` settings".into()))?,
+                    .map_err(|e| match e {
+                        crate::error::AppError::Internal(what) => StartError::Other(format!("`auth.oidc`: {what}")),
+                        _ => StartError::Other("invalid `auth.oidc` settings".into()),
+                    })?,
             )),
             None => None,
         };

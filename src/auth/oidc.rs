@@ -75,6 +75,9 @@ pub struct OidcSettings {
     pub link_claim: String,
     pub audience: String,
     pub redirect_url: String,
+    /// Extra trusted CA certificates (PEM bundle) for the provider's TLS, from `SSL_CERT_FILE` (the deployment
+    /// mounts the CA of a private IdP there); the public web roots are trusted in any case.
+    pub extra_roots: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for OidcSettings {
@@ -102,6 +105,7 @@ impl OidcSettings {
             link_claim: o.link_claim.clone(),
             audience: o.audience().to_owned(),
             redirect_url,
+            extra_roots: std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from),
         }))
     }
 }
@@ -221,7 +225,16 @@ impl OidcService {
         let redirect = RedirectUrl::new(settings.redirect_url.clone())
             .map_err(|_| AppError::internal("auth.oidc.redirect_url"))?;
         // No redirects: the provider's endpoints are used exactly as discovered.
-        let http = openidconnect::reqwest::ClientBuilder::new()
+        let mut builder = openidconnect::reqwest::ClientBuilder::new();
+        if let Some(path) = &settings.extra_roots {
+            let pem = std::fs::read(path).map_err(|_| AppError::internal("SSL_CERT_FILE is not readable"))?;
+            let certs = openidconnect::reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|_| AppError::internal("SSL_CERT_FILE holds no PEM certificates"))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .redirect(openidconnect::reqwest::redirect::Policy::none())
             .timeout(HTTP_TIMEOUT)
             .connect_timeout(HTTP_TIMEOUT)
