@@ -477,6 +477,14 @@ mod provider_tokens {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn eddsa_id_tokens_verify_too() {
+        let Some((provider, app)) = setup_sqlite(&[("OIDC_ID_TOKEN_ALG", "EdDSA")], "").await else { return };
+        let id_token = provider.tokens("adm", &app.redirect_uri()).await["id_token"].as_str().unwrap().to_owned();
+        assert_eq!(header_of(&id_token)["alg"], "EdDSA");
+        assert_eq!(app.login(&provider, "adm").await.status(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_tokens_are_refused_with_one_generic_answer() {
         let Some((provider, app)) = setup_sqlite(&[], "").await else { return };
         let tokens = provider.tokens("u1", &app.redirect_uri()).await;
