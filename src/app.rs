@@ -4,6 +4,7 @@
 use crate::access::{AccessControl, R4Catalog};
 use crate::api;
 use crate::audit::store::Auditor;
+use crate::auth::oidc::{OidcService, OidcSettings};
 use crate::auth::service::{AuthService, load_signing_keys};
 use crate::auth::session::SessionPolicy;
 use crate::clock::SharedClock;
@@ -64,8 +65,22 @@ impl AppState {
         )
         .map_err(|_| StartError::Other("invalid session timeouts".into()))?;
         let ttl = time::Duration::seconds(i64::try_from(config.auth.access_token_ttl_secs).unwrap_or(300));
-        let auth =
-            Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
+        let oidc = match OidcSettings::from_config(&config)? {
+            Some(settings) if settings.issuer == issuer => {
+                return Err(StartError::Other("`auth.oidc.issuer` must differ from this server's issuer".into()));
+            }
+            Some(settings) => {
+                Some(Arc::new(OidcService::new(settings, db.clone(), clock.clone()).map_err(|e| match e {
+                    crate::error::AppError::Internal(what) => StartError::Other(format!("`auth.oidc`: {what}")),
+                    _ => StartError::Other("invalid `auth.oidc` settings".into()),
+                })?))
+            }
+            None => None,
+        };
+        let auth = Arc::new(
+            AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer)
+                .with_oidc(oidc),
+        );
         let audit = Auditor::start(db.clone());
         let access = Arc::new(
             AccessControl::load(&config.policy_dir(), Arc::new(R4Catalog))

@@ -126,6 +126,50 @@ pub struct OidcConfig {
     pub redirect_url: Option<String>,
 }
 
+impl OidcConfig {
+    /// The expected `aud` of the provider's access tokens.
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(&self.client_id)
+    }
+
+    /// The issuer must be `https://`; plain `http://` only on loopback and only in the development profile
+    /// (the test provider). The claim names and the client id must not be empty.
+    fn check(&self, profile: Profile) -> Result<(), ConfigError> {
+        let bad = |what: &str| Err(ConfigError::Invalid(format!("`auth.oidc.{what}")));
+        if !url_allowed(&self.issuer, profile) {
+            return bad("issuer` must be an https:// URL (http:// only for 127.0.0.1 or localhost in development)");
+        }
+        if let Some(r) = &self.redirect_url
+            && !url_allowed(r, profile)
+        {
+            return bad("redirect_url` must be an https:// URL");
+        }
+        if self.client_id.is_empty() || self.roles_claim.is_empty() || self.link_claim.is_empty() {
+            return bad("client_id`, `roles_claim` and `link_claim` must not be empty");
+        }
+        if self.audience.as_deref() == Some("") {
+            return bad("audience` must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// An absolute URL without credentials, query or fragment: `https://`, or `http://` to a loopback host in
+/// development.
+fn url_allowed(text: &str, profile: Profile) -> bool {
+    let Ok(url) = openidconnect::url::Url::parse(text) else { return false };
+    let plain =
+        url.username().is_empty() && url.password().is_none() && url.query().is_none() && url.fragment().is_none();
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    plain
+        && url.host_str().is_some_and(|h| !h.is_empty())
+        && match url.scheme() {
+            "https" => true,
+            "http" => loopback && profile == Profile::Development,
+            _ => false,
+        }
+}
+
 fn default_roles_claim() -> String {
     "carevault_roles".into()
 }
@@ -275,6 +319,9 @@ impl Config {
             return Err(ConfigError::Invalid("`limits.requests_per_second` must be positive".into()));
         }
         self.database()?;
+        if let Some(oidc) = &self.auth.oidc {
+            oidc.check(self.profile)?;
+        }
         if self.profile == Profile::Production {
             self.check_production()?;
         }
@@ -473,5 +520,34 @@ mod tests {
         assert!(Config::from_toml(&ok, &demo).unwrap_err().to_string().contains("--demo"));
         let http = Overrides { insecure_http: true, ..over() };
         assert!(Config::from_toml(&ok, &http).unwrap_err().to_string().contains("insecure-http"));
+    }
+
+    #[test]
+    fn oidc_issuer_must_be_https_except_loopback_in_development() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        let prod = format!(
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            key.display()
+        );
+        let oidc = |issuer: &str| format!("[auth.oidc]\nissuer = \"{issuer}\"\nclient_id = \"carevault\"\n");
+        let dev = |issuer: &str| Config::from_toml(&oidc(issuer), &over());
+        let production = |issuer: &str| Config::from_toml(&format!("{prod}{}", oidc(issuer)), &over());
+        assert!(dev("http://127.0.0.1:4000").is_ok());
+        assert!(dev("http://localhost:4000/realms/x").is_ok());
+        assert!(dev("https://idp.example.org/realms/x").is_ok());
+        for bad in [
+            "http://idp.example.org",
+            "ftp://127.0.0.1",
+            "not a url",
+            "https://u:p@idp.example.org",
+            "https://idp.example.org/?a=b",
+        ] {
+            assert!(dev(bad).unwrap_err().to_string().contains("auth.oidc.issuer"), "{bad}");
+        }
+        assert!(production("https://idp.example.org/realms/x").is_ok());
+        assert!(production("http://127.0.0.1:4000").unwrap_err().to_string().contains("auth.oidc.issuer"));
+        let c = dev("https://idp.example.org").unwrap();
+        assert_eq!(c.auth.oidc.unwrap().audience(), "carevault", "audience defaults to the client id");
     }
 }

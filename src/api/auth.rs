@@ -241,3 +241,27 @@ pub async fn logout(state: web::Data<AppState>, req: HttpRequest, principal: Pri
 pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("application/jwk-set+json").json(state.auth.jwks())
 }
+
+/// `GET /auth/session`: who the caller is (subject, issuer, roles, links) and when the presented token expires.
+/// For clients and tests; nothing here the caller's own token does not already say.
+pub async fn session(req: HttpRequest, principal: Principal) -> HttpResponse {
+    use base64::Engine;
+    // The extractor verified this token; its `exp` is read back only for display.
+    let expires_at = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('.').nth(1))
+        .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+        .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64));
+    HttpResponse::Ok().json(json!({
+        "subject": principal.subject,
+        "issuer": principal.issuer,
+        "roles": principal.roles,
+        "practitioner": principal.practitioner,
+        "patient": principal.patient,
+        "session": principal.session_id.is_some(),
+        "expires_at": expires_at,
+    }))
+}

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod fhir;
 pub mod health;
+pub mod oidc;
 
 use crate::app::AppState;
 use crate::error::{AppError, FHIR_JSON, operation_outcome};
@@ -38,7 +39,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(
             web::resource("/fhir/{type}").route(web::get().to(fhir::search_get)).route(web::post().to(fhir::create)),
-        );
+        )
+        .service(web::resource("/auth/session").route(web::get().to(auth::session)))
+        .service(web::resource("/auth/oidc/login").route(web::get().to(oidc::login)))
+        .service(web::resource("/auth/oidc/callback").route(web::get().to(oidc::callback)));
 }
 
 /// Unknown routes answer 404 with an OperationOutcome.

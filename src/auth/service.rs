@@ -4,6 +4,7 @@
 //! Session state is shared through the database, so every replica sees a logout or revocation; each replica
 //! caches a session's state for at most [`SESSION_CACHE`] (the "within 5 seconds" of the contract).
 
+use super::oidc::OidcService;
 use super::password::{check_policy, hash_password, verify_password};
 use super::principal::Principal;
 use super::session::{
@@ -114,6 +115,7 @@ pub struct AuthService {
     issuer: String,
     audience: String,
     cache: RwLock<HashMap<Uuid, CachedSession>>,
+    oidc: Option<Arc<OidcService>>,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -205,7 +207,18 @@ impl AuthService {
             audience: issuer.clone(),
             issuer,
             cache: RwLock::new(HashMap::new()),
+            oidc: None,
         }
+    }
+
+    /// Adds the configured OpenID Connect provider: its login flow and its access tokens as bearer tokens.
+    pub fn with_oidc(mut self, oidc: Option<Arc<OidcService>>) -> Self {
+        self.oidc = oidc;
+        self
+    }
+
+    pub fn oidc(&self) -> Option<&Arc<OidcService>> {
+        self.oidc.as_ref()
     }
 
     pub fn issuer(&self) -> &str {
@@ -489,7 +502,13 @@ impl AuthService {
     }
 
     /// Verifies a bearer token of ours and its session (live, not revoked, account enabled); touches idle time.
+    /// A token whose `iss` is the configured OIDC provider is verified by [`OidcService::authenticate`] instead.
     pub async fn authenticate(&self, token: &str) -> AppResult<Principal> {
+        if let Some(oidc) = &self.oidc
+            && oidc.is_provider_token(token)
+        {
+            return oidc.authenticate(token).await;
+        }
         let now = self.clock.now();
         let claims = match self.keys().verify(token, now) {
             Ok(c) => c,

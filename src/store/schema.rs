@@ -165,6 +165,17 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    oidc_logins (state_hash) {
+        state_hash -> Text,
+        binding_hash -> Text,
+        pkce_verifier -> Text,
+        nonce -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     resources,
     resource_history,
@@ -181,6 +192,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_head,
     audit_checkpoints,
     alerts,
+    oidc_logins,
 );
 
 diesel::joinable!(sessions -> accounts (account_id));

@@ -46,10 +46,19 @@ both_backends!(care_team_scope_on_every_id_route_and_search, |app: TestApp| asyn
     let mut o: Value = app.get_json(&w.doc, &format!("/fhir/Observation/{obs}")).await.1;
     o["status"] = json!("amended");
     assert_eq!(app.put(&w.other_doc, &format!("/fhir/Observation/{obs}"), Some("1"), &o).await.status(), 404);
-    let del = app.client.delete(app.url(&format!("/fhir/Observation/{obs}"))).bearer_auth(&w.other_doc.access).send().await.unwrap();
+    let del = app
+        .client
+        .delete(app.url(&format!("/fhir/Observation/{obs}")))
+        .bearer_auth(&w.other_doc.access)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(del.status(), 404);
     // Creating for a patient out of scope looks like a reference to a missing patient.
-    assert_eq!(app.post(&w.other_doc, "/fhir/Observation", &observation(&w.alice, "1", 1.0, "2024-01-01")).await.status(), 400);
+    assert_eq!(
+        app.post(&w.other_doc, "/fhir/Observation", &observation(&w.alice, "1", 1.0, "2024-01-01")).await.status(),
+        400
+    );
     // Leaving the care team takes effect on the next request.
     let ct_path = format!("/fhir/CareTeam/{}", w.care_team);
     let mut ct = app.get_json(&w.front, &ct_path).await.1;
@@ -67,7 +76,10 @@ both_backends!(patients_see_only_their_own_compartment, |app: TestApp| async mov
     assert_eq!(app.get(&w.alice_user, &format!("/fhir/Patient/{}", w.bob)).await.status(), 404);
     let (_, obs) = app.get_json(&w.alice_user, "/fhir/Observation").await;
     assert_eq!(obs["entry"].as_array().unwrap().len(), 1);
-    assert_eq!(app.post(&w.alice_user, "/fhir/Observation", &observation(&w.alice, "1", 1.0, "2024-01-01")).await.status(), 403);
+    assert_eq!(
+        app.post(&w.alice_user, "/fhir/Observation", &observation(&w.alice, "1", 1.0, "2024-01-01")).await.status(),
+        403
+    );
     assert_eq!(app.get(&w.alice_user, "/fhir/AuditEvent").await.status(), 403);
 });
 
@@ -106,11 +118,19 @@ both_backends!(field_masks_on_read_search_history_and_write_bodies, |app: TestAp
     assert_eq!(app.put(&w.front, &alice, Some("2"), &p).await.status(), 403);
     // Billing: Condition code/subject/encounter only.
     let cond = app
-        .create(&w.doc, json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{}", w.alice)},
-            "code":{"text":"Hypertension"},"note":[{"text":"CANARY-NOTE lives alone"}],"recordedDate":"2024-02-02"}))
+        .create(
+            &w.doc,
+            json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{}", w.alice)},
+            "code":{"text":"Hypertension"},"note":[{"text":"CANARY-NOTE lives alone"}],"recordedDate":"2024-02-02"}),
+        )
         .await;
     let (_, c) = app.get_json(&w.billing, &format!("/fhir/Condition/{cond}")).await;
-    assert!(c.get("note").is_none() && c.get("recordedDate").is_none() && c["code"]["text"] == "Hypertension" && subsetted(&c));
+    assert!(
+        c.get("note").is_none()
+            && c.get("recordedDate").is_none()
+            && c["code"]["text"] == "Hypertension"
+            && subsetted(&c)
+    );
     // Front desk may not read clinical resources at all.
     assert_eq!(app.get(&w.front, &format!("/fhir/Condition/{cond}")).await.status(), 403);
     assert_eq!(app.get(&w.front, "/fhir/Observation").await.status(), 403);
@@ -121,9 +141,12 @@ both_backends!(field_masks_on_read_search_history_and_write_bodies, |app: TestAp
 both_backends!(fields_outside_the_mask_are_never_decrypted, |app: TestApp| async move {
     let w = app.world().await;
     let cond = app
-        .create(&w.doc, json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{}", w.alice)},
+        .create(
+            &w.doc,
+            json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{}", w.alice)},
             "code":{"text":"Asthma"},"note":[{"text":"n"}],"recordedDate":"2024-02-02","onsetDateTime":"2020-01-01",
-            "bodySite":[{"text":"lung"}],"severity":{"text":"mild"}}))
+            "bodySite":[{"text":"lung"}],"severity":{"text":"mild"}}),
+        )
         .await;
     let path = format!("/fhir/Condition/{cond}");
     let before = app.state.cipher.decryption_count();
@@ -147,7 +170,10 @@ both_backends!(break_glass_opens_one_patient_for_a_limited_time, |app: TestApp| 
         async move { app.client.post(app.url("/auth/break-glass")).bearer_auth(&s.access).json(&body).send().await.unwrap() }
     };
     assert_eq!(bg(&w.nurse, json!({"patient":format!("Patient/{}", w.bob),"reason":""})).await.status(), 400);
-    assert_eq!(bg(&w.billing, json!({"patient":format!("Patient/{}", w.bob),"reason":"billing emergency"})).await.status(), 403);
+    assert_eq!(
+        bg(&w.billing, json!({"patient":format!("Patient/{}", w.bob),"reason":"billing emergency"})).await.status(),
+        403
+    );
     assert_eq!(bg(&w.front, json!({"patient":format!("Patient/{}", w.bob),"reason":"x"})).await.status(), 403);
     let r = bg(&w.nurse, json!({"patient":format!("Patient/{}", w.bob),"reason":"CANARY-BTG unconscious in ER"})).await;
     assert_eq!(r.status(), 201);

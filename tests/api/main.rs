@@ -10,5 +10,6 @@ mod access;
 mod auth;
 mod fhir;
 mod foundation;
+mod oidc;
 mod telemetry;
 mod world;
