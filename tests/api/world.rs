@@ -152,6 +152,13 @@ impl TestApp {
         .set(resources::content.eq(doc.to_string()))
         .execute(&mut conn)
         .unwrap();
+        use carevault::store::schema::resource_history as h;
+        diesel::update(
+            h::table.filter(h::resource_type.eq("Patient")).filter(h::id.eq(patient)).filter(h::version_id.eq(1)),
+        )
+        .set(h::content.eq(doc.to_string()))
+        .execute(&mut conn)
+        .unwrap();
     }
 }
 
