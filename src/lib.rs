@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fsutil;
+pub mod monitor;
 pub mod records;
 pub mod role;
 pub mod store;
