@@ -2,11 +2,11 @@
 //! Tests build it with port 0 and ask for the port.
 
 use crate::api;
+use crate::clock::SharedClock;
+use crate::config::Config;
 use crate::audit::store::Auditor;
 use crate::auth::service::{AuthService, load_signing_keys};
 use crate::auth::session::SessionPolicy;
-use crate::clock::SharedClock;
-use crate::config::Config;
 use crate::crypto::{FieldCipher, KeyProvider};
 use crate::store::{Db, StoreError};
 use crate::tls::{self, TlsError};
@@ -38,8 +38,7 @@ impl AppState {
         let keys = crate::crypto::store::master_provider(&config).map_err(|e| StartError::Other(e.to_string()))?;
         let now = clock.now();
         let mut conn = db.conn().map_err(|_| StartError::Store(StoreError::Connect))?;
-        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)
-            .map_err(|e| StartError::Other(e.to_string()))?;
+        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now).map_err(|e| StartError::Other(e.to_string()))?;
         let issuer = config.auth.issuer.clone().unwrap_or_else(|| config.base_url());
         let token_keys = load_signing_keys(&mut conn, keys.as_ref(), now, &issuer, &issuer)
             .map_err(|_| StartError::Other("cannot load the token signing keys".into()))?;
@@ -50,8 +49,7 @@ impl AppState {
         )
         .map_err(|_| StartError::Other("invalid session timeouts".into()))?;
         let ttl = time::Duration::seconds(i64::try_from(config.auth.access_token_ttl_secs).unwrap_or(300));
-        let auth =
-            Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
+        let auth = Arc::new(AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer));
         let audit = Auditor::start(db.clone());
         let monitor = crate::monitor::Monitor::new();
         Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, monitor })
