@@ -1,5 +1,6 @@
 //! HTTP only: routes are registered in one place ([`routes`]); handlers parse, call a service, render.
 
+pub mod admin;
 pub mod auth;
 pub mod health;
 
@@ -21,7 +22,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/auth/login").route(web::post().to(auth::login)))
         .service(web::resource("/auth/token").route(web::post().to(auth::token)))
         .service(web::resource("/auth/revoke").route(web::post().to(auth::revoke)))
-        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)));
+        .service(web::resource("/auth/logout").route(web::post().to(auth::logout)))
+        .service(web::resource("/admin/alerts").route(web::get().to(admin::list)))
+        .service(web::resource("/admin/alerts/{id}/ack").route(web::post().to(admin::ack)));
 }
 
 /// Unknown routes answer 404 with an OperationOutcome.

@@ -131,12 +131,17 @@ fn has_detail(e: &AuditEvent, code: &str) -> bool {
     e.detail.as_deref() == Some(code)
 }
 
+/// A failed sign-in (a disabled account's token has its own rule).
+fn failed_login(e: &AuditEvent) -> bool {
+    e.kind == AuditKind::LoginFailure && !has_detail(e, DETAIL_DISABLED_ACCOUNT_TOKEN)
+}
+
 fn failed_login_account(e: &AuditEvent) -> Option<Subject> {
-    (e.kind == AuditKind::LoginFailure).then(|| account(e)).flatten()
+    failed_login(e).then(|| account(e)).flatten()
 }
 
 fn failed_login_address(e: &AuditEvent) -> Option<Subject> {
-    (e.kind == AuditKind::LoginFailure).then(|| address(e)).flatten()
+    failed_login(e).then(|| address(e)).flatten()
 }
 
 fn patient_access(e: &AuditEvent) -> Option<Subject> {
@@ -298,6 +303,9 @@ mod tests {
         assert_eq!(break_glass(&denied), None);
         let reuse = event(AuditKind::Refresh, Outcome::SeriousFailure).with_detail(DETAIL_REFRESH_TOKEN_REUSE);
         assert!(refresh_reuse(&reuse).is_some());
+        let disabled = fail.clone().with_detail(DETAIL_DISABLED_ACCOUNT_TOKEN);
+        assert!(disabled_token(&disabled).is_some());
+        assert_eq!(failed_login_account(&disabled), None, "counted by its own rule only");
         assert_eq!(refresh_reuse(&event(AuditKind::Refresh, Outcome::Success)), None);
     }
 
