@@ -130,6 +130,9 @@ pub fn evaluate_after(conn: &mut AnyConnection, config: &Config, after: i64) -> 
             continue;
         }
         for (i, rule) in RULES.iter().enumerate() {
+            if !rule.kinds.contains(&event.kind) {
+                continue;
+            }
             if let Some(subject) = (rule.subject)(&event) {
                 let at = seen.entry((i, subject)).or_insert(event.recorded);
                 *at = (*at).max(event.recorded);

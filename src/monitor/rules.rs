@@ -150,7 +150,8 @@ fn patient_access(e: &AuditEvent) -> Option<Subject> {
 
 fn break_glass(e: &AuditEvent) -> Option<Subject> {
     let grant = e.kind == AuditKind::BreakGlass && e.outcome == Outcome::Success;
-    (grant || e.purpose_of_use.as_deref() == Some(purpose::BTG)).then(|| account(e)).flatten()
+    let emergency_access = e.kind.is_rest() && e.purpose_of_use.as_deref() == Some(purpose::BTG);
+    (grant || emergency_access).then(|| account(e)).flatten()
 }
 
 fn refresh_reuse(e: &AuditEvent) -> Option<Subject> {
@@ -211,7 +212,11 @@ pub static RULES: &[Rule] = &[
             AuditKind::Vread,
             AuditKind::Search,
             AuditKind::History,
+            AuditKind::Create,
+            AuditKind::Update,
+            AuditKind::Delete,
             AuditKind::Everything,
+            AuditKind::AccessReport,
         ],
         subject: break_glass,
         counting: Counting::Events,
