@@ -256,6 +256,9 @@ both_backends!(alerts_api_roles_filters_and_ack, |app: TestApp| async move {
         assert_eq!(body["alerts"].as_array().unwrap().len(), 2);
     }
     let body: Value = get("/admin/alerts?severity=critical", Some(admin.access.clone())).await.json().await.unwrap();
+    eprintln!("DEBUG {body}");
+    eprintln!("DEBUG2 {}", get("/admin/alerts", Some(admin.access.clone())).await.status());
+    eprintln!("DEBUG3 {}", get("/admin/alerts?rule=break-glass", Some(admin.access.clone())).await.status());
     let list = body["alerts"].as_array().unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["rule"], "decrypt-failure");
