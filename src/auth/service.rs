@@ -85,6 +85,7 @@ pub struct TokenResponse {
 #[derive(Debug, Clone, Copy)]
 struct CachedSession {
     live: bool,
+    created_at: OffsetDateTime,
     last_seen: OffsetDateTime,
     checked_at: OffsetDateTime,
 }
@@ -527,7 +528,7 @@ impl AuthService {
             && now - c.checked_at < SESSION_CACHE
             && now >= c.checked_at
         {
-            if !c.live || !self.sessions.is_live(now - Duration::days(1), c.last_seen, now) {
+            if !c.live || !self.sessions.is_live(c.created_at, c.last_seen, now) {
                 return Err(AppError::Unauthenticated);
             }
             return Ok(());
@@ -553,14 +554,14 @@ impl AuthService {
                         .execute(c)?;
                     last_seen = now;
                 }
-                Ok(Some((live, last_seen)))
+                Ok(Some((live, created, last_seen)))
             })
             .await?;
-        let (live, last_seen) = state.unwrap_or((false, now));
+        let (live, created_at, last_seen) = state.unwrap_or((false, now, now));
         self.cache
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(sid, CachedSession { live, last_seen, checked_at: now });
+            .insert(sid, CachedSession { live, created_at, last_seen, checked_at: now });
         if live { Ok(()) } else { Err(AppError::Unauthenticated) }
     }
 
