@@ -48,7 +48,7 @@ pub fn verify(secret: &[u8], body: &[u8], header: &str) -> bool {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -77,7 +77,8 @@ impl Sender {
             return None;
         };
         let https = url.scheme() == "https";
-        if !(https || url.scheme() == "http") || (cfg.profile == Profile::Production && !https) {
+        let plain_allowed = url.scheme() == "http" && cfg.profile != Profile::Production;
+        if !(https || plain_allowed) {
             tracing::error!("`alerts.webhook_url` must be https (http only in development); alerts are stored only");
             return None;
         }

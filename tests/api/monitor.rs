@@ -309,16 +309,19 @@ both_backends!(alerts_api_roles_filters_and_ack, |app: TestApp| async move {
 
 /// A minimal HTTP receiver on 127.0.0.1: answers with the scripted statuses in turn (then 200) and records
 /// each request's signature header and body.
+/// Each request received: its signature header and its body.
+type Seen = Arc<Mutex<Vec<(Option<String>, Vec<u8>)>>>;
+
 struct Receiver {
     url: String,
-    seen: Arc<Mutex<Vec<(Option<String>, Vec<u8>)>>>,
+    seen: Seen,
 }
 
 async fn receiver(script: Vec<u16>) -> Receiver {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let seen: Arc<Mutex<Vec<(Option<String>, Vec<u8>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let record = seen.clone();
     tokio::spawn(async move {
         let mut script = script.into_iter();
