@@ -49,22 +49,35 @@ pub enum HhsDuty {
     /// None affected: nothing to report.
     None,
     /// 500 or more: contemporaneously with the individual notices, by `by` at the latest.
-    Immediate { by: Date },
+    Immediate {
+        #[serde(serialize_with = "ymd")]
+        by: Date,
+    },
     /// Fewer than 500: enter in the breach log, submitted within 60 days after the end of the calendar year.
-    AnnualLog { by: Date },
+    AnnualLog {
+        #[serde(serialize_with = "ymd")]
+        by: Date,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Duties {
     /// Individuals to notify without unreasonable delay, by `individuals_by` at the latest.
     pub individuals: u64,
+    #[serde(serialize_with = "ymd")]
     pub individuals_by: Date,
     pub hhs: HhsDuty,
     /// States with more than 500 affected residents: notify prominent media there by `media_by`.
     pub media_states: Vec<String>,
+    #[serde(serialize_with = "ymd")]
     pub media_by: Date,
     /// Patients whose State is unknown: the media duty cannot be ruled out for them.
     pub unknown_state: u64,
+}
+
+/// Dates as `YYYY-MM-DD`.
+fn ymd<S: serde::Serializer>(d: &Date, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(d)
 }
 
 /// The notification duties (45 CFR 164.404–408) for `by_state` affected individuals discovered on `discovered`.
@@ -162,6 +175,7 @@ pub struct Report {
     pub username: String,
     pub since: String,
     pub until: String,
+    #[serde(serialize_with = "ymd")]
     pub discovered: Date,
     pub total_patients: u64,
     pub total_accesses: u64,

@@ -592,3 +592,65 @@ both_backends!(incident_report_lists_exactly_the_patients_touched, |app: TestApp
             .is_none()
     );
 });
+
+/// Runs the `carevault` binary against this test's database and keys.
+fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    use secrecy::ExposeSecret;
+    let url = match app.state.config.database().unwrap() {
+        carevault::config::DatabaseTarget::Sqlite(path) => format!("sqlite://{}", path.display()),
+        carevault::config::DatabaseTarget::Postgres(url) => url.0.expose_secret().to_owned(),
+    };
+    let config = app.dir.path().join("cli.toml");
+    std::fs::write(&config, format!("database_url = \"{url}\"\n")).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_carevault"))
+        .arg("--data-dir")
+        .arg(app.dir.path())
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .env_remove("CAREVAULT_LOG")
+        .output()
+        .unwrap()
+}
+
+both_backends!(incident_commands_from_the_cli, |app: TestApp| async move {
+    app.add_user("snoop", Role::Clinician, Some("6f1c1d7a-7a53-4d1e-9a51-7f3f0b7a0c15"), None);
+    let snoop = account_id(&app, "snoop");
+    let p = Uuid::new_v4();
+    // The CLI reads the wall clock: events in a fixed past window.
+    let at = time::macros::datetime!(2026-01-10 12:00 UTC);
+    append(&app, &[access(&snoop, AuditKind::Read, p, at), access(&snoop, AuditKind::Read, p, at)]);
+    let out = cli(
+        &app,
+        &[
+            "incident",
+            "report",
+            "--user",
+            "snoop",
+            "--since",
+            "2026-01-10",
+            "--until",
+            "2026-01-11",
+            "--discovered",
+            "2026-01-12",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["total_patients"], 1);
+    assert_eq!(report["patients"][0]["patient"], p.to_string());
+    assert_eq!(report["patients"][0]["accesses"], 2);
+    assert_eq!(report["by_state"]["unknown"], 1);
+    assert_eq!(report["duties"]["individuals_by"], "2026-03-13");
+    let human = cli(&app, &["incident", "report", "--user", "snoop", "--since", "2026-01-10", "--until", "2026-01-11"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("touched 1 patient(s), 2 access(es)"));
+    let out = cli(&app, &["incident", "contain", "--user", "snoop", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["account"], snoop);
+    let mut conn = app.state.db.conn().unwrap();
+    assert!(carevault::auth::service::find_account(&mut conn, "snoop").unwrap().unwrap().disabled);
+    let missing = cli(&app, &["incident", "contain", "--user", "nobody"]);
+    assert!(!missing.status.success());
+});
