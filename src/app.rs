@@ -33,6 +33,8 @@ pub struct AppState {
     pub audit: Auditor,
     pub access: Arc<AccessControl>,
     pub records: Arc<Records>,
+    /// The alert rule engine's handle (started by [`Application::build`]).
+    pub monitor: crate::monitor::Monitor,
 }
 
 /// The FHIR validator compiles the official schema once per process (about 0.3 s).
@@ -96,7 +98,8 @@ impl AppState {
             clock.clone(),
             base,
         ));
-        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, access, records })
+        let monitor = crate::monitor::Monitor::new();
+        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, access, records, monitor })
     }
 }
 
@@ -164,7 +167,9 @@ impl Application {
             let tls_config = tls::server_config(&cert, &key, cfg.profile)?;
             server.listen_rustls_0_23(listener, tls_config).map_err(|_| StartError::Bind(cfg.listen))?
         };
-        Ok(Application { port, server: server.run(), state })
+        let server = server.run();
+        state.monitor.start(&state).map_err(|_| StartError::Other("cannot start the alert monitor".into()))?;
+        Ok(Application { port, server, state })
     }
 
     pub fn port(&self) -> u16 {

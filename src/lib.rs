@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod error;
 pub mod fhir;
 pub mod fsutil;
+pub mod monitor;
 pub mod records;
 pub mod role;
 pub mod store;

@@ -58,6 +58,7 @@ impl FromRequest for Principal {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(|t| t.trim().to_owned());
+        let ip = client_ip(req);
         Box::pin(async move {
             let state = state.ok_or_else(|| AppError::internal("application state missing"))?;
             let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 8192) else {
@@ -68,6 +69,19 @@ impl FromRequest for Principal {
             let result = state.auth.authenticate(&token).instrument(span).await;
             if result.is_err() {
                 metrics::auth_failure("invalid-token");
+            }
+            if matches!(result, Err(AppError::Unauthenticated))
+                && let Some(account) = state.auth.disabled_account_of(&token).await
+            {
+                // A disabled account's token still in use: audited for the monitor's rule.
+                let agent = Agent::user(account, None, None);
+                let agent = match ip {
+                    Some(ip) => agent.with_address(ip),
+                    None => agent,
+                };
+                let event = AuditEvent::new(AuditKind::LoginFailure, state.clock.now(), Outcome::MinorFailure, agent)
+                    .with_detail(crate::monitor::rules::DETAIL_DISABLED_ACCOUNT_TOKEN);
+                state.audit.record(event).await?;
             }
             result
         })

@@ -1,5 +1,6 @@
 //! HTTP only: routes are registered in one place ([`routes`]); handlers parse, call a service, render.
 
+pub mod admin;
 pub mod auth;
 pub mod fhir;
 pub mod health;
@@ -42,7 +43,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(web::resource("/auth/session").route(web::get().to(auth::session)))
         .service(web::resource("/auth/oidc/login").route(web::get().to(oidc::login)))
-        .service(web::resource("/auth/oidc/callback").route(web::get().to(oidc::callback)));
+        .service(web::resource("/auth/oidc/callback").route(web::get().to(oidc::callback)))
+        .service(web::resource("/admin/alerts").route(web::get().to(admin::list)))
+        .service(web::resource("/admin/alerts/{id}/ack").route(web::post().to(admin::ack)));
 }
 
 /// Unknown routes answer 404 with an OperationOutcome.

@@ -583,6 +583,22 @@ impl AuthService {
             .insert(sid, CachedSession { live, created_at, last_seen, checked_at: now });
         if live { Ok(()) } else { Err(AppError::Unauthenticated) }
     }
+
+    /// The account id behind a token that verifies but whose account is disabled (the monitor's
+    /// `disabled-account-token` rule); `None` for any other token.
+    pub async fn disabled_account_of(&self, token: &str) -> Option<String> {
+        let claims = self.keys().verify(token, self.clock.now()).ok()?;
+        let id = claims.sub;
+        let q = id.clone();
+        let disabled: Option<bool> = self
+            .db
+            .run(move |c| {
+                Ok(accounts::table.filter(accounts::id.eq(&q)).select(accounts::disabled).first(c).optional()?)
+            })
+            .await
+            .ok()?;
+        (disabled == Some(true)).then_some(id)
+    }
 }
 
 fn empty_tokens() -> TokenResponse {

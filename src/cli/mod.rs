@@ -1,6 +1,7 @@
 //! The command line (CONTRACT §1): one module per subcommand group. Every subcommand takes `--data-dir`
 //! (before or after it) and reads the same configuration as the server.
 
+pub mod incident;
 pub mod serve;
 pub mod users;
 
@@ -30,6 +31,9 @@ pub enum Command {
     /// Manage local accounts and service clients.
     #[command(subcommand)]
     Users(users::UsersCommand),
+    /// Incident response: scope a user's access, contain an account.
+    #[command(subcommand)]
+    Incident(incident::IncidentCommand),
 }
 
 impl Cli {
@@ -49,6 +53,7 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Serve(args)) => serve::run(&cli, args),
         Some(Command::Migrate) => migrate(&cli),
         Some(Command::Users(cmd)) => users::run(&cli, cmd),
+        Some(Command::Incident(cmd)) => incident::run(&cli, cmd),
     };
     match result {
         Ok(()) => 0,

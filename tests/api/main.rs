@@ -10,6 +10,7 @@ mod access;
 mod auth;
 mod fhir;
 mod foundation;
+mod monitor;
 mod oidc;
 mod telemetry;
 mod world;

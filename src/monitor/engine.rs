@@ -1,0 +1,195 @@
+//! The rule engine: a background task that follows the audit trail by `seq` (about once a second, or at once
+//! when poked), and for each (rule, subject) seen in the new events counts matching events in the rule's window
+//! ending at the latest such event. A count at or above the threshold raises an alert ([`super::raise_with`]).
+//!
+//! The cursor lives in memory and starts at the chain head when the server starts: every replica evaluates
+//! every new event, and the alert dedupe (under the chain lock) keeps one alert per (rule, subject) per window.
+//! When the database fails the cursor does not move, so no event is skipped.
+
+use super::rules::{Counting, RULES, Rule, Subject};
+use crate::app::AppState;
+use crate::audit::{AuditEvent, AuditKind};
+use crate::config::Config;
+use crate::crypto::store::micros;
+use crate::error::AppResult;
+use crate::store::AnyConnection;
+use crate::store::schema::{audit_events, audit_head};
+use diesel::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+/// Most audit events read per poll.
+const BATCH: i64 = 1000;
+/// How often the engine and the webhook sender look for work.
+pub const POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A handle on the engine: its progress, and a way to wake it and the webhook sender.
+#[derive(Debug, Clone, Default)]
+pub struct Monitor {
+    processed: Arc<AtomicI64>,
+    wake: Arc<Notify>,
+    wake_sink: Arc<Notify>,
+}
+
+impl Monitor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The last audit `seq` the engine has evaluated.
+    pub fn processed(&self) -> i64 {
+        self.processed.load(Ordering::Acquire)
+    }
+
+    /// Asks the engine and the sender to look for work now instead of at the next poll.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+        self.wake_sink.notify_one();
+    }
+
+    /// Waits until the engine has evaluated every event up to `seq`; false on timeout.
+    pub async fn wait_processed(&self, seq: i64, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.processed() < seq {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    pub(crate) fn sink_notified(&self) -> Arc<Notify> {
+        self.wake_sink.clone()
+    }
+
+    /// Starts the engine and (when configured) the webhook sender on the current tokio runtime. The cursor is
+    /// set to the chain head before this returns, so every event appended afterwards is evaluated.
+    pub fn start(&self, state: &AppState) -> AppResult<()> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| crate::error::AppError::internal("the monitor needs a tokio runtime"))?;
+        let mut conn = state.db.conn()?;
+        let head: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(&mut conn)?;
+        drop(conn);
+        self.processed.store(head, Ordering::Release);
+        let sink = super::sink::Sender::from_config(&state.config);
+        let (me, st) = (self.clone(), state.clone());
+        runtime.spawn(async move { me.run(st, head).await });
+        if let Some(sender) = sink {
+            let (me, st) = (self.clone(), state.clone());
+            runtime.spawn(async move { sender.run(st, me).await });
+        }
+        Ok(())
+    }
+
+    async fn run(self, state: AppState, mut cursor: i64) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = self.wake.notified() => {}
+            }
+            let config = state.config.clone();
+            let after = cursor;
+            match state.db.run(move |c| evaluate_after(c, &config, after)).await {
+                Ok(Some((last, raised))) => {
+                    cursor = last;
+                    self.processed.store(last, Ordering::Release);
+                    if raised > 0 {
+                        self.wake_sink.notify_one();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error.kind = %e, "alert rules could not be evaluated; will retry"),
+            }
+        }
+    }
+}
+
+/// Evaluates every rule over the events after `after`; returns the last `seq` read and how many alerts were
+/// raised, or `None` when there was nothing new.
+pub fn evaluate_after(conn: &mut AnyConnection, config: &Config, after: i64) -> AppResult<Option<(i64, usize)>> {
+    let rows: Vec<(i64, String)> = audit_events::table
+        .filter(audit_events::seq.gt(after))
+        .order(audit_events::seq.asc())
+        .limit(BATCH)
+        .select((audit_events::seq, audit_events::body))
+        .load(conn)?;
+    let Some(last) = rows.last().map(|r| r.0) else { return Ok(None) };
+    // (rule index, subject) -> the latest time it was seen in this batch.
+    let mut seen: BTreeMap<(usize, Subject), OffsetDateTime> = BTreeMap::new();
+    for (seq, body) in &rows {
+        let Ok(event) = serde_json::from_str::<AuditEvent>(body) else {
+            tracing::error!(audit.seq = seq, "audit event does not parse; `audit verify` will name it");
+            continue;
+        };
+        if event.kind == AuditKind::Alert {
+            continue;
+        }
+        for (i, rule) in RULES.iter().enumerate() {
+            if !rule.kinds.contains(&event.kind) {
+                continue;
+            }
+            if let Some(subject) = (rule.subject)(&event) {
+                let at = seen.entry((i, subject)).or_insert(event.recorded);
+                *at = (*at).max(event.recorded);
+            }
+        }
+    }
+    let webhook = config.alerts.webhook_url.is_some();
+    let mut raised = 0;
+    for ((i, subject), at) in seen {
+        let rule = &RULES[i];
+        let window = rule.window_for(config);
+        let count = count_in_window(conn, rule, &subject, at, window)?;
+        if count >= rule.threshold_for(config) {
+            let count = i64::try_from(count).unwrap_or(i64::MAX);
+            // The alert is raised now; its window is the one that ended at the triggering event.
+            let now = at;
+            if super::raise_with(conn, rule, &subject, count, window, webhook, now)?.is_some() {
+                raised += 1;
+            }
+        }
+    }
+    Ok(Some((last, raised)))
+}
+
+/// Matching events (or distinct patients) for `subject` in `[at - window, at]`.
+pub fn count_in_window(
+    conn: &mut AnyConnection,
+    rule: &Rule,
+    subject: &Subject,
+    at: OffsetDateTime,
+    window_secs: i64,
+) -> AppResult<u64> {
+    let to = micros(at);
+    let from = to.saturating_sub(window_secs.saturating_mul(1_000_000));
+    let kinds: Vec<&str> = rule.kinds.iter().map(|k| k.as_str()).collect();
+    let base = audit_events::table
+        .filter(audit_events::kind.eq_any(kinds))
+        .filter(audit_events::recorded.ge(from))
+        .filter(audit_events::recorded.le(to))
+        .select(audit_events::body);
+    let bodies: Vec<String> = match subject {
+        Subject::Account(id) => base.filter(audit_events::agent.eq(id)).load(conn)?,
+        _ => base.load(conn)?,
+    };
+    let mut events = 0u64;
+    let mut patients = BTreeSet::new();
+    for body in bodies {
+        let Ok(e) = serde_json::from_str::<AuditEvent>(&body) else { continue };
+        if (rule.subject)(&e).as_ref() == Some(subject) {
+            events += 1;
+            if let Some(p) = e.patient {
+                patients.insert(p);
+            }
+        }
+    }
+    Ok(match rule.counting {
+        Counting::Events => events,
+        Counting::DistinctPatients => u64::try_from(patients.len()).unwrap_or(u64::MAX),
+    })
+}
