@@ -35,6 +35,8 @@ pub struct AppState {
     pub records: Arc<Records>,
     /// The alert rule engine's handle (started by [`Application::build`]).
     pub monitor: crate::monitor::Monitor,
+    /// The general per-address rate limit of every route.
+    pub limits: Arc<crate::api::limit::RateLimit>,
 }
 
 /// The FHIR validator compiles the official schema once per process (about 0.3 s).
@@ -99,7 +101,21 @@ impl AppState {
             base,
         ));
         let monitor = crate::monitor::Monitor::new();
-        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, access, records, monitor })
+        let limits =
+            Arc::new(crate::api::limit::RateLimit::new(config.limits.requests_per_second, config.limits.burst));
+        Ok(AppState {
+            config: Arc::new(config),
+            db,
+            clock,
+            keys,
+            cipher,
+            auth,
+            audit,
+            access,
+            records,
+            monitor,
+            limits,
+        })
     }
 }
 
@@ -141,6 +157,14 @@ impl Application {
     fn serve(state: AppState, listener: TcpListener) -> Result<Application, StartError> {
         let cfg = state.config.clone();
         if tokio::runtime::Handle::try_current().is_ok() {
+            let limits = state.limits.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    limits.sweep();
+                }
+            });
             crate::access::spawn_policy_watcher(
                 state.access.clone(),
                 cfg.policy_dir(),
@@ -154,6 +178,7 @@ impl Application {
                 .app_data(data.clone())
                 .wrap(ErrorHandlers::new().default_handler(api::outcome_for_plain_errors))
                 .wrap(from_fn(api::body_limit))
+                .wrap(from_fn(api::limit::rate_limit))
                 .wrap(api::security_headers())
                 .wrap(from_fn(crate::telemetry::request_log))
                 .configure(api::routes)

@@ -223,7 +223,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1_048_576, requests_per_second: 200, burst: 400 }
+        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000 }
     }
 }
 

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod fhir;
 pub mod health;
+pub mod limit;
 pub mod oidc;
 
 use crate::app::AppState;

@@ -73,6 +73,35 @@ pub struct Shown {
     pub last_updated: OffsetDateTime,
 }
 
+/// One stored version, as the decoder needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Version<'a> {
+    pub id: &'a str,
+    pub version: i64,
+    pub updated: i64,
+    pub content: &'a str,
+}
+
+impl Row {
+    fn view(&self) -> Version<'_> {
+        Version { id: &self.id, version: self.version_id, updated: self.last_updated, content: &self.content }
+    }
+}
+
+impl store::HistoryRow {
+    fn view(&self) -> Version<'_> {
+        Version { id: &self.id, version: self.version_id, updated: self.last_updated, content: &self.content }
+    }
+}
+
+/// What an audit event is about: the resource type, id and version, and the patient.
+struct Subject<'a> {
+    rtype: &'static str,
+    id: &'a str,
+    version: i64,
+    patient: Option<&'a str>,
+}
+
 /// What `resolve_scope` found: the SQL scope plus the patients reachable only through break-glass.
 struct Reach {
     filter: ScopeFilter,
@@ -236,15 +265,8 @@ impl Records {
 
     /// Decrypts only the elements `mask` allows; the rest are never decrypted. Returns the resource (with
     /// server meta) and whether anything was withheld.
-    fn decode(
-        &self,
-        d: &ResourceDecl,
-        id: &str,
-        version: i64,
-        updated: i64,
-        content: &str,
-        mask: &FieldMask,
-    ) -> AppResult<(Map<String, Value>, bool)> {
+    fn decode(&self, d: &ResourceDecl, v: Version<'_>, mask: &FieldMask) -> AppResult<(Map<String, Value>, bool)> {
+        let Version { id, version, updated, content } = v;
         let stored: Map<String, Value> = serde_json::from_str(content).map_err(AppError::internal)?;
         let mut out = Map::new();
         out.insert("resourceType".into(), Value::String(d.name.to_owned()));
@@ -278,14 +300,11 @@ impl Records {
     fn show(
         &self,
         d: &ResourceDecl,
-        id: &str,
-        version: i64,
-        updated: i64,
-        content: &str,
+        v: Version<'_>,
         mask: &FieldMask,
         elements: Option<&[String]>,
     ) -> AppResult<Value> {
-        let (obj, withheld) = self.decode(d, id, version, updated, content, mask)?;
+        let (obj, withheld) = self.decode(d, v, mask)?;
         let mut value = Value::Object(obj);
         let shaped = mask.shape(&mut value, elements);
         if withheld
@@ -442,8 +461,12 @@ impl Records {
                     };
                     store::insert(conn, &row, &WriteExtras { index, care })?;
                     let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
-                    let event =
-                        this.write_event(&caller2, AuditKind::Create, d.name, &id2, 1, patient.as_deref(), purpose);
+                    let event = this.write_event(
+                        &caller2,
+                        AuditKind::Create,
+                        Subject { rtype: d.name, id: &id2, version: 1, patient: patient.as_deref() },
+                        purpose,
+                    );
                     crate::audit::store::append_locked(conn, head, &[event])?;
                     Ok((1i64, patient))
                 })
@@ -461,16 +484,8 @@ impl Records {
         Ok(shown)
     }
 
-    fn write_event(
-        &self,
-        caller: &Caller,
-        kind: AuditKind,
-        rtype: &'static str,
-        id: &str,
-        version: i64,
-        patient: Option<&str>,
-        purpose: &'static str,
-    ) -> AuditEvent {
+    fn write_event(&self, caller: &Caller, kind: AuditKind, on: Subject<'_>, purpose: &'static str) -> AuditEvent {
+        let Subject { rtype, id, version, patient } = on;
         let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::Success, caller.agent())
             .with_resource(rtype, Uuid::parse_str(id).ok(), Some(version))
             .with_purpose(purpose);
@@ -549,10 +564,13 @@ impl Records {
             return Err(AppError::Gone);
         }
         let decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
-        let resource =
-            self.show(d, id, row.version_id, row.last_updated, &row.content, &decision.read_mask, elements.as_deref())?;
-        let event =
-            self.write_event(caller, AuditKind::Read, d.name, id, row.version_id, row.patient_id.as_deref(), purpose);
+        let resource = self.show(d, row.view(), &decision.read_mask, elements.as_deref())?;
+        let event = self.write_event(
+            caller,
+            AuditKind::Read,
+            Subject { rtype: d.name, id, version: row.version_id, patient: row.patient_id.as_deref() },
+            purpose,
+        );
         self.audit.record(event).await?;
         Ok(Shown { resource, version_id: row.version_id, last_updated: from_micros(row.last_updated) })
     }
@@ -578,15 +596,11 @@ impl Records {
         if version.deleted {
             return Err(AppError::Gone);
         }
-        let resource =
-            self.show(d, id, version.version_id, version.last_updated, &version.content, &decision.read_mask, None)?;
+        let resource = self.show(d, version.view(), &decision.read_mask, None)?;
         let event = self.write_event(
             caller,
             AuditKind::Vread,
-            d.name,
-            id,
-            version.version_id,
-            current.patient_id.as_deref(),
+            Subject { rtype: d.name, id, version: version.version_id, patient: current.patient_id.as_deref() },
             purpose,
         );
         self.audit.record(event).await?;
@@ -619,11 +633,7 @@ impl Records {
             } else {
                 HistoryMethod::Update
             };
-            let resource = if v.deleted {
-                None
-            } else {
-                Some(self.show(d, id, v.version_id, v.last_updated, &v.content, &decision.read_mask, None)?)
-            };
+            let resource = if v.deleted { None } else { Some(self.show(d, v.view(), &decision.read_mask, None)?) };
             entries.push(HistoryEntry {
                 resource_type: d.name.to_owned(),
                 id: id.to_owned(),
@@ -639,10 +649,7 @@ impl Records {
         let event = self.write_event(
             caller,
             AuditKind::History,
-            d.name,
-            id,
-            current.version_id,
-            current.patient_id.as_deref(),
+            Subject { rtype: d.name, id, version: current.version_id, patient: current.patient_id.as_deref() },
             purpose,
         );
         self.audit.record(event).await?;
@@ -688,14 +695,7 @@ impl Records {
                         if read2.allowed { read2.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
                     let stored: Map<String, Value> =
                         serde_json::from_str(&current.content).map_err(AppError::internal)?;
-                    let (mut view, _) = this.decode(
-                        d,
-                        &id2,
-                        current.version_id,
-                        current.last_updated,
-                        &current.content,
-                        &visible_mask,
-                    )?;
+                    let (mut view, _) = this.decode(d, current.view(), &visible_mask)?;
                     view.remove("meta");
                     let mut keep = Map::new();
                     for (k, v) in &stored {
@@ -764,10 +764,7 @@ impl Records {
                     let event = this.write_event(
                         &caller2,
                         AuditKind::Update,
-                        d.name,
-                        &id2,
-                        version,
-                        patient.as_deref(),
+                        Subject { rtype: d.name, id: &id2, version, patient: patient.as_deref() },
                         purpose,
                     );
                     crate::audit::store::append_locked(conn, head, &[event])?;
@@ -817,10 +814,7 @@ impl Records {
                     let event = this.write_event(
                         &caller2,
                         AuditKind::Delete,
-                        d.name,
-                        &id2,
-                        version,
-                        current.patient_id.as_deref(),
+                        Subject { rtype: d.name, id: &id2, version, patient: current.patient_id.as_deref() },
                         purpose,
                     );
                     crate::audit::store::append_locked(conn, head, &[event])?;
@@ -918,15 +912,7 @@ impl Records {
         }
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
-            entries.push(self.show(
-                d,
-                &row.id,
-                row.version_id,
-                row.last_updated,
-                &row.content,
-                &decision.read_mask,
-                req.elements.as_deref(),
-            )?);
+            entries.push(self.show(d, row.view(), &decision.read_mask, req.elements.as_deref())?);
         }
         let next = if more {
             rows.last().map(|r| {
@@ -944,7 +930,7 @@ impl Records {
 
     /// Whether a candidate satisfies every clause, judged on the elements the caller may read.
     fn matches(&self, d: &'static ResourceDecl, row: &Row, mask: &FieldMask, req: &SearchRequest) -> AppResult<bool> {
-        let (obj, _) = self.decode(d, &row.id, row.version_id, row.last_updated, &row.content, mask)?;
+        let (obj, _) = self.decode(d, row.view(), mask)?;
         let value = Value::Object(obj);
         let entries = search::extract_index(d, &value);
         Ok(req.clauses.iter().all(|c| {
@@ -991,15 +977,7 @@ impl Records {
             } else {
                 self.access.decide(&caller.principal.roles, d.name, Action::Read)
             };
-            entries.push(self.show(
-                d,
-                &row.id,
-                row.version_id,
-                row.last_updated,
-                &row.content,
-                &dec.read_mask,
-                None,
-            )?);
+            entries.push(self.show(d, row.view(), &dec.read_mask, None)?);
         }
         let self_link = format!("{}/Patient/{}/$everything", self.base, id);
         let mut event = AuditEvent::new(AuditKind::Everything, self.clock.now(), Outcome::Success, caller.agent())

@@ -188,3 +188,17 @@ both_backends!(break_glass_opens_one_patient_for_a_limited_time, |app: TestApp| 
     let s = app.login_as("nurse").await;
     assert_eq!(app.get(&s, &bob).await.status(), 404, "the grant expired");
 });
+
+both_backends!(admin_sees_no_phi_and_everyone_reads_the_directory, |app: TestApp| async move {
+    let w = app.world().await;
+    for path in [format!("/fhir/Patient/{}", w.alice), "/fhir/Observation".to_owned(), "/fhir/AuditEvent".to_owned()] {
+        assert_eq!(app.get(&w.admin, &path).await.status(), 403, "{path}");
+    }
+    for s in [&w.admin, &w.alice_user, &w.billing, &w.auditor, &w.nurse] {
+        for id in [&w.other_practitioner, &w.nurse_practitioner] {
+            let (status, p) = app.get_json(s, &format!("/fhir/Practitioner/{id}")).await;
+            assert_eq!(status, 200);
+            app.assert_valid(&p);
+        }
+    }
+});

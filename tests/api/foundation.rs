@@ -149,3 +149,15 @@ fn port_in_use_is_one_clear_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen") && err.contains("`listen`"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_is_rate_limited_per_address() {
+    let app = TestApp::spawn_with(Backend::Sqlite, "[limits]\nrequests_per_second = 1\nburst = 3\n").await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = app.client.get(app.url("/health/live")).send().await.unwrap();
+        statuses.push((r.status().as_u16(), r.headers().get("retry-after").is_some()));
+    }
+    assert_eq!(&statuses[..3], &[(200, false); 3]);
+    assert_eq!(statuses[4], (429, true));
+}
