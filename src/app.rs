@@ -83,7 +83,8 @@ impl AppState {
         };
         let auth = Arc::new(
             AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer)
-                .with_oidc(oidc),
+                .with_oidc(oidc)
+                .requiring_admin_totp(config.profile == crate::config::Profile::Production),
         );
         let audit = Auditor::start(db.clone());
         let access = Arc::new(

@@ -103,27 +103,30 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     if body.username.is_empty() || body.username.len() > 64 || body.password.len() > MAX_FIELD {
         return Err(AppError::Unauthenticated);
     }
-    let _ = body.totp;
+    if body.totp.as_ref().is_some_and(|t| t.len() > 16) {
+        return Err(AppError::Unauthenticated);
+    }
     let ip = client_ip(&req);
     let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
     let now = state.clock.now();
-    match state.auth.login(body.username, SecretString::from(body.password), address).await? {
+    match state.auth.login(body.username, SecretString::from(body.password), body.totp, address).await? {
         LoginOutcome::Ok { tokens, account, .. } => {
             let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&account, ip));
             state.audit.record(event).await?;
             Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
         }
         LoginOutcome::Failed { account, reason } => {
-            metrics::auth_failure(match reason {
+            let code = match reason {
                 LoginFailure::UnknownOrWrong => "invalid-credentials",
                 LoginFailure::Disabled => "account-disabled",
-            });
+                LoginFailure::SecondFactor => "second-factor",
+            };
+            metrics::auth_failure(code);
             let agent = match &account {
                 Some(a) => agent_of(a, ip),
                 None => ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip)),
             };
-            let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
-                .with_detail("invalid-credentials");
+            let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent).with_detail(code);
             state.audit.record(event).await?;
             Err(AppError::Unauthenticated)
         }

@@ -10,5 +10,6 @@ pub mod service;
 pub mod session;
 pub mod throttle;
 pub mod token;
+pub mod totp;
 
 pub use principal::Principal;

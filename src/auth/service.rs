@@ -96,6 +96,8 @@ struct CachedSession {
 pub enum LoginFailure {
     UnknownOrWrong,
     Disabled,
+    /// The second factor was missing, wrong or replayed, or (production) an admin has none enrolled.
+    SecondFactor,
 }
 
 /// What a login attempt came to.
@@ -116,6 +118,8 @@ pub struct AuthService {
     audience: String,
     cache: RwLock<HashMap<Uuid, CachedSession>>,
     oidc: Option<Arc<OidcService>>,
+    /// Production: admin accounts must have TOTP enrolled to sign in.
+    require_admin_totp: bool,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -208,10 +212,16 @@ impl AuthService {
             issuer,
             cache: RwLock::new(HashMap::new()),
             oidc: None,
+            require_admin_totp: false,
         }
     }
 
     /// Adds the configured OpenID Connect provider: its login flow and its access tokens as bearer tokens.
+    pub fn requiring_admin_totp(mut self, yes: bool) -> Self {
+        self.require_admin_totp = yes;
+        self
+    }
+
     pub fn with_oidc(mut self, oidc: Option<Arc<OidcService>>) -> Self {
         self.oidc = oidc;
         self
@@ -248,7 +258,13 @@ impl AuthService {
     }
 
     /// Password login with throttling per account name and per address. Unknown names cost the same as known.
-    pub async fn login(&self, username: String, password: SecretString, address: String) -> AppResult<LoginOutcome> {
+    pub async fn login(
+        &self,
+        username: String,
+        password: SecretString,
+        totp: Option<String>,
+        address: String,
+    ) -> AppResult<LoginOutcome> {
         let now = self.clock.now();
         let account_key = format!("account:{username}");
         let address_key = format!("address:{address}");
@@ -279,15 +295,22 @@ impl AuthService {
             })
             .await?;
         let phc = account.as_ref().and_then(|a| a.password_hash.clone());
-        let verification = actix_web::web::block(move || verify_password(phc.as_deref(), &password))
-            .await
-            .map_err(AppError::internal)?;
-        let failed = match &account {
+        let (verification, password) =
+            actix_web::web::block(move || (verify_password(phc.as_deref(), &password), password))
+                .await
+                .map_err(AppError::internal)?;
+        let mut failed = match &account {
             None => Some(LoginFailure::UnknownOrWrong),
             Some(_) if !verification.ok => Some(LoginFailure::UnknownOrWrong),
             Some(a) if a.disabled => Some(LoginFailure::Disabled),
             Some(_) => None,
         };
+        if failed.is_none()
+            && let Some(a) = &account
+            && !self.second_factor_ok(a, totp.as_deref(), now).await?
+        {
+            failed = Some(LoginFailure::SecondFactor);
+        }
         if let Some(reason) = failed {
             self.db
                 .run(move |c| {
@@ -299,15 +322,53 @@ impl AuthService {
         }
         let Some(account) = account else { return Err(AppError::Unauthenticated) };
         if verification.needs_rehash {
-            // Parameters are upgraded on the next successful login; the password is at hand only now.
-            self.upgrade_hash(&account).await;
+            // Parameters are upgraded on the next successful login, the only time the password is at hand.
+            let id = account.id.clone();
+            let phc = actix_web::web::block(move || super::password::hash_password(&password))
+                .await
+                .map_err(AppError::internal)??;
+            self.db
+                .run(move |c| {
+                    diesel::update(accounts::table.filter(accounts::id.eq(&id)))
+                        .set(accounts::password_hash.eq(Some(phc)))
+                        .execute(c)?;
+                    Ok(())
+                })
+                .await?;
         }
         let (tokens, session) = self.open_session(&account, now).await?;
         Ok(LoginOutcome::Ok { tokens, account, session })
     }
 
-    async fn upgrade_hash(&self, _account: &Account) {
-        // The verified password is consumed by the verifier; rehashing happens in `login_rehash`.
+    /// TOTP for accounts that enrolled it (required for admins in production). A code is accepted once.
+    async fn second_factor_ok(&self, account: &Account, code: Option<&str>, now: OffsetDateTime) -> AppResult<bool> {
+        let Some(wrapped) = &account.totp_secret else {
+            return Ok(!(self.require_admin_totp && account.role() == Some(Role::Admin)));
+        };
+        let Some(code) = code else { return Ok(false) };
+        let bytes = STANDARD.decode(wrapped).map_err(AppError::internal)?;
+        let secret = self.provider.unwrap(&totp_key_id(&account.id), &bytes).map_err(AppError::internal)?;
+        let id = account.id.clone();
+        let last: Option<i64> = self
+            .db
+            .run(move |c| Ok(accounts::table.filter(accounts::id.eq(&id)).select(accounts::totp_last_step).first(c)?))
+            .await?;
+        let Some(step) = super::totp::verify(&secret, code, now, last) else { return Ok(false) };
+        let id = account.id.clone();
+        // Compare-and-set, so two concurrent logins cannot both spend the same code.
+        let n = self
+            .db
+            .run(move |c| {
+                Ok(diesel::update(
+                    accounts::table
+                        .filter(accounts::id.eq(&id))
+                        .filter(accounts::totp_last_step.is_null().or(accounts::totp_last_step.lt(step))),
+                )
+                .set(accounts::totp_last_step.eq(Some(step)))
+                .execute(c)?)
+            })
+            .await?;
+        Ok(n == 1)
     }
 
     /// Opens a session for an account (password or OIDC login) and issues its first tokens.
@@ -666,6 +727,26 @@ fn record_failure(c: &mut AnyConnection, key: &str, now: OffsetDateTime) -> AppR
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn totp_key_id(account_id: &str) -> String {
+    format!("carevault/totp/{account_id}")
+}
+
+/// Enrolls (or re-enrolls) TOTP for an account; returns the `otpauth://` URL to show the user once.
+pub fn enroll_totp(
+    c: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    username: &str,
+    issuer: &str,
+) -> AppResult<Option<String>> {
+    let Some(account) = find_account(c, username)? else { return Ok(None) };
+    let secret = zeroize::Zeroizing::new(super::totp::generate_secret());
+    let wrapped = provider.wrap(&totp_key_id(&account.id), secret.as_slice()).map_err(AppError::internal)?;
+    diesel::update(accounts::table.filter(accounts::id.eq(&account.id)))
+        .set((accounts::totp_secret.eq(Some(STANDARD.encode(wrapped))), accounts::totp_last_step.eq(None::<i64>)))
+        .execute(c)?;
+    Ok(Some(super::totp::otpauth_url(issuer, &account.username, secret.as_slice())))
 }
 
 /// A new account to create.

@@ -27,6 +27,11 @@ pub enum UsersCommand {
         #[arg(long)]
         service: bool,
     },
+    /// Enroll a TOTP second factor (prints the otpauth:// URL once; required for admins in production).
+    TotpEnroll {
+        #[arg(long)]
+        username: String,
+    },
     /// Disable an account and end its sessions at once.
     Disable { username: String },
     /// List accounts.
@@ -67,6 +72,15 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), String> {
             let id = create_account(&mut conn, &new, &password, now).map_err(|e| e.to_string())?;
             super::audit_admin(&state, &mut conn, "user-created")?;
             println!("created {} ({role}) id {id}", new.username);
+            Ok(())
+        }
+        UsersCommand::TotpEnroll { username } => {
+            let issuer = "carevault";
+            let url = crate::auth::service::enroll_totp(&mut conn, state.keys.as_ref(), username, issuer)
+                .map_err(|_| "database error".to_owned())?
+                .ok_or_else(|| "no such account".to_owned())?;
+            super::audit_admin(&state, &mut conn, "totp-enrolled")?;
+            println!("{url}");
             Ok(())
         }
         UsersCommand::Disable { username } => {

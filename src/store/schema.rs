@@ -73,6 +73,7 @@ diesel::table! {
         patient_id -> Nullable<Text>,
         password_hash -> Nullable<Text>,
         totp_secret -> Nullable<Text>,
+        totp_last_step -> Nullable<BigInt>,
         disabled -> Bool,
         created_at -> BigInt,
     }

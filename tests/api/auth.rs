@@ -3,6 +3,7 @@
 
 use crate::both_backends;
 use crate::helpers::{PASSWORD, TestApp};
+use carevault::clock::Clock;
 use carevault::role::Role;
 use serde_json::json;
 use time::Duration;
@@ -233,4 +234,31 @@ both_backends!(client_credentials_for_service_clients, |app: TestApp| async move
         .unwrap();
     assert_eq!(bad.status(), 401);
     assert_eq!(bad.json::<serde_json::Value>().await.unwrap()["error"], "invalid_client");
+});
+
+both_backends!(totp_second_factor_is_required_once_enrolled_and_single_use, |app: TestApp| async move {
+    app.add_user("gina", Role::Admin, None, None);
+    let url = {
+        let mut conn = app.state.db.conn().unwrap();
+        carevault::auth::service::enroll_totp(&mut conn, app.state.keys.as_ref(), "gina", "carevault").unwrap().unwrap()
+    };
+    let secret = url.split("secret=").nth(1).unwrap().split('&').next().unwrap();
+    let secret = data_encoding::BASE32_NOPAD.decode(secret.as_bytes()).unwrap();
+    let step = u64::try_from(carevault::auth::totp::step_of(app.clock.now())).unwrap();
+    let code = format!("{:06}", carevault::auth::totp::hotp(&secret, step, 6));
+    let login = |totp: Option<&str>| {
+        let app = &app;
+        let mut body = json!({"username":"gina","password":PASSWORD});
+        if let Some(t) = totp {
+            body["totp"] = json!(t);
+        }
+        async move { app.client.post(app.url("/auth/login")).json(&body).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(login(None).await, 401, "password alone is not enough");
+    assert_eq!(login(Some("000000")).await, 401);
+    assert_eq!(login(Some(&code)).await, 200);
+    assert_eq!(login(Some(&code)).await, 401, "a code is accepted once");
+    app.clock.advance(Duration::seconds(30));
+    let code = format!("{:06}", carevault::auth::totp::hotp(&secret, step + 1, 6));
+    assert_eq!(login(Some(&code)).await, 200);
 });
