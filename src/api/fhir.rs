@@ -3,6 +3,7 @@
 
 use crate::api::auth::client_ip;
 use crate::app::AppState;
+use crate::audit::AuditKind;
 use crate::auth::principal::Principal;
 use crate::error::{AppError, AppResult, FHIR_JSON};
 use crate::fhir::search::Handling;
@@ -14,6 +15,19 @@ use time::format_description::well_known::Rfc2822;
 
 fn caller(req: &HttpRequest, principal: Principal) -> Caller {
     Caller { principal, ip: client_ip(req) }
+}
+
+/// Refused and failed interactions are audited too (who, which type, the outcome; nothing the client sent).
+async fn audited<T>(state: &AppState, c: &Caller, kind: AuditKind, rtype: &str, r: AppResult<T>) -> AppResult<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let status = actix_web::ResponseError::status_code(&e).as_u16();
+            let event = state.records.failure_event(c, kind, rtype, status);
+            state.records.auditor().record(event).await?;
+            Err(e)
+        }
+    }
 }
 
 fn fhir_json(status: actix_web::http::StatusCode, body: &Value) -> HttpResponse {
@@ -86,7 +100,9 @@ pub async fn read(
         let body = crate::records::audit_api::read(&state, &caller(&req, p), &id).await?;
         return Ok(fhir_json(actix_web::http::StatusCode::OK, &body));
     }
-    let shown = state.records.read(&caller(&req, p), &rtype, &id, elements).await?;
+    let c = caller(&req, p);
+    let shown =
+        audited(&state, &c, AuditKind::Read, &rtype, state.records.read(&c, &rtype, &id, elements).await).await?;
     Ok(with_version(fhir_json(actix_web::http::StatusCode::OK, &shown.resource), &shown))
 }
 
@@ -111,7 +127,8 @@ pub async fn vread(
     path: web::Path<(String, String, String)>,
 ) -> AppResult<HttpResponse> {
     let (rtype, id, vid) = path.into_inner();
-    let shown = state.records.vread(&caller(&req, p), &rtype, &id, &vid).await?;
+    let c = caller(&req, p);
+    let shown = audited(&state, &c, AuditKind::Vread, &rtype, state.records.vread(&c, &rtype, &id, &vid).await).await?;
     Ok(with_version(fhir_json(actix_web::http::StatusCode::OK, &shown.resource), &shown))
 }
 
@@ -122,7 +139,8 @@ pub async fn history(
     path: web::Path<(String, String)>,
 ) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
-    let body = state.records.history(&caller(&req, p), &rtype, &id).await?;
+    let c = caller(&req, p);
+    let body = audited(&state, &c, AuditKind::History, &rtype, state.records.history(&c, &rtype, &id).await).await?;
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
 
@@ -135,7 +153,8 @@ pub async fn create(
 ) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     check_json(&req)?;
-    let shown = state.records.create(&caller(&req, p), &rtype, &body).await?;
+    let c = caller(&req, p);
+    let shown = audited(&state, &c, AuditKind::Create, &rtype, state.records.create(&c, &rtype, &body).await).await?;
     let id = shown.resource.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
     let location = format!("/fhir/{rtype}/{id}/_history/{}", shown.version_id);
     let resp = if wants_minimal(&req) {
@@ -163,7 +182,10 @@ pub async fn update(
     if expected.is_none() {
         return Err(AppError::PreconditionRequired);
     }
-    let shown = state.records.update(&caller(&req, p), &rtype, &id, expected, &body).await?;
+    let c = caller(&req, p);
+    let shown =
+        audited(&state, &c, AuditKind::Update, &rtype, state.records.update(&c, &rtype, &id, expected, &body).await)
+            .await?;
     let resp = if wants_minimal(&req) {
         HttpResponse::Ok().finish()
     } else {
@@ -179,7 +201,8 @@ pub async fn delete(
     path: web::Path<(String, String)>,
 ) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
-    state.records.delete(&caller(&req, p), &rtype, &id).await?;
+    let c = caller(&req, p);
+    audited(&state, &c, AuditKind::Delete, &rtype, state.records.delete(&c, &rtype, &id).await).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -222,10 +245,11 @@ async fn search(
 ) -> AppResult<HttpResponse> {
     let c = caller(req, p);
     let body = if rtype == "AuditEvent" {
-        crate::records::audit_api::search(state, &c, pairs, handling(req)).await?
+        crate::records::audit_api::search(state, &c, pairs, handling(req)).await
     } else {
-        state.records.search(&c, rtype, pairs, handling(req)).await?
+        state.records.search(&c, rtype, pairs, handling(req)).await
     };
+    let body = audited(state, &c, AuditKind::Search, rtype, body).await?;
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
 
@@ -235,7 +259,10 @@ pub async fn everything(
     p: Principal,
     path: web::Path<String>,
 ) -> AppResult<HttpResponse> {
-    let body = state.records.everything(&caller(&req, p), &path.into_inner()).await?;
+    let c = caller(&req, p);
+    let body =
+        audited(&state, &c, AuditKind::Everything, "Patient", state.records.everything(&c, &path.into_inner()).await)
+            .await?;
     Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
 }
 

@@ -223,10 +223,6 @@ impl Records {
         Ok(caller.purpose())
     }
 
-    fn event(&self, caller: &Caller, kind: AuditKind, outcome: Outcome) -> AuditEvent {
-        AuditEvent::new(kind, self.clock.now(), outcome, caller.agent()).with_purpose(caller.purpose())
-    }
-
     // ---- encoding: plaintext FHIR ⇄ stored document -------------------------------------------------------
 
     /// Encrypts every PHI element on its own (AAD: type, id, element). `keep` holds stored ciphertexts the
@@ -438,7 +434,7 @@ impl Records {
         let this = self.clone_parts();
         let caller2 = caller.clone();
         let id2 = id.clone();
-        let (version, patient) = self
+        let version = self
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
@@ -446,9 +442,6 @@ impl Records {
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     this.check_references(conn, d, &value, &reach.filter)?;
                     let patient = Self::compartment(d, &id2, &value)?;
-                    if d.patient_link == PatientLink::Itself {
-                        // A new patient is in scope for roles with "all"; others cannot create patients.
-                    }
                     let row = Row {
                         resource_type: d.name.to_owned(),
                         id: id2.clone(),
@@ -468,11 +461,10 @@ impl Records {
                         purpose,
                     );
                     crate::audit::store::append_locked(conn, head, &[event])?;
-                    Ok((1i64, patient))
+                    Ok(1i64)
                 })
             })
             .await?;
-        let _ = patient;
         let shown = self.shape_plain(
             d,
             &id,
@@ -997,30 +989,18 @@ impl Records {
         self.db.run(move |c| Ok(store::current_unscoped(c, "Patient", &id)?.is_some_and(|r| !r.deleted))).await
     }
 
-    pub fn cipher(&self) -> &FieldCipher {
-        &self.cipher
-    }
-
-    pub fn access(&self) -> &AccessControl {
-        &self.access
-    }
-
-    pub fn record_failure_event(&self, caller: &Caller, kind: AuditKind, rtype: &str, status: u16) -> AuditEvent {
-        let d = decl::decl(rtype).map(|d| d.name);
+    /// The audit event of a refused or failed interaction (no resource content, just who, what type, outcome).
+    pub fn failure_event(&self, caller: &Caller, kind: AuditKind, rtype: &str, status: u16) -> AuditEvent {
         let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::from_http_status(status), caller.agent())
             .with_purpose(caller.purpose());
-        if let Some(name) = d {
-            e = e.with_resource(name, None, None);
+        if let Some(d) = decl::decl(rtype) {
+            e = e.with_resource(d.name, None, None);
         }
         e
     }
 
     pub fn auditor(&self) -> &crate::audit::store::Auditor {
         &self.audit
-    }
-
-    pub fn event_for(&self, caller: &Caller, kind: AuditKind) -> AuditEvent {
-        self.event(caller, kind, Outcome::Success)
     }
 }
 

@@ -73,7 +73,9 @@ both_backends!(patients_see_only_their_own_compartment, |app: TestApp| async mov
     let (s, me) = app.get_json(&w.alice_user, &format!("/fhir/Patient/{}", w.alice)).await;
     assert_eq!(s, 200);
     assert!(has_ssn(&me), "a patient sees all of their own record");
+    let before = app.audit_count().await;
     assert_eq!(app.get(&w.alice_user, &format!("/fhir/Patient/{}", w.bob)).await.status(), 404);
+    assert_eq!(app.audit_count().await, before + 1, "a refused read is audited too");
     let (_, obs) = app.get_json(&w.alice_user, "/fhir/Observation").await;
     assert_eq!(obs["entry"].as_array().unwrap().len(), 1);
     assert_eq!(
