@@ -3,14 +3,15 @@
 //! appender, `audit verify` / `audit export`) builds on these; see [`chain`] for how appends must be ordered.
 
 pub mod chain;
+pub mod checkpoints;
 pub mod event;
 pub mod fhir;
 pub mod report;
 pub mod store;
 
 pub use chain::{
-    BreakKind, ChainError, ChainHead, ChainLink, Checkpoint, CheckpointError, CheckpointSigner,
-    GENESIS, Hash, Verifier, link,
+    BreakKind, ChainError, ChainHead, ChainLink, Checkpoint, CheckpointError, CheckpointSigner, GENESIS, Hash,
+    Verifier, link,
 };
 pub use event::{Action, Agent, AuditEvent, AuditKind, Outcome, purpose};
 pub use fhir::to_fhir;

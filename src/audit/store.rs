@@ -20,7 +20,9 @@ const MAX_BATCH: usize = 512;
 
 /// Takes the chain lock for the rest of the caller's transaction and returns the head.
 pub fn lock_head(conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
-    diesel::update(audit_head::table.filter(audit_head::id.eq(1))).set(audit_head::seq.eq(audit_head::seq)).execute(conn)?;
+    diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
+        .set(audit_head::seq.eq(audit_head::seq))
+        .execute(conn)?;
     let (seq, hash): (i64, String) =
         audit_head::table.filter(audit_head::id.eq(1)).select((audit_head::seq, audit_head::hash)).first(conn)?;
     if seq == 0 {
@@ -31,7 +33,11 @@ pub fn lock_head(conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
 }
 
 /// Appends events after `head` (from [`lock_head`] in the same transaction) and moves the head.
-pub fn append_locked(conn: &mut AnyConnection, head: Option<ChainLink>, events: &[AuditEvent]) -> AppResult<Option<ChainLink>> {
+pub fn append_locked(
+    conn: &mut AnyConnection,
+    head: Option<ChainLink>,
+    events: &[AuditEvent],
+) -> AppResult<Option<ChainLink>> {
     let mut prev = head;
     for e in events {
         let canonical = e.canonical_bytes().map_err(AppError::internal)?;
@@ -116,8 +122,18 @@ impl Auditor {
 }
 
 /// Walks the whole trail in order; returns the number of events, or the first bad record.
-pub fn verify(conn: &mut AnyConnection, mut progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
-    let mut verifier = Verifier::new();
+pub fn verify(conn: &mut AnyConnection, progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
+    verify_anchored(conn, &[], progress)
+}
+
+/// [`verify`], also requiring the chain to pass through each `(seq, hash)` of `anchors` (signature-checked
+/// checkpoints): a rewritten history fails at the checkpoint, and a trail ending before one is truncated.
+pub fn verify_anchored(
+    conn: &mut AnyConnection,
+    anchors: &[(i64, super::Hash)],
+    mut progress: impl FnMut(u64),
+) -> AppResult<Result<u64, super::ChainError>> {
+    let mut verifier = anchors.iter().fold(Verifier::new(), |v, (seq, hash)| v.anchored(*seq, *hash));
     let mut after = 0i64;
     let mut n = 0u64;
     loop {
