@@ -15,10 +15,22 @@ fn access(c: &mut Criterion) {
     let ac = AccessControl::load(&dir, Arc::new(R4Catalog)).expect("policies/ must load");
 
     c.bench_function("decide one role", |b| {
-        b.iter(|| ac.decide(black_box(&[Role::Nurse]), black_box("Observation"), black_box(Action::Search)))
+        b.iter(|| {
+            ac.decide(
+                black_box(&[Role::Nurse]),
+                black_box("Observation"),
+                black_box(Action::Search),
+            )
+        })
     });
     c.bench_function("decide two roles", |b| {
-        b.iter(|| ac.decide(black_box(&[Role::FrontDesk, Role::Billing]), black_box("Patient"), Action::Read))
+        b.iter(|| {
+            ac.decide(
+                black_box(&[Role::FrontDesk, Role::Billing]),
+                black_box("Patient"),
+                Action::Read,
+            )
+        })
     });
 
     let patient = json!({
@@ -36,7 +48,11 @@ fn access(c: &mut Criterion) {
     });
     let front_desk = ac.decide(&[Role::FrontDesk], "Patient", Action::Read);
     c.bench_function("shape Patient for front_desk", |b| {
-        b.iter_batched(|| patient.clone(), |mut p| front_desk.read_mask.shape(&mut p, None), BatchSize::SmallInput)
+        b.iter_batched(
+            || patient.clone(),
+            |mut p| front_desk.read_mask.shape(&mut p, None),
+            BatchSize::SmallInput,
+        )
     });
 }
 

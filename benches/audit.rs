@@ -10,12 +10,25 @@ use uuid::Uuid;
 const N: usize = 10_000;
 
 fn event(i: usize) -> AuditEvent {
-    let agent = Agent::user(format!("acct-{}", i % 50), Some("dr.house".into()), Some(Role::Clinician))
-        .with_address("192.0.2.10".parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])));
-    AuditEvent::new(AuditKind::Search, datetime!(2026-03-04 05:06:07 UTC), Outcome::Success, agent)
-        .with_patient(Uuid::from_u128(i as u128))
-        .with_resource("Observation", None, None)
-        .with_query_params(["patient", "code", "date"], |_| true)
+    let agent = Agent::user(
+        format!("acct-{}", i % 50),
+        Some("dr.house".into()),
+        Some(Role::Clinician),
+    )
+    .with_address(
+        "192.0.2.10"
+            .parse()
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+    );
+    AuditEvent::new(
+        AuditKind::Search,
+        datetime!(2026-03-04 05:06:07 UTC),
+        Outcome::Success,
+        agent,
+    )
+    .with_patient(Uuid::from_u128(i as u128))
+    .with_resource("Observation", None, None)
+    .with_query_params(["patient", "code", "date"], |_| true)
 }
 
 /// A stored row: (seq, event JSON, prev_hash, hash).
@@ -28,7 +41,12 @@ fn rows() -> Vec<Row> {
             let e = event(i);
             let l = ChainLink::next(last.as_ref(), &e.canonical_bytes().unwrap_or_default());
             last = Some(l);
-            (l.seq, serde_json::to_vec(&e).unwrap_or_default(), l.prev_hash, l.hash)
+            (
+                l.seq,
+                serde_json::to_vec(&e).unwrap_or_default(),
+                l.prev_hash,
+                l.hash,
+            )
         })
         .collect()
 }

@@ -2,11 +2,11 @@
 //! Tests build it with port 0 and ask for the port.
 
 use crate::api;
+use crate::clock::SharedClock;
+use crate::config::Config;
 use crate::audit::store::Auditor;
 use crate::auth::service::{AuthService, load_signing_keys};
 use crate::auth::session::SessionPolicy;
-use crate::clock::SharedClock;
-use crate::config::Config;
 use crate::crypto::{FieldCipher, KeyProvider};
 use crate::error::{AppError, AppResult};
 use crate::store::{Db, StoreError};

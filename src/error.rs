@@ -15,7 +15,10 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 pub enum AppError {
     /// Input failed validation. `path` names the element (server-defined names only), `reason` is a fixed text.
     #[error("invalid input")]
-    Invalid { path: Option<String>, reason: &'static str },
+    Invalid {
+        path: Option<String>,
+        reason: &'static str,
+    },
     /// Missing, or outside the caller's scope: the two look the same on purpose.
     #[error("not found")]
     NotFound,
@@ -49,7 +52,10 @@ pub enum AppError {
 
 impl AppError {
     pub fn invalid(path: impl Into<String>, reason: &'static str) -> Self {
-        Self::Invalid { path: Some(path.into()), reason }
+        Self::Invalid {
+            path: Some(path.into()),
+            reason,
+        }
     }
 
     pub fn internal(detail: impl std::fmt::Display) -> Self {
@@ -70,8 +76,14 @@ impl AppError {
             Self::Forbidden => ("forbidden", "The operation is not permitted."),
             Self::MethodNotAllowed => ("not-supported", "The operation is not supported."),
             Self::Conflict => ("conflict", "The request conflicts with the current state."),
-            Self::PreconditionFailed => ("conflict", "The version does not match the current version."),
-            Self::PreconditionRequired => ("required", "An If-Match header with the current version is required."),
+            Self::PreconditionFailed => (
+                "conflict",
+                "The version does not match the current version.",
+            ),
+            Self::PreconditionRequired => (
+                "required",
+                "An If-Match header with the current version is required.",
+            ),
             Self::PayloadTooLarge => ("too-costly", "The request body is too large."),
             Self::UnsupportedMediaType => ("not-supported", "The content type is not supported."),
             Self::TooManyRequests { .. } => ("throttled", "Too many requests; retry later."),
@@ -82,7 +94,12 @@ impl AppError {
 }
 
 /// Renders a FHIR OperationOutcome with one issue.
-pub fn operation_outcome(severity: &str, code: &str, diagnostics: &str, path: Option<&str>) -> serde_json::Value {
+pub fn operation_outcome(
+    severity: &str,
+    code: &str,
+    diagnostics: &str,
+    path: Option<&str>,
+) -> serde_json::Value {
     let mut issue = json!({ "severity": severity, "code": code, "diagnostics": diagnostics });
     if let Some(p) = path {
         issue["expression"] = json!([p]);
@@ -128,7 +145,10 @@ impl ResponseError for AppError {
         resp.insert_header((header::CONTENT_TYPE, FHIR_JSON));
         match self {
             Self::Unauthenticated => {
-                resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carevault\"")));
+                resp.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"carevault\""),
+                ));
             }
             Self::TooManyRequests { retry_after_secs } => {
                 resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
@@ -158,7 +178,8 @@ mod tests {
 
     #[test]
     fn invalid_names_the_path_only() {
-        let resp = AppError::invalid("Patient.birthDate", "The value is not a valid date.").error_response();
+        let resp = AppError::invalid("Patient.birthDate", "The value is not a valid date.")
+            .error_response();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
         let body = resp.into_body().try_into_bytes().unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -26,7 +26,10 @@ pub trait ElementCatalog: Send + Sync {
 
     /// Top-level elements with minimum cardinality 1: kept by `_elements` even when not asked for.
     fn mandatory(&self, resource_type: &str) -> Vec<String> {
-        r4_mandatory(resource_type).iter().map(|s| (*s).to_owned()).collect()
+        r4_mandatory(resource_type)
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
     }
 }
 

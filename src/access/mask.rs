@@ -48,13 +48,25 @@ impl FieldMask {
         let hidden = if hidden_identifier_systems.is_empty() {
             BTreeSet::new()
         } else {
-            HIDDEN_WITH_IDENTIFIERS.iter().map(|s| (*s).to_owned()).collect()
+            HIDDEN_WITH_IDENTIFIERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
         };
         let choices = type_elements
             .iter()
-            .filter_map(|e| e.strip_suffix("[x]").map(|stem| (stem.to_owned(), e.clone())))
+            .filter_map(|e| {
+                e.strip_suffix("[x]")
+                    .map(|stem| (stem.to_owned(), e.clone()))
+            })
             .collect();
-        Self { elements, hidden, hidden_identifier_systems, choices, mandatory }
+        Self {
+            elements,
+            hidden,
+            hidden_identifier_systems,
+            choices,
+            mandatory,
+        }
     }
 
     /// Every element, nothing hidden (no choice elements known: names are matched exactly).
@@ -69,7 +81,9 @@ impl FieldMask {
 
     /// True when the mask removes nothing.
     pub fn is_everything(&self) -> bool {
-        self.elements.is_none() && self.hidden.is_empty() && self.hidden_identifier_systems.is_empty()
+        self.elements.is_none()
+            && self.hidden.is_empty()
+            && self.hidden_identifier_systems.is_empty()
     }
 
     /// True when the mask allows no element beyond `resourceType`, `id` and `meta`.
@@ -133,7 +147,8 @@ impl FieldMask {
             return true;
         }
         let name = self.canonical(base);
-        self.mandatory.iter().any(|m| m == name) || wanted.iter().any(|w| self.canonical(w.trim()) == name)
+        self.mandatory.iter().any(|m| m == name)
+            || wanted.iter().any(|w| self.canonical(w.trim()) == name)
     }
 
     /// Drops hidden identifiers; removes `identifier` when none is left. True when any was dropped.
@@ -154,7 +169,9 @@ impl FieldMask {
     fn canonical<'a>(&'a self, key: &'a str) -> &'a str {
         for (stem, full) in &self.choices {
             if let Some(rest) = key.strip_prefix(stem.as_str())
-                && (rest.is_empty() || rest == "[x]" || rest.starts_with(|c: char| c.is_ascii_uppercase()))
+                && (rest.is_empty()
+                    || rest == "[x]"
+                    || rest.starts_with(|c: char| c.is_ascii_uppercase()))
             {
                 return full;
             }
@@ -175,10 +192,28 @@ impl FieldMask {
             .filter(|s| other.hidden_identifier_systems.contains(s))
             .cloned()
             .collect::<Vec<_>>();
-        let hidden = if systems.is_empty() { BTreeSet::new() } else { self.hidden.clone() };
-        let choices = if self.choices.is_empty() { other.choices.clone() } else { self.choices.clone() };
-        let mandatory = if self.mandatory.is_empty() { other.mandatory.clone() } else { self.mandatory.clone() };
-        FieldMask { elements, hidden, hidden_identifier_systems: systems, choices, mandatory }
+        let hidden = if systems.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.hidden.clone()
+        };
+        let choices = if self.choices.is_empty() {
+            other.choices.clone()
+        } else {
+            self.choices.clone()
+        };
+        let mandatory = if self.mandatory.is_empty() {
+            other.mandatory.clone()
+        } else {
+            self.mandatory.clone()
+        };
+        FieldMask {
+            elements,
+            hidden,
+            hidden_identifier_systems: systems,
+            choices,
+            mandatory,
+        }
     }
 
     /// Removes the `SUBSETTED` tag (a client sending back a shaped resource): stored resources are complete.
@@ -238,7 +273,11 @@ impl fmt::Display for FieldMask {
             }
         }
         if !self.hidden_identifier_systems.is_empty() {
-            write!(f, "; never identifiers of system {}", self.hidden_identifier_systems.join(", "))?;
+            write!(
+                f,
+                "; never identifiers of system {}",
+                self.hidden_identifier_systems.join(", ")
+            )?;
         }
         Ok(())
     }

@@ -83,7 +83,10 @@ impl Action {
 
     /// Interactions that return resource content (they need a read mask).
     pub fn reads(self) -> bool {
-        matches!(self, Action::Read | Action::Vread | Action::Search | Action::History | Action::Everything)
+        matches!(
+            self,
+            Action::Read | Action::Vread | Action::Search | Action::History | Action::Everything
+        )
     }
 
     /// Interactions that take resource content (they need a write mask).
@@ -107,7 +110,10 @@ impl std::str::FromStr for Action {
     /// Accepts the policy names, and the operation names with `$` (`$everything`, `$access-report`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.strip_prefix('$').unwrap_or(s);
-        Action::ALL.into_iter().find(|a| a.as_str() == s).ok_or(UnknownAction)
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or(UnknownAction)
     }
 }
 
@@ -179,7 +185,11 @@ impl Decision {
     /// value: the check must not reveal hidden data); or it changes an element the caller may see but not write.
     /// The `SUBSETTED` tag of a shaped resource sent back is removed. `resourceType`, `id` and `meta` are left to
     /// the caller.
-    pub fn merge_hidden(&self, stored: Option<&Value>, incoming: &mut Value) -> Result<(), WriteDenied> {
+    pub fn merge_hidden(
+        &self,
+        stored: Option<&Value>,
+        incoming: &mut Value,
+    ) -> Result<(), WriteDenied> {
         if !self.allowed || self.write_mask.is_nothing() {
             return Err(WriteDenied);
         }
@@ -192,7 +202,9 @@ impl Decision {
                 continue;
             }
             let unchanged = read.allows(key)
-                && stored.and_then(|s| s.get(key)).is_some_and(|old| visible(read, key, old) == *value);
+                && stored
+                    .and_then(|s| s.get(key))
+                    .is_some_and(|old| visible(read, key, old) == *value);
             if !unchanged {
                 return Err(WriteDenied);
             }
@@ -219,9 +231,12 @@ impl Decision {
 /// The stored value of `key` as a reader with `read` saw it (hidden identifiers removed).
 fn visible(read: &FieldMask, key: &str, stored: &Value) -> Value {
     match stored {
-        Value::Array(ids) if key == "identifier" => {
-            Value::Array(ids.iter().filter(|id| !read.hides_identifier(id)).cloned().collect())
-        }
+        Value::Array(ids) if key == "identifier" => Value::Array(
+            ids.iter()
+                .filter(|id| !read.hides_identifier(id))
+                .cloned()
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -238,11 +253,17 @@ fn restore_hidden_identifiers(
     let Some(Value::Array(old)) = stored.get("identifier") else {
         return Ok(());
     };
-    let kept: Vec<Value> = old.iter().filter(|id| write.hides_identifier(id)).cloned().collect();
+    let kept: Vec<Value> = old
+        .iter()
+        .filter(|id| write.hides_identifier(id))
+        .cloned()
+        .collect();
     if kept.is_empty() {
         return Ok(());
     }
-    let ids = incoming.entry("identifier").or_insert_with(|| Value::Array(Vec::new()));
+    let ids = incoming
+        .entry("identifier")
+        .or_insert_with(|| Value::Array(Vec::new()));
     ids.as_array_mut().ok_or(WriteDenied)?.extend(kept);
     Ok(())
 }
@@ -256,14 +277,20 @@ pub struct AccessControl {
 impl AccessControl {
     /// Denies everything until a policy is loaded.
     pub fn deny_all(catalog: Arc<dyn ElementCatalog>) -> Self {
-        Self { current: ArcSwap::from_pointee(PolicySet::deny_all()), catalog }
+        Self {
+            current: ArcSwap::from_pointee(PolicySet::deny_all()),
+            catalog,
+        }
     }
 
     /// Loads and validates `dir/model.conf`, `dir/policy.csv`, `dir/fields.toml`. Any error is returned: the
     /// caller decides whether to stop or to run with [`AccessControl::deny_all`].
     pub fn load(dir: &Path, catalog: Arc<dyn ElementCatalog>) -> Result<Self, PolicyError> {
         let set = PolicySet::load_dir(dir, &*catalog)?;
-        Ok(Self { current: ArcSwap::from_pointee(set), catalog })
+        Ok(Self {
+            current: ArcSwap::from_pointee(set),
+            catalog,
+        })
     }
 
     /// Reloads from `dir`; on any error the policy in force stays in force.
@@ -292,7 +319,11 @@ impl AccessControl {
 /// Polls the policy files' modification times every `every` (2 s in production) and reloads on change, off the
 /// async workers. A failed reload is logged (file and line, never data) and the previous policy stays; it is
 /// retried when the files change again. The first poll loads once, so nothing changed before it is missed.
-pub fn spawn_policy_watcher(access: Arc<AccessControl>, dir: PathBuf, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_policy_watcher(
+    access: Arc<AccessControl>,
+    dir: PathBuf,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

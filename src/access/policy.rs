@@ -33,9 +33,16 @@ const ACTIONS: usize = Action::ALL.len();
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("cannot read {file}: {source}")]
-    Io { file: &'static str, source: std::io::Error },
+    Io {
+        file: &'static str,
+        source: std::io::Error,
+    },
     #[error("{file} line {line}: {reason}")]
-    Line { file: &'static str, line: usize, reason: String },
+    Line {
+        file: &'static str,
+        line: usize,
+        reason: String,
+    },
     #[error("{file}: {reason}")]
     Invalid { file: &'static str, reason: String },
     #[error("casbin: {0}")]
@@ -43,7 +50,10 @@ pub enum PolicyError {
 }
 
 fn invalid(file: &'static str, reason: impl Into<String>) -> PolicyError {
-    PolicyError::Invalid { file, reason: reason.into() }
+    PolicyError::Invalid {
+        file,
+        reason: reason.into(),
+    }
 }
 
 /// Group name → member roles (`g` lines).
@@ -111,7 +121,13 @@ impl PolicySet {
         let nothing = Arc::new(FieldMask::nothing());
         let rule: Arc<str> = Arc::from("no access policy is loaded: everything is denied");
         Self {
-            grants: vec![Grant { scope: None, rule: Arc::clone(&rule) }; ROLES * TYPES * ACTIONS],
+            grants: vec![
+                Grant {
+                    scope: None,
+                    rule: Arc::clone(&rule)
+                };
+                ROLES * TYPES * ACTIONS
+            ],
             masks: vec![(Arc::clone(&nothing), Arc::clone(&nothing)); ROLES * TYPES],
             nothing,
             denied_unknown_type: rule,
@@ -121,9 +137,15 @@ impl PolicySet {
     /// Reads and validates the three files of `dir`.
     pub fn load_dir(dir: &Path, catalog: &dyn ElementCatalog) -> Result<Self, PolicyError> {
         let read = |file: &'static str| {
-            std::fs::read_to_string(dir.join(file)).map_err(|source| PolicyError::Io { file, source })
+            std::fs::read_to_string(dir.join(file))
+                .map_err(|source| PolicyError::Io { file, source })
         };
-        Self::from_sources(&read(MODEL_FILE)?, &read(POLICY_FILE)?, &read(FIELDS_FILE)?, catalog)
+        Self::from_sources(
+            &read(MODEL_FILE)?,
+            &read(POLICY_FILE)?,
+            &read(FIELDS_FILE)?,
+            catalog,
+        )
     }
 
     /// Validates and evaluates a policy given as text.
@@ -142,7 +164,10 @@ impl PolicySet {
             for (t, type_name) in RESOURCE_TYPES.iter().enumerate() {
                 for action in Action::ALL {
                     let grant = match &table[grant_index(role, t, action)] {
-                        Some((scope, rule)) => Grant { scope: Some(*scope), rule: Arc::from(rule.text()) },
+                        Some((scope, rule)) => Grant {
+                            scope: Some(*scope),
+                            rule: Arc::from(rule.text()),
+                        },
                         None => Grant {
                             scope: None,
                             rule: Arc::from(format!(
@@ -157,14 +182,19 @@ impl PolicySet {
         let masks = masks
             .into_iter()
             .map(|m| {
-                m.map_or_else(|| (Arc::clone(&nothing), Arc::clone(&nothing)), |(r, w)| (Arc::new(r), Arc::new(w)))
+                m.map_or_else(
+                    || (Arc::clone(&nothing), Arc::clone(&nothing)),
+                    |(r, w)| (Arc::new(r), Arc::new(w)),
+                )
             })
             .collect();
         Ok(Self {
             grants,
             masks,
             nothing,
-            denied_unknown_type: Arc::from("denied: the resource type is not covered by the policy"),
+            denied_unknown_type: Arc::from(
+                "denied: the resource type is not covered by the policy",
+            ),
         })
     }
 
@@ -192,7 +222,9 @@ impl PolicySet {
     /// The decision for a principal holding `roles`: the broadest scope granted wins; the masks of the roles
     /// granting that scope are united (see the module doc of `access`).
     pub fn decide(&self, roles: &[Role], resource_type: &str, action: Action) -> Decision {
-        let mut decisions = roles.iter().map(|r| self.decide_role(*r, resource_type, action));
+        let mut decisions = roles
+            .iter()
+            .map(|r| self.decide_role(*r, resource_type, action));
         let Some(first) = decisions.next() else {
             return self.denied(Arc::from("denied: the principal has no role"));
         };
@@ -227,7 +259,10 @@ impl PolicySet {
         let mut out = String::new();
         match d.scope {
             Some(scope) => {
-                let _ = writeln!(out, "{role} {action} {resource_type}: ALLOWED, scope {scope}");
+                let _ = writeln!(
+                    out,
+                    "{role} {action} {resource_type}: ALLOWED, scope {scope}"
+                );
             }
             None => {
                 let _ = writeln!(out, "{role} {action} {resource_type}: DENIED");
@@ -245,7 +280,11 @@ impl PolicySet {
 /// Parses policy.csv strictly: `p, SUBJECT, TYPE, ACTION, SCOPE` and `g, ROLE, GROUP`; comments on their own
 /// lines. Returns the `p` rules and the groups (group → member roles).
 fn parse_policy(text: &str) -> Result<(Vec<Rule>, Groups), PolicyError> {
-    let err = |line: usize, reason: &str| PolicyError::Line { file: POLICY_FILE, line, reason: reason.to_owned() };
+    let err = |line: usize, reason: &str| PolicyError::Line {
+        file: POLICY_FILE,
+        line,
+        reason: reason.to_owned(),
+    };
     let mut groups = Groups::new();
     let mut raw_rules = Vec::new();
     let mut seen = HashSet::new();
@@ -256,7 +295,10 @@ fn parse_policy(text: &str) -> Result<(Vec<Rule>, Groups), PolicyError> {
             continue;
         }
         if trimmed.contains(['#', '"']) {
-            return Err(err(line, "comments go on their own line; quotes are not allowed"));
+            return Err(err(
+                line,
+                "comments go on their own line; quotes are not allowed",
+            ));
         }
         let fields: Vec<&str> = trimmed.split(',').map(str::trim).collect();
         if !seen.insert(fields.join(",")) {
@@ -269,7 +311,10 @@ fn parse_policy(text: &str) -> Result<(Vec<Rule>, Groups), PolicyError> {
                     return Err(err(line, "a group may not be named like a role"));
                 }
                 if group.is_empty() || !group.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-                    return Err(err(line, "a group name is lower-case letters and underscores"));
+                    return Err(err(
+                        line,
+                        "a group name is lower-case letters and underscores",
+                    ));
                 }
                 groups.entry((*group).to_owned()).or_default().insert(role);
             }
@@ -293,13 +338,25 @@ fn parse_policy(text: &str) -> Result<(Vec<Rule>, Groups), PolicyError> {
         if type_index(resource_type).is_none() {
             return Err(err(line, "unknown resource type"));
         }
-        let action =
-            Action::ALL.into_iter().find(|a| a.as_str() == action).ok_or_else(|| err(line, "unknown action"))?;
-        let scope = Scope::parse(scope).ok_or_else(|| err(line, "unknown scope (all, careteam, own)"))?;
+        let action = Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == action)
+            .ok_or_else(|| err(line, "unknown action"))?;
+        let scope =
+            Scope::parse(scope).ok_or_else(|| err(line, "unknown scope (all, careteam, own)"))?;
         if !members.iter().all(|r| scope_fits(scope, *r)) {
-            return Err(err(line, "scope careteam is for clinician and nurse, own for patient"));
+            return Err(err(
+                line,
+                "scope careteam is for clinician and nurse, own for patient",
+            ));
         }
-        rules.push(Rule { line, subject: subject.to_owned(), resource_type: resource_type.to_owned(), action, scope });
+        rules.push(Rule {
+            line,
+            subject: subject.to_owned(),
+            resource_type: resource_type.to_owned(),
+            action,
+            scope,
+        });
     }
     Ok((rules, groups))
 }
@@ -318,7 +375,12 @@ type Table = Vec<Option<(Scope, Rule)>>;
 
 /// Asks casbin about every (role, type, action) once per scope that fits the role. Every grant must come from exactly one scope and
 /// trace back to a policy line; every policy line must be honoured by the model.
-fn evaluate(model: &str, policy: &str, rules: &[Rule], groups: &Groups) -> Result<Table, PolicyError> {
+fn evaluate(
+    model: &str,
+    policy: &str,
+    rules: &[Rule],
+    groups: &Groups,
+) -> Result<Table, PolicyError> {
     let casbin_err = |e: casbin::Error| PolicyError::Casbin(e.to_string());
     let enforcer = run_ready(async {
         let model = DefaultModel::from_str(model).await?;
@@ -327,7 +389,8 @@ fn evaluate(model: &str, policy: &str, rules: &[Rule], groups: &Groups) -> Resul
     .map_err(casbin_err)?;
 
     let covers = |rule: &Rule, role: Role| {
-        rule.subject == role.as_str() || groups.get(&rule.subject).is_some_and(|m| m.contains(&role))
+        rule.subject == role.as_str()
+            || groups.get(&rule.subject).is_some_and(|m| m.contains(&role))
     };
     let mut table: Table = vec![None; ROLES * TYPES * ACTIONS];
     for role in Role::ALL {
@@ -346,16 +409,24 @@ fn evaluate(model: &str, policy: &str, rules: &[Rule], groups: &Groups) -> Resul
                 if granted.len() > 1 {
                     return Err(invalid(
                         POLICY_FILE,
-                        format!("{role} {action} on {type_name} is granted with more than one scope"),
+                        format!(
+                            "{role} {action} on {type_name} is granted with more than one scope"
+                        ),
                     ));
                 }
                 let rule = rules
                     .iter()
                     .find(|r| {
-                        r.resource_type == *type_name && r.action == action && r.scope == scope && covers(r, role)
+                        r.resource_type == *type_name
+                            && r.action == action
+                            && r.scope == scope
+                            && covers(r, role)
                     })
                     .ok_or_else(|| {
-                        invalid(MODEL_FILE, format!("grants {role} {action} on {type_name} without a policy line"))
+                        invalid(
+                            MODEL_FILE,
+                            format!("grants {role} {action} on {type_name} without a policy line"),
+                        )
                     })?;
                 table[grant_index(role, t, action)] = Some((scope, rule.clone()));
             }
@@ -366,8 +437,15 @@ fn evaluate(model: &str, policy: &str, rules: &[Rule], groups: &Groups) -> Resul
             continue;
         };
         for role in Role::ALL.into_iter().filter(|r| covers(rule, *r)) {
-            if table[grant_index(role, t, rule.action)].as_ref().map(|(s, _)| *s) != Some(rule.scope) {
-                return Err(invalid(MODEL_FILE, format!("does not honour {POLICY_FILE} line {}", rule.line)));
+            if table[grant_index(role, t, rule.action)]
+                .as_ref()
+                .map(|(s, _)| *s)
+                != Some(rule.scope)
+            {
+                return Err(invalid(
+                    MODEL_FILE,
+                    format!("does not honour {POLICY_FILE} line {}", rule.line),
+                ));
             }
         }
     }
@@ -377,45 +455,72 @@ fn evaluate(model: &str, policy: &str, rules: &[Rule], groups: &Groups) -> Resul
 type MaskPair = Option<(FieldMask, FieldMask)>;
 
 /// Parses fields.toml and builds the (read, write) masks per `[role][type]`, checking them against the grants.
-fn build_masks(text: &str, table: &Table, catalog: &dyn ElementCatalog) -> Result<Vec<MaskPair>, PolicyError> {
+fn build_masks(
+    text: &str,
+    table: &Table,
+    catalog: &dyn ElementCatalog,
+) -> Result<Vec<MaskPair>, PolicyError> {
     let file: BTreeMap<String, BTreeMap<String, FieldRule>> =
         toml::from_str(text).map_err(|e| invalid(FIELDS_FILE, e.message().to_owned()))?;
     let mut masks: Vec<MaskPair> = vec![None; ROLES * TYPES];
     for (role_name, types) in &file {
-        let role: Role = role_name.parse().map_err(|_| invalid(FIELDS_FILE, format!("unknown role [{role_name}]")))?;
+        let role: Role = role_name
+            .parse()
+            .map_err(|_| invalid(FIELDS_FILE, format!("unknown role [{role_name}]")))?;
         for (type_name, rule) in types {
             let at = format!("[{role_name}.{type_name}]");
-            let t =
-                type_index(type_name).ok_or_else(|| invalid(FIELDS_FILE, format!("{at}: unknown resource type")))?;
-            let known = catalog
-                .elements(type_name)
-                .ok_or_else(|| invalid(FIELDS_FILE, format!("{at}: the element catalog does not know this type")))?;
+            let t = type_index(type_name)
+                .ok_or_else(|| invalid(FIELDS_FILE, format!("{at}: unknown resource type")))?;
+            let known = catalog.elements(type_name).ok_or_else(|| {
+                invalid(
+                    FIELDS_FILE,
+                    format!("{at}: the element catalog does not know this type"),
+                )
+            })?;
             let read = element_list(&rule.read, &known, &at, "read")?;
             let write = element_list(&rule.write, &known, &at, "write")?;
             match (&read, &write) {
                 (_, Some(w)) if w.is_empty() => {}
                 (None, _) => {}
                 (Some(_), None) => {
-                    return Err(invalid(FIELDS_FILE, format!("{at}: write \"*\" needs read \"*\"")));
+                    return Err(invalid(
+                        FIELDS_FILE,
+                        format!("{at}: write \"*\" needs read \"*\""),
+                    ));
                 }
                 (Some(r), Some(w)) => {
                     if let Some(e) = w.difference(r).next() {
-                        return Err(invalid(FIELDS_FILE, format!("{at}: writes {e} which it cannot read")));
+                        return Err(invalid(
+                            FIELDS_FILE,
+                            format!("{at}: writes {e} which it cannot read"),
+                        ));
                     }
                 }
             }
-            if rule.hide_identifier_systems.iter().any(|s| s.trim().is_empty()) {
-                return Err(invalid(FIELDS_FILE, format!("{at}: empty identifier system")));
+            if rule
+                .hide_identifier_systems
+                .iter()
+                .any(|s| s.trim().is_empty())
+            {
+                return Err(invalid(
+                    FIELDS_FILE,
+                    format!("{at}: empty identifier system"),
+                ));
             }
             if !rule.hide_identifier_systems.is_empty()
                 && let Some(r) = &read
                 && (r.contains("text") || r.contains("contained"))
             {
-                return Err(invalid(FIELDS_FILE, format!("{at}: text and contained are hidden with identifiers")));
+                return Err(invalid(
+                    FIELDS_FILE,
+                    format!("{at}: text and contained are hidden with identifiers"),
+                ));
             }
 
             let grants = |pred: fn(Action) -> bool| {
-                Action::ALL.into_iter().any(|a| pred(a) && table[grant_index(role, t, a)].is_some())
+                Action::ALL
+                    .into_iter()
+                    .any(|a| pred(a) && table[grant_index(role, t, a)].is_some())
             };
             let (may_read, may_write) = (grants(Action::reads), grants(Action::writes));
             let has_read = read.as_ref().is_none_or(|r| !r.is_empty());
@@ -446,10 +551,14 @@ fn build_masks(text: &str, table: &Table, catalog: &dyn ElementCatalog) -> Resul
     }
     for role in Role::ALL {
         for (t, type_name) in RESOURCE_TYPES.iter().enumerate() {
-            let needs =
-                Action::ALL.into_iter().any(|a| (a.reads() || a.writes()) && table[grant_index(role, t, a)].is_some());
+            let needs = Action::ALL
+                .into_iter()
+                .any(|a| (a.reads() || a.writes()) && table[grant_index(role, t, a)].is_some());
             if needs && masks[role as usize * TYPES + t].is_none() {
-                return Err(invalid(FIELDS_FILE, format!("[{role}.{type_name}] is missing: policy.csv grants access")));
+                return Err(invalid(
+                    FIELDS_FILE,
+                    format!("[{role}.{type_name}] is missing: policy.csv grants access"),
+                ));
             }
         }
     }
@@ -467,19 +576,31 @@ fn element_list(
         return if names.len() == 1 {
             Ok(None)
         } else {
-            Err(invalid(FIELDS_FILE, format!("{at}: {key} \"*\" stands alone")))
+            Err(invalid(
+                FIELDS_FILE,
+                format!("{at}: {key} \"*\" stands alone"),
+            ))
         };
     }
     let mut set = BTreeSet::new();
     for name in names {
         if matches!(name.as_str(), "resourceType" | "id" | "meta") {
-            return Err(invalid(FIELDS_FILE, format!("{at}: {key} names {name}, which is always kept")));
+            return Err(invalid(
+                FIELDS_FILE,
+                format!("{at}: {key} names {name}, which is always kept"),
+            ));
         }
         if !known.iter().any(|k| k == name) {
-            return Err(invalid(FIELDS_FILE, format!("{at}: {key} names unknown element {name}")));
+            return Err(invalid(
+                FIELDS_FILE,
+                format!("{at}: {key} names unknown element {name}"),
+            ));
         }
         if !set.insert(name.clone()) {
-            return Err(invalid(FIELDS_FILE, format!("{at}: {key} names {name} twice")));
+            return Err(invalid(
+                FIELDS_FILE,
+                format!("{at}: {key} names {name} twice"),
+            ));
         }
     }
     Ok(Some(set))
@@ -495,5 +616,7 @@ fn run_ready<F: Future>(fut: F) -> Result<F::Output, PolicyError> {
             return Ok(out);
         }
     }
-    Err(PolicyError::Casbin("the enforcer did not build without waiting".to_owned()))
+    Err(PolicyError::Casbin(
+        "the enforcer did not build without waiting".to_owned(),
+    ))
 }

@@ -27,9 +27,18 @@ fn source(file: &str) -> String {
 /// Loads the real files with one of them replaced.
 fn load_with(file: &str, text: &str) -> Result<PolicySet, PolicyError> {
     let pick = |name: &str| {
-        if name == file { text.to_owned() } else { source(name) }
+        if name == file {
+            text.to_owned()
+        } else {
+            source(name)
+        }
     };
-    PolicySet::from_sources(&pick(MODEL_FILE), &pick(POLICY_FILE), &pick(FIELDS_FILE), &R4Catalog)
+    PolicySet::from_sources(
+        &pick(MODEL_FILE),
+        &pick(POLICY_FILE),
+        &pick(FIELDS_FILE),
+        &R4Catalog,
+    )
 }
 
 const RF: [Action; 4] = [Action::Read, Action::Vread, Action::Search, Action::History];
@@ -45,7 +54,12 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
         }
     };
     let crud = [Read, Vread, Search, History, Create, Update, Delete];
-    let clinical = ["Observation", "Condition", "AllergyIntolerance", "MedicationRequest"];
+    let clinical = [
+        "Observation",
+        "Condition",
+        "AllergyIntolerance",
+        "MedicationRequest",
+    ];
 
     for role in Role::ALL {
         grant(role, "Practitioner", &RF, Scope::All);
@@ -55,27 +69,70 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
     grant(FrontDesk, "Patient", &crud, Scope::All);
     grant(FrontDesk, "CareTeam", &crud, Scope::All);
     grant(FrontDesk, "Practitioner", &[Create, Update], Scope::All);
-    grant(FrontDesk, "Encounter", &[Read, Vread, Search, History, Create, Update], Scope::All);
+    grant(
+        FrontDesk,
+        "Encounter",
+        &[Read, Vread, Search, History, Create, Update],
+        Scope::All,
+    );
 
     for ty in ["Patient", "Encounter", "Condition"] {
         grant(Billing, ty, &RF, Scope::All);
     }
 
-    grant(Nurse, "Patient", &[Read, Vread, Search, History, Everything], Scope::CareTeam);
-    for ty in ["CareTeam", "Encounter", "Condition", "AllergyIntolerance", "MedicationRequest"] {
+    grant(
+        Nurse,
+        "Patient",
+        &[Read, Vread, Search, History, Everything],
+        Scope::CareTeam,
+    );
+    for ty in [
+        "CareTeam",
+        "Encounter",
+        "Condition",
+        "AllergyIntolerance",
+        "MedicationRequest",
+    ] {
         grant(Nurse, ty, &RF, Scope::CareTeam);
     }
-    grant(Nurse, "Observation", &[Read, Vread, Search, History, Create, Update], Scope::CareTeam);
+    grant(
+        Nurse,
+        "Observation",
+        &[Read, Vread, Search, History, Create, Update],
+        Scope::CareTeam,
+    );
 
-    grant(Clinician, "Patient", &[Read, Vread, Search, History, Everything], Scope::CareTeam);
+    grant(
+        Clinician,
+        "Patient",
+        &[Read, Vread, Search, History, Everything],
+        Scope::CareTeam,
+    );
     grant(Clinician, "CareTeam", &RF, Scope::CareTeam);
-    grant(Clinician, "Encounter", &[Read, Vread, Search, History, Create, Update], Scope::CareTeam);
+    grant(
+        Clinician,
+        "Encounter",
+        &[Read, Vread, Search, History, Create, Update],
+        Scope::CareTeam,
+    );
     for ty in clinical {
         grant(Clinician, ty, &crud, Scope::CareTeam);
     }
 
-    grant(Patient, "Patient", &[Read, Vread, Search, History, Everything, AccessReport], Scope::Own);
-    for ty in ["CareTeam", "Encounter", "Observation", "Condition", "AllergyIntolerance", "MedicationRequest"] {
+    grant(
+        Patient,
+        "Patient",
+        &[Read, Vread, Search, History, Everything, AccessReport],
+        Scope::Own,
+    );
+    for ty in [
+        "CareTeam",
+        "Encounter",
+        "Observation",
+        "Condition",
+        "AllergyIntolerance",
+        "MedicationRequest",
+    ] {
         grant(Patient, ty, &RF, Scope::Own);
     }
 
@@ -96,12 +153,19 @@ fn matrix_every_role_type_action() {
                 let d = set.decide_role(role, ty, action);
                 let want = expected.get(&(role, ty, action)).copied();
                 if d.scope != want || d.allowed != want.is_some() {
-                    wrong.push(format!("{role} {action} {ty}: got {:?}, want {want:?}", d.scope));
+                    wrong.push(format!(
+                        "{role} {action} {ty}: got {:?}, want {want:?}",
+                        d.scope
+                    ));
                 }
                 if d.allowed {
                     let line = format!("p, {role}, {ty}, {action}, {}", d.scope.unwrap());
                     let via_group = format!("p, signed_in, {ty}, {action}, all");
-                    assert!(d.rule.contains(&line) || d.rule.contains(&via_group), "{}", d.rule);
+                    assert!(
+                        d.rule.contains(&line) || d.rule.contains(&via_group),
+                        "{}",
+                        d.rule
+                    );
                     assert!(d.rule.starts_with("policy.csv line "), "{}", d.rule);
                 } else {
                     assert!(d.read_mask.is_nothing() && d.write_mask.is_nothing());
@@ -111,7 +175,11 @@ fn matrix_every_role_type_action() {
         }
     }
     assert_eq!(checked, 7 * 9 * 9);
-    assert!(wrong.is_empty(), "policy differs from CONTRACT §4:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "policy differs from CONTRACT §4:\n{}",
+        wrong.join("\n")
+    );
     assert!(!set.decide_role(Role::Admin, "Bundle", Action::Read).allowed);
 }
 
@@ -125,7 +193,10 @@ fn role_discriminants_index_the_table() {
         assert_eq!(a.as_str().parse::<Action>().unwrap(), a);
     }
     assert_eq!("$everything".parse::<Action>().unwrap(), Action::Everything);
-    assert_eq!("$access-report".parse::<Action>().unwrap(), Action::AccessReport);
+    assert_eq!(
+        "$access-report".parse::<Action>().unwrap(),
+        Action::AccessReport
+    );
     assert!("patch".parse::<Action>().is_err());
 }
 
@@ -149,14 +220,30 @@ fn field_masks_follow_the_contract_table() {
         }
     };
 
-    let demographics = ["identifier", "name", "telecom", "address", "gender", "birthDate"];
+    let demographics = [
+        "identifier",
+        "name",
+        "telecom",
+        "address",
+        "gender",
+        "birthDate",
+    ];
     let (r, w) = masks(&set, Role::FrontDesk, "Patient");
     only(&r, "Patient", &demographics);
     only(&w, "Patient", &demographics);
     assert!(r.hides_identifier(&ssn()) && w.hides_identifier(&ssn()));
     assert!(!r.hides_identifier(&json!({ "system": "urn:mrn", "value": "1" })));
 
-    let scheduling = ["status", "class", "type", "serviceType", "subject", "participant", "period", "location"];
+    let scheduling = [
+        "status",
+        "class",
+        "type",
+        "serviceType",
+        "subject",
+        "participant",
+        "period",
+        "location",
+    ];
     let (r, w) = masks(&set, Role::FrontDesk, "Encounter");
     only(&r, "Encounter", &scheduling);
     only(&w, "Encounter", &scheduling);
@@ -164,7 +251,11 @@ fn field_masks_follow_the_contract_table() {
     assert!(r.is_everything() && w.is_everything());
 
     let (r, w) = masks(&set, Role::Billing, "Patient");
-    only(&r, "Patient", &["identifier", "name", "birthDate", "address"]);
+    only(
+        &r,
+        "Patient",
+        &["identifier", "name", "birthDate", "address"],
+    );
     assert!(!r.hides_identifier(&ssn()));
     assert!(w.is_nothing());
     only(
@@ -172,20 +263,31 @@ fn field_masks_follow_the_contract_table() {
         "Encounter",
         &["status", "class", "period", "serviceType", "subject"],
     );
-    only(&masks(&set, Role::Billing, "Condition").0, "Condition", &["code", "subject", "encounter"]);
+    only(
+        &masks(&set, Role::Billing, "Condition").0,
+        "Condition",
+        &["code", "subject", "encounter"],
+    );
 
     for role in [Role::Nurse, Role::Clinician] {
         let (r, w) = masks(&set, role, "Patient");
         assert!(r.hides_identifier(&ssn()));
         assert!(r.allows("telecom") && r.allows("maritalStatus") && r.allows("deceasedBoolean"));
-        assert!(!r.allows("text") && !r.allows("contained"), "narrative could repeat the SSN");
+        assert!(
+            !r.allows("text") && !r.allows("contained"),
+            "narrative could repeat the SSN"
+        );
         assert!(w.is_nothing());
         assert!(masks(&set, role, "Observation").0.is_everything());
         assert!(masks(&set, role, "Observation").1.is_everything());
         assert!(masks(&set, role, "CareTeam").1.is_nothing());
     }
     assert!(masks(&set, Role::Nurse, "Condition").1.is_nothing());
-    assert!(masks(&set, Role::Clinician, "MedicationRequest").1.is_everything());
+    assert!(
+        masks(&set, Role::Clinician, "MedicationRequest")
+            .1
+            .is_everything()
+    );
 
     for ty in ["Patient", "Observation", "CareTeam"] {
         let (r, w) = masks(&set, Role::Patient, ty);
@@ -196,7 +298,10 @@ fn field_masks_follow_the_contract_table() {
     // The workforce directory: only admin sees a practitioner's SSN.
     assert!(masks(&set, Role::Admin, "Practitioner").0.is_everything());
     for role in Role::ALL.into_iter().filter(|r| *r != Role::Admin) {
-        assert!(masks(&set, role, "Practitioner").0.hides_identifier(&ssn()), "{role}");
+        assert!(
+            masks(&set, role, "Practitioner").0.hides_identifier(&ssn()),
+            "{role}"
+        );
     }
 }
 
@@ -226,7 +331,11 @@ fn keys(v: &Value) -> BTreeSet<String> {
 fn subsetted_tags(v: &Value) -> usize {
     v["meta"]["tag"]
         .as_array()
-        .map(|t| t.iter().filter(|t| t["system"] == SUBSETTED_SYSTEM && t["code"] == SUBSETTED_CODE).count())
+        .map(|t| {
+            t.iter()
+                .filter(|t| t["system"] == SUBSETTED_SYSTEM && t["code"] == SUBSETTED_CODE)
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -236,13 +345,26 @@ fn shaping_removes_hidden_elements_and_tags_subsetted() {
     let (front, _) = masks(&set, Role::FrontDesk, "Patient");
     let mut p = full_patient();
     assert!(front.shape(&mut p, None));
-    let want: BTreeSet<String> =
-        ["resourceType", "id", "meta", "identifier", "name", "telecom", "gender", "birthDate", "_birthDate", "address"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let want: BTreeSet<String> = [
+        "resourceType",
+        "id",
+        "meta",
+        "identifier",
+        "name",
+        "telecom",
+        "gender",
+        "birthDate",
+        "_birthDate",
+        "address",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(keys(&p), want);
-    assert_eq!(p["identifier"], json!([{ "system": "urn:mrn", "value": "MRN-1" }]));
+    assert_eq!(
+        p["identifier"],
+        json!([{ "system": "urn:mrn", "value": "MRN-1" }])
+    );
     assert_eq!(p["meta"]["versionId"], "3");
     assert_eq!(subsetted_tags(&p), 1);
     // Shaping again removes nothing more and does not tag twice.
@@ -251,9 +373,16 @@ fn shaping_removes_hidden_elements_and_tags_subsetted() {
 
     // Only the SSN removed: still subsetted; no identifier left means no identifier element.
     let (nurse, _) = masks(&set, Role::Nurse, "Patient");
-    let mut p = json!({ "resourceType": "Patient", "id": "p1", "identifier": [ssn()], "gender": "male" });
+    let mut p =
+        json!({ "resourceType": "Patient", "id": "p1", "identifier": [ssn()], "gender": "male" });
     assert!(nurse.shape(&mut p, None));
-    assert_eq!(keys(&p), ["resourceType", "id", "meta", "gender"].into_iter().map(String::from).collect());
+    assert_eq!(
+        keys(&p),
+        ["resourceType", "id", "meta", "gender"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    );
     assert_eq!(subsetted_tags(&p), 1);
 
     // Nothing removed: no tag.
@@ -265,7 +394,11 @@ fn shaping_removes_hidden_elements_and_tags_subsetted() {
     let (billing, _) = masks(&set, Role::Billing, "Patient");
     let mut p = full_patient();
     assert!(billing.shape(&mut p, None));
-    assert_eq!(p["identifier"].as_array().unwrap().len(), 2, "billing sees the SSN");
+    assert_eq!(
+        p["identifier"].as_array().unwrap().len(),
+        2,
+        "billing sees the SSN"
+    );
     assert!(p.get("telecom").is_none());
 }
 
@@ -277,8 +410,17 @@ fn elements_parameter_narrows_within_the_mask() {
     let (own, _) = masks(&set, Role::Patient, "Patient");
     let mut p = full_patient();
     assert!(own.shape(&mut p, Some(&names(&["name", "birthDate"]))));
-    let want: BTreeSet<String> =
-        ["resourceType", "id", "meta", "name", "birthDate", "_birthDate"].into_iter().map(String::from).collect();
+    let want: BTreeSet<String> = [
+        "resourceType",
+        "id",
+        "meta",
+        "name",
+        "birthDate",
+        "_birthDate",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(keys(&p), want);
     assert_eq!(subsetted_tags(&p), 1);
 
@@ -286,7 +428,13 @@ fn elements_parameter_narrows_within_the_mask() {
     let (billing, _) = masks(&set, Role::Billing, "Patient");
     let mut p = full_patient();
     billing.shape(&mut p, Some(&names(&["telecom", "name"])));
-    assert_eq!(keys(&p), ["resourceType", "id", "meta", "name"].into_iter().map(String::from).collect());
+    assert_eq!(
+        keys(&p),
+        ["resourceType", "id", "meta", "name"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    );
 
     // Choice elements and mandatory elements (Observation.status and .code are kept though not asked for).
     let (clin, _) = masks(&set, Role::Clinician, "Observation");
@@ -297,8 +445,17 @@ fn elements_parameter_narrows_within_the_mask() {
     for asked in [&["value"][..], &["value[x]"], &["valueQuantity"]] {
         let mut o = obs.clone();
         assert!(clin.shape(&mut o, Some(&names(asked))));
-        let want: BTreeSet<String> =
-            ["resourceType", "id", "meta", "status", "code", "valueQuantity"].into_iter().map(String::from).collect();
+        let want: BTreeSet<String> = [
+            "resourceType",
+            "id",
+            "meta",
+            "status",
+            "code",
+            "valueQuantity",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
         assert_eq!(keys(&o), want, "{asked:?}");
     }
     // Everything present asked for: nothing removed, no tag.
@@ -339,7 +496,11 @@ fn front_desk_put_keeps_the_ssn_and_other_hidden_elements() {
     for hidden in ["maritalStatus", "text", "active", "deceasedBoolean"] {
         assert_eq!(body[hidden], stored[hidden], "{hidden}");
     }
-    assert_eq!(subsetted_tags(&body), 0, "the stored resource is complete: no SUBSETTED tag");
+    assert_eq!(
+        subsetted_tags(&body),
+        0,
+        "the stored resource is complete: no SUBSETTED tag"
+    );
 
     // Dropping all visible identifiers keeps the hidden SSN.
     let mut body = front_desk_view();
@@ -356,7 +517,10 @@ fn writes_outside_the_write_mask_are_refused() {
     // An SSN in the body: refused, whether new, changed, or equal to the stored one (no oracle).
     for ssn_value in ["123-45-6789", "999-99-9999"] {
         let mut body = front_desk_view();
-        body["identifier"].as_array_mut().unwrap().push(json!({ "system": SSN_SYSTEM, "value": ssn_value }));
+        body["identifier"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "system": SSN_SYSTEM, "value": ssn_value }));
         assert_eq!(d.merge_hidden(Some(&stored), &mut body), Err(WriteDenied));
     }
     // A hidden element, even with its stored value.
@@ -368,7 +532,13 @@ fn writes_outside_the_write_mask_are_refused() {
     let create = real().decide_role(Role::FrontDesk, "Patient", Action::Create);
     let mut body = json!({ "resourceType": "Patient", "name": [ { "family": "New" } ] });
     create.merge_hidden(None, &mut body).unwrap();
-    assert_eq!(keys(&body), ["resourceType", "name"].into_iter().map(String::from).collect());
+    assert_eq!(
+        keys(&body),
+        ["resourceType", "name"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    );
     let mut body = json!({ "resourceType": "Patient", "identifier": [ssn()] });
     assert_eq!(create.merge_hidden(None, &mut body), Err(WriteDenied));
 
@@ -376,15 +546,20 @@ fn writes_outside_the_write_mask_are_refused() {
     let set = real();
     let mut body = front_desk_view();
     assert_eq!(
-        set.decide_role(Role::Nurse, "Patient", Action::Update).merge_hidden(Some(&stored), &mut body),
+        set.decide_role(Role::Nurse, "Patient", Action::Update)
+            .merge_hidden(Some(&stored), &mut body),
         Err(WriteDenied)
     );
     assert_eq!(
-        set.decide_role(Role::Billing, "Patient", Action::Read).merge_hidden(Some(&stored), &mut body),
+        set.decide_role(Role::Billing, "Patient", Action::Read)
+            .merge_hidden(Some(&stored), &mut body),
         Err(WriteDenied)
     );
     let mut not_object = json!([1]);
-    assert_eq!(d.merge_hidden(Some(&stored), &mut not_object), Err(WriteDenied));
+    assert_eq!(
+        d.merge_hidden(Some(&stored), &mut not_object),
+        Err(WriteDenied)
+    );
 
     // Clinicians write every element of clinical resources.
     let upd = set.decide_role(Role::Clinician, "Observation", Action::Update);
@@ -397,9 +572,18 @@ fn writes_outside_the_write_mask_are_refused() {
 
 #[test]
 fn readable_but_not_writable_elements_may_be_sent_back_unchanged() {
-    let read =
-        FieldMask::new(Some(["name", "gender"].into_iter().map(String::from).collect()), Vec::new(), &[], Vec::new());
-    let write = FieldMask::new(Some(["name"].into_iter().map(String::from).collect()), Vec::new(), &[], Vec::new());
+    let read = FieldMask::new(
+        Some(["name", "gender"].into_iter().map(String::from).collect()),
+        Vec::new(),
+        &[],
+        Vec::new(),
+    );
+    let write = FieldMask::new(
+        Some(["name"].into_iter().map(String::from).collect()),
+        Vec::new(),
+        &[],
+        Vec::new(),
+    );
     let d = Decision {
         allowed: true,
         scope: Some(Scope::All),
@@ -407,9 +591,9 @@ fn readable_but_not_writable_elements_may_be_sent_back_unchanged() {
         write_mask: Arc::new(write),
         rule: Arc::from("test"),
     };
-    let stored =
-        json!({ "resourceType": "Patient", "gender": "female", "name": [ { "family": "A" } ], "active": true });
-    let mut body = json!({ "resourceType": "Patient", "gender": "female", "name": [ { "family": "B" } ] });
+    let stored = json!({ "resourceType": "Patient", "gender": "female", "name": [ { "family": "A" } ], "active": true });
+    let mut body =
+        json!({ "resourceType": "Patient", "gender": "female", "name": [ { "family": "B" } ] });
     d.merge_hidden(Some(&stored), &mut body).unwrap();
     assert_eq!(
         body,
@@ -425,7 +609,10 @@ fn several_roles_take_the_broadest_scope_without_mixing_masks() {
     // nurse (careteam, all but SSN) + billing (all patients, a few fields): billing's scope and mask only.
     let d = set.decide(&[Role::Nurse, Role::Billing], "Patient", Action::Read);
     assert_eq!(d.scope, Some(Scope::All));
-    assert!(!d.read_mask.allows("telecom"), "nurse fields must not spread to every patient");
+    assert!(
+        !d.read_mask.allows("telecom"),
+        "nurse fields must not spread to every patient"
+    );
     // Only the nurse reads observations.
     let d = set.decide(&[Role::Billing, Role::Nurse], "Observation", Action::Read);
     assert_eq!(d.scope, Some(Scope::CareTeam));
@@ -444,19 +631,41 @@ fn several_roles_take_the_broadest_scope_without_mixing_masks() {
 fn explain_names_the_deciding_rule() {
     let set = real();
     let text = set.explain(Role::FrontDesk, "Patient", Action::Update);
-    let line = source(POLICY_FILE).lines().position(|l| l == "p, front_desk, Patient, update, all").unwrap() + 1;
+    let line = source(POLICY_FILE)
+        .lines()
+        .position(|l| l == "p, front_desk, Patient, update, all")
+        .unwrap()
+        + 1;
     assert!(text.contains("ALLOWED, scope all"), "{text}");
-    assert!(text.contains(&format!("policy.csv line {line}: p, front_desk, Patient, update, all")), "{text}");
-    assert!(text.contains("never identifiers of system http://hl7.org/fhir/sid/us-ssn"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "policy.csv line {line}: p, front_desk, Patient, update, all"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("never identifiers of system http://hl7.org/fhir/sid/us-ssn"),
+        "{text}"
+    );
     let text = set.explain(Role::FrontDesk, "Observation", Action::Read);
-    assert!(text.contains("DENIED") && text.contains("no line of policy.csv grants"), "{text}");
-    assert!(PolicySet::deny_all().explain(Role::Admin, "Patient", Action::Read).contains("no access policy is loaded"));
+    assert!(
+        text.contains("DENIED") && text.contains("no line of policy.csv grants"),
+        "{text}"
+    );
+    assert!(
+        PolicySet::deny_all()
+            .explain(Role::Admin, "Patient", Action::Read)
+            .contains("no access policy is loaded")
+    );
 }
 
 #[test]
 fn no_policy_denies_everything() {
     let empty = tempfile::tempdir().unwrap();
-    assert!(matches!(AccessControl::load(empty.path(), catalog()), Err(PolicyError::Io { .. })));
+    assert!(matches!(
+        AccessControl::load(empty.path(), catalog()),
+        Err(PolicyError::Io { .. })
+    ));
     let ac = AccessControl::deny_all(catalog());
     for role in Role::ALL {
         for ty in RESOURCE_TYPES {
@@ -479,24 +688,46 @@ fn failed_reload_keeps_the_previous_policy_and_a_good_one_replaces_it() {
     let dir = tempfile::tempdir().unwrap();
     copy_policies(dir.path());
     let ac = AccessControl::load(dir.path(), catalog()).unwrap();
-    assert!(ac.decide(&[Role::Billing], "Condition", Action::Read).allowed);
+    assert!(
+        ac.decide(&[Role::Billing], "Condition", Action::Read)
+            .allowed
+    );
 
-    std::fs::write(dir.path().join(POLICY_FILE), "p, billing, Condition\nthis is not a policy\n").unwrap();
+    std::fs::write(
+        dir.path().join(POLICY_FILE),
+        "p, billing, Condition\nthis is not a policy\n",
+    )
+    .unwrap();
     assert!(ac.reload_from_dir(dir.path()).is_err());
-    assert!(ac.decide(&[Role::Billing], "Condition", Action::Read).allowed);
+    assert!(
+        ac.decide(&[Role::Billing], "Condition", Action::Read)
+            .allowed
+    );
     std::fs::remove_file(dir.path().join(FIELDS_FILE)).unwrap();
     assert!(ac.reload_from_dir(dir.path()).is_err());
-    assert!(ac.decide(&[Role::Billing], "Condition", Action::Read).allowed);
+    assert!(
+        ac.decide(&[Role::Billing], "Condition", Action::Read)
+            .allowed
+    );
 
     // A valid edit: billing loses Condition (both files edited together).
     copy_policies(dir.path());
     let policy = source(POLICY_FILE);
-    let policy: Vec<&str> = policy.lines().filter(|l| !l.starts_with("p, billing, Condition")).collect();
+    let policy: Vec<&str> = policy
+        .lines()
+        .filter(|l| !l.starts_with("p, billing, Condition"))
+        .collect();
     std::fs::write(dir.path().join(POLICY_FILE), policy.join("\n")).unwrap();
-    let fields = source(FIELDS_FILE).replace("[billing.Condition]\nread = [\"code\", \"subject\", \"encounter\"]", "");
+    let fields = source(FIELDS_FILE).replace(
+        "[billing.Condition]\nread = [\"code\", \"subject\", \"encounter\"]",
+        "",
+    );
     std::fs::write(dir.path().join(FIELDS_FILE), fields).unwrap();
     ac.reload_from_dir(dir.path()).unwrap();
-    assert!(!ac.decide(&[Role::Billing], "Condition", Action::Read).allowed);
+    assert!(
+        !ac.decide(&[Role::Billing], "Condition", Action::Read)
+            .allowed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,12 +735,20 @@ async fn watcher_reloads_on_change() {
     let dir = tempfile::tempdir().unwrap();
     copy_policies(dir.path());
     let ac = Arc::new(AccessControl::deny_all(catalog()));
-    let task = spawn_policy_watcher(Arc::clone(&ac), dir.path().to_path_buf(), Duration::from_millis(50));
+    let task = spawn_policy_watcher(
+        Arc::clone(&ac),
+        dir.path().to_path_buf(),
+        Duration::from_millis(50),
+    );
     let until = |want: bool| {
         let ac = Arc::clone(&ac);
         async move {
             for _ in 0..400 {
-                if ac.decide(&[Role::Admin], "Practitioner", Action::Create).allowed == want {
+                if ac
+                    .decide(&[Role::Admin], "Practitioner", Action::Create)
+                    .allowed
+                    == want
+                {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -520,10 +759,17 @@ async fn watcher_reloads_on_change() {
     assert!(until(true).await, "first poll loads the policy");
     let policy = source(POLICY_FILE).replace("p, admin, Practitioner, create, all\n", "");
     std::fs::write(dir.path().join(POLICY_FILE), policy).unwrap();
-    assert!(until(false).await, "the change is picked up without a restart");
+    assert!(
+        until(false).await,
+        "the change is picked up without a restart"
+    );
     std::fs::write(dir.path().join(POLICY_FILE), "garbage").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(ac.decide(&[Role::Admin], "Practitioner", Action::Update).allowed, "bad edit: previous policy stays");
+    assert!(
+        ac.decide(&[Role::Admin], "Practitioner", Action::Update)
+            .allowed,
+        "bad edit: previous policy stays"
+    );
     task.abort();
 }
 
@@ -535,22 +781,51 @@ fn invalid_policies_fail_to_load() {
     let bad = [
         (
             FIELDS_FILE,
-            fields.replace("\"telecom\", \"address\", \"gender\"", "\"telecom\", \"addresses\", \"gender\""),
+            fields.replace(
+                "\"telecom\", \"address\", \"gender\"",
+                "\"telecom\", \"addresses\", \"gender\"",
+            ),
             "unknown element",
         ),
-        (FIELDS_FILE, fields.replace("[billing.Condition]", "[accountant.Condition]"), "unknown role"),
-        (FIELDS_FILE, fields.replace("[billing.Condition]", "[billing.Claim]"), "unknown type"),
-        (FIELDS_FILE, fields.replace("[billing.Condition]\nread", "[billing.Condition]\nreads"), "unknown key"),
         (
             FIELDS_FILE,
-            fields.replace("[billing.Condition]\nread = [\"code\", \"subject\", \"encounter\"]", ""),
+            fields.replace("[billing.Condition]", "[accountant.Condition]"),
+            "unknown role",
+        ),
+        (
+            FIELDS_FILE,
+            fields.replace("[billing.Condition]", "[billing.Claim]"),
+            "unknown type",
+        ),
+        (
+            FIELDS_FILE,
+            fields.replace("[billing.Condition]\nread", "[billing.Condition]\nreads"),
+            "unknown key",
+        ),
+        (
+            FIELDS_FILE,
+            fields.replace(
+                "[billing.Condition]\nread = [\"code\", \"subject\", \"encounter\"]",
+                "",
+            ),
             "missing section",
         ),
-        (FIELDS_FILE, format!("{fields}\n[billing.Observation]\nread = [\"code\"]\n"), "section without grant"),
-        (FIELDS_FILE, format!("{fields}\n[billing.Condition]\n"), "duplicate section"),
         (
             FIELDS_FILE,
-            fields.replace("[nurse.Condition]\nread = [\"*\"]", "[nurse.Condition]\nread = [\"*\"]\nwrite = [\"*\"]"),
+            format!("{fields}\n[billing.Observation]\nread = [\"code\"]\n"),
+            "section without grant",
+        ),
+        (
+            FIELDS_FILE,
+            format!("{fields}\n[billing.Condition]\n"),
+            "duplicate section",
+        ),
+        (
+            FIELDS_FILE,
+            fields.replace(
+                "[nurse.Condition]\nread = [\"*\"]",
+                "[nurse.Condition]\nread = [\"*\"]\nwrite = [\"*\"]",
+            ),
             "write without grant",
         ),
         (
@@ -561,52 +836,111 @@ fn invalid_policies_fail_to_load() {
             ),
             "star mixed",
         ),
-        (FIELDS_FILE, "this is = not toml [".to_owned(), "malformed toml"),
+        (
+            FIELDS_FILE,
+            "this is = not toml [".to_owned(),
+            "malformed toml",
+        ),
         (
             POLICY_FILE,
-            policy.replace("p, billing, Condition, read, all", "p, accountant, Condition, read, all"),
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, accountant, Condition, read, all",
+            ),
             "unknown role",
         ),
         (
             POLICY_FILE,
-            policy.replace("p, billing, Condition, read, all", "p, billing, Claim, read, all"),
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, billing, Claim, read, all",
+            ),
             "unknown type",
         ),
         (
             POLICY_FILE,
-            policy.replace("p, billing, Condition, read, all", "p, billing, Condition, patch, all"),
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, billing, Condition, patch, all",
+            ),
             "unknown action",
         ),
         (
             POLICY_FILE,
-            policy.replace("p, billing, Condition, read, all", "p, billing, Condition, read, everyone"),
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, billing, Condition, read, everyone",
+            ),
             "unknown scope",
         ),
         (
             POLICY_FILE,
-            policy.replace("p, billing, Condition, read, all", "p, billing, Condition, read, careteam"),
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, billing, Condition, read, careteam",
+            ),
             "scope misfit",
         ),
         (
             POLICY_FILE,
-            policy.replace("p, billing, Condition, read, all", "p, billing, Condition, read, all # claims"),
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, billing, Condition, read, all # claims",
+            ),
             "inline comment",
         ),
-        (POLICY_FILE, policy.replace("p, billing, Condition, read, all", "p, billing, Condition, read"), "short line"),
-        (POLICY_FILE, format!("{policy}\np, nurse, Patient, read, all\n"), "two scopes"),
-        (POLICY_FILE, format!("{policy}\np, admin, Practitioner, create, all\n"), "duplicate"),
-        (POLICY_FILE, format!("{policy}\ng, nurse, clinician\n"), "group named like a role"),
-        (MODEL_FILE, "[request_definition]\nr = sub, obj\n".to_owned(), "malformed model"),
-        (MODEL_FILE, model.replace("r.obj == p.obj &&", ""), "model ignoring the type"),
+        (
+            POLICY_FILE,
+            policy.replace(
+                "p, billing, Condition, read, all",
+                "p, billing, Condition, read",
+            ),
+            "short line",
+        ),
+        (
+            POLICY_FILE,
+            format!("{policy}\np, nurse, Patient, read, all\n"),
+            "two scopes",
+        ),
+        (
+            POLICY_FILE,
+            format!("{policy}\np, admin, Practitioner, create, all\n"),
+            "duplicate",
+        ),
+        (
+            POLICY_FILE,
+            format!("{policy}\ng, nurse, clinician\n"),
+            "group named like a role",
+        ),
         (
             MODEL_FILE,
-            model.replace("r.obj == p.obj && r.act == p.act && r.scope == p.scope && g(r.sub, p.sub)", "true"),
+            "[request_definition]\nr = sub, obj\n".to_owned(),
+            "malformed model",
+        ),
+        (
+            MODEL_FILE,
+            model.replace("r.obj == p.obj &&", ""),
+            "model ignoring the type",
+        ),
+        (
+            MODEL_FILE,
+            model.replace(
+                "r.obj == p.obj && r.act == p.act && r.scope == p.scope && g(r.sub, p.sub)",
+                "true",
+            ),
             "model granting all",
         ),
     ];
     for (file, text, what) in bad {
-        assert_ne!(text, source(file), "{what}: the test edit must change {file}");
-        assert!(load_with(file, &text).is_err(), "{what} in {file} must not load");
+        assert_ne!(
+            text,
+            source(file),
+            "{what}: the test edit must change {file}"
+        );
+        assert!(
+            load_with(file, &text).is_err(),
+            "{what} in {file} must not load"
+        );
     }
     assert!(load_with(FIELDS_FILE, &fields).is_ok());
 }

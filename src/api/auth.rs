@@ -197,8 +197,7 @@ pub async fn revoke(state: web::Data<AppState>, req: HttpRequest, body: web::Byt
     state.auth.revoke_token(&token).await?;
     let ip = client_ip(&req);
     let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
-    let event =
-        AuditEvent::new(AuditKind::Logout, state.clock.now(), Outcome::Success, agent).with_detail("token-revoked");
+    let event = AuditEvent::new(AuditKind::Logout, state.clock.now(), Outcome::Success, agent).with_detail("token-revoked");
     state.audit.record(event).await?;
     Ok(HttpResponse::Ok().finish())
 }
@@ -208,12 +207,7 @@ pub async fn logout(state: web::Data<AppState>, req: HttpRequest, principal: Pri
     if let Some(sid) = principal.session_id {
         state.auth.end_session(sid).await?;
     }
-    let event = AuditEvent::new(
-        AuditKind::Logout,
-        state.clock.now(),
-        Outcome::Success,
-        principal_agent(&principal, client_ip(&req)),
-    );
+    let event = AuditEvent::new(AuditKind::Logout, state.clock.now(), Outcome::Success, principal_agent(&principal, client_ip(&req)));
     state.audit.record(event).await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -31,8 +31,8 @@ pub type Hash = [u8; 32];
 
 /// The `prev_hash` of record 1: SHA-256 of `carevault.audit.genesis.v1`.
 pub const GENESIS: Hash = [
-    0xa4, 0xc9, 0x81, 0x91, 0x10, 0x99, 0x80, 0x64, 0xb2, 0xef, 0x5f, 0x49, 0x04, 0xec, 0x64, 0x88, 0xd8, 0xb5, 0x72,
-    0xb8, 0xf4, 0x07, 0xba, 0x26, 0x6e, 0x3d, 0x96, 0xf2, 0x94, 0xe8, 0xfe, 0x99,
+    0xa4, 0xc9, 0x81, 0x91, 0x10, 0x99, 0x80, 0x64, 0xb2, 0xef, 0x5f, 0x49, 0x04, 0xec, 0x64, 0x88,
+    0xd8, 0xb5, 0x72, 0xb8, 0xf4, 0x07, 0xba, 0x26, 0x6e, 0x3d, 0x96, 0xf2, 0x94, 0xe8, 0xfe, 0x99,
 ];
 
 /// Where one record sits in the chain.
@@ -47,7 +47,11 @@ impl ChainLink {
     /// The link for the record after `prev` (or the first record when `prev` is `None`).
     pub fn next(prev: Option<&ChainLink>, canonical: &[u8]) -> ChainLink {
         let (seq, prev_hash) = prev.map_or((1, GENESIS), |p| (p.seq + 1, p.hash));
-        ChainLink { seq, prev_hash, hash: link(&prev_hash, seq, canonical) }
+        ChainLink {
+            seq,
+            prev_hash,
+            hash: link(&prev_hash, seq, canonical),
+        }
     }
 }
 
@@ -195,7 +199,9 @@ impl Verifier {
         stored_prev: &Hash,
         stored_hash: &Hash,
     ) -> Result<(), ChainError> {
-        let canonical = serde_json::from_slice::<AuditEvent>(event_json).ok().and_then(|e| e.canonical_bytes().ok());
+        let canonical = serde_json::from_slice::<AuditEvent>(event_json)
+            .ok()
+            .and_then(|e| e.canonical_bytes().ok());
         self.checked(seq, canonical.as_deref(), stored_prev, stored_hash)
     }
 
@@ -247,7 +253,11 @@ impl Verifier {
                 // This record links to the same predecessor as the previous one: the previous one was put in.
                 return Err(broken(seq - 1, BreakKind::Inserted));
             }
-            self.pending = Some(Pending { seq, stored_prev: *stored_prev, error: broken(seq, BreakKind::Unlinked) });
+            self.pending = Some(Pending {
+                seq,
+                stored_prev: *stored_prev,
+                error: broken(seq, BreakKind::Unlinked),
+            });
             return Ok(());
         }
         if canonical.is_none_or(|c| &link(&self.running, seq, c) != stored_hash) {
@@ -267,7 +277,10 @@ impl Verifier {
 
     /// Ends the walk. `expected_head` is the latest signed checkpoint (already signature-checked): the trail
     /// must reach it and agree with it. Returns the last record (`None` for an empty walk).
-    pub fn finish(mut self, expected_head: Option<(i64, Hash)>) -> Result<Option<ChainHead>, ChainError> {
+    pub fn finish(
+        mut self,
+        expected_head: Option<(i64, Hash)>,
+    ) -> Result<Option<ChainHead>, ChainError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
@@ -287,7 +300,11 @@ impl Verifier {
                 return Err(broken(seq, BreakKind::Unanchored));
             }
         }
-        Ok((self.count > 0).then_some(ChainHead { seq: last, hash: self.running, count: self.count }))
+        Ok((self.count > 0).then_some(ChainHead {
+            seq: last,
+            hash: self.running,
+            count: self.count,
+        }))
     }
 }
 
@@ -345,8 +362,8 @@ pub struct CheckpointSigner {
 impl CheckpointSigner {
     /// A new key; returns it with its PKCS#8 v2 document (secret: store it like the master key).
     pub fn generate() -> Result<(Self, zeroize::Zeroizing<Vec<u8>>), CheckpointError> {
-        let doc =
-            Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).map_err(|_| CheckpointError::BadKey)?;
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .map_err(|_| CheckpointError::BadKey)?;
         let pkcs8 = zeroize::Zeroizing::new(doc.as_ref().to_vec());
         Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
     }
@@ -367,9 +384,22 @@ impl CheckpointSigner {
 
     /// Signs the head `(seq, hash)` at `at` (truncated to whole seconds).
     pub fn sign(&self, seq: i64, hash: Hash, at: OffsetDateTime) -> Checkpoint {
-        let at = at.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(at);
-        let signature = self.pair.sign(&signed_message(seq, &hash, at, &self.key_id)).as_ref().to_vec();
-        Checkpoint { seq, hash, at, key_id: self.key_id.clone(), signature }
+        let at = at
+            .to_offset(time::UtcOffset::UTC)
+            .replace_nanosecond(0)
+            .unwrap_or(at);
+        let signature = self
+            .pair
+            .sign(&signed_message(seq, &hash, at, &self.key_id))
+            .as_ref()
+            .to_vec();
+        Checkpoint {
+            seq,
+            hash,
+            at,
+            key_id: self.key_id.clone(),
+            signature,
+        }
     }
 }
 
@@ -380,7 +410,10 @@ impl Checkpoint {
             return Err(CheckpointError::WrongKey);
         }
         UnparsedPublicKey::new(&ED25519, public_key)
-            .verify(&signed_message(self.seq, &self.hash, self.at, &self.key_id), &self.signature)
+            .verify(
+                &signed_message(self.seq, &self.hash, self.at, &self.key_id),
+                &self.signature,
+            )
             .map_err(|_| CheckpointError::BadSignature)
     }
 }
@@ -428,7 +461,9 @@ mod b64 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        URL_SAFE_NO_PAD.decode(s).map_err(|_| D::Error::custom("expected base64url"))
+        URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| D::Error::custom("expected base64url"))
     }
 }
 
@@ -456,7 +491,12 @@ mod tests {
         for i in 0..n {
             let canonical = format!("{{\"event\":{i}}}").into_bytes();
             let l = ChainLink::next(last.as_ref(), &canonical);
-            rows.push(Row { seq: l.seq, canonical, prev: l.prev_hash, hash: l.hash });
+            rows.push(Row {
+                seq: l.seq,
+                canonical,
+                prev: l.prev_hash,
+                hash: l.hash,
+            });
             last = Some(l);
         }
         rows
@@ -476,7 +516,10 @@ mod tests {
 
     #[test]
     fn genesis_is_the_hash_of_its_tag() {
-        assert_eq!(GENESIS, <[u8; 32]>::from(Sha256::digest(b"carevault.audit.genesis.v1")));
+        assert_eq!(
+            GENESIS,
+            <[u8; 32]>::from(Sha256::digest(b"carevault.audit.genesis.v1"))
+        );
     }
 
     #[test]
@@ -542,21 +585,40 @@ mod tests {
         let mut rows = trail(10);
         let canonical = b"{\"event\":\"forged\"}".to_vec();
         let prev = rows[3].hash;
-        rows.insert(4, Row { seq: 5, hash: link(&prev, 5, &canonical), canonical, prev });
+        rows.insert(
+            4,
+            Row {
+                seq: 5,
+                hash: link(&prev, 5, &canonical),
+                canonical,
+                prev,
+            },
+        );
         for r in &mut rows[5..] {
             r.seq += 1;
         }
         assert_eq!(verify(&rows, None), err(5, BreakKind::Inserted));
         // A forged record with a made-up link.
         let mut rows = trail(10);
-        rows.insert(4, Row { seq: 5, canonical: b"{}".to_vec(), prev: [7; 32], hash: [8; 32] });
+        rows.insert(
+            4,
+            Row {
+                seq: 5,
+                canonical: b"{}".to_vec(),
+                prev: [7; 32],
+                hash: [8; 32],
+            },
+        );
         for r in &mut rows[5..] {
             r.seq += 1;
         }
         assert_eq!(verify(&rows, None), err(5, BreakKind::Inserted));
         // A second record under an existing seq.
         let mut rows = trail(10);
-        let dup = Row { canonical: b"{}".to_vec(), ..rows[4].clone() };
+        let dup = Row {
+            canonical: b"{}".to_vec(),
+            ..rows[4].clone()
+        };
         rows.insert(5, dup);
         assert_eq!(verify(&rows, None), err(5, BreakKind::Inserted));
     }
@@ -616,7 +678,11 @@ mod tests {
         // Edit record 3 and recompute every later link: internally consistent, but not what was signed.
         let mut forged = rows.clone();
         forged[2].canonical = b"{\"event\":\"rewritten\"}".to_vec();
-        let mut last: Option<ChainLink> = Some(ChainLink { seq: 2, prev_hash: forged[1].prev, hash: forged[1].hash });
+        let mut last: Option<ChainLink> = Some(ChainLink {
+            seq: 2,
+            prev_hash: forged[1].prev,
+            hash: forged[1].hash,
+        });
         for r in &mut forged[2..] {
             let l = ChainLink::next(last.as_ref(), &r.canonical);
             (r.prev, r.hash) = (l.prev_hash, l.hash);
@@ -624,9 +690,20 @@ mod tests {
         }
         assert!(verify(&forged, None).is_ok());
         let mut v = Verifier::new().anchored(cp.0, cp.1);
-        let result = forged.iter().try_for_each(|r| v.push(r.seq, &r.canonical, &r.prev, &r.hash));
-        assert_eq!(result, Err(ChainError { seq: 8, kind: BreakKind::CheckpointMismatch }));
-        assert_eq!(verify(&forged[..8], Some(cp)), err(8, BreakKind::CheckpointMismatch));
+        let result = forged
+            .iter()
+            .try_for_each(|r| v.push(r.seq, &r.canonical, &r.prev, &r.hash));
+        assert_eq!(
+            result,
+            Err(ChainError {
+                seq: 8,
+                kind: BreakKind::CheckpointMismatch
+            })
+        );
+        assert_eq!(
+            verify(&forged[..8], Some(cp)),
+            err(8, BreakKind::CheckpointMismatch)
+        );
     }
 
     #[test]
@@ -641,7 +718,10 @@ mod tests {
             .collect();
         let mut links: Vec<ChainLink> = Vec::new();
         for j in &json {
-            let canonical = serde_json::from_slice::<AuditEvent>(j).unwrap().canonical_bytes().unwrap();
+            let canonical = serde_json::from_slice::<AuditEvent>(j)
+                .unwrap()
+                .canonical_bytes()
+                .unwrap();
             links.push(ChainLink::next(links.last(), &canonical));
         }
         let walk = |rows: &[Vec<u8>]| {
@@ -653,15 +733,25 @@ mod tests {
         };
         assert_eq!(walk(&json).unwrap().unwrap().count, 3);
         let mut tampered = json.clone();
-        tampered[1] = String::from_utf8(tampered[1].clone()).unwrap().replace("TREAT", "BTG").into_bytes();
+        tampered[1] = String::from_utf8(tampered[1].clone())
+            .unwrap()
+            .replace("TREAT", "BTG")
+            .into_bytes();
         assert_eq!(walk(&tampered), err(2, BreakKind::Edited));
         tampered[1] = b"{not json".to_vec();
         assert_eq!(walk(&tampered), err(2, BreakKind::Edited));
         // Order is checked before content: an unparsable row after a deleted one names the deletion.
         let mut v = Verifier::new();
-        v.push_stored(1, &json[0], &links[0].prev_hash, &links[0].hash).unwrap();
+        v.push_stored(1, &json[0], &links[0].prev_hash, &links[0].hash)
+            .unwrap();
         let gap = v.push_stored(3, b"{not json", &links[2].prev_hash, &links[2].hash);
-        assert_eq!(gap, Err(ChainError { seq: 2, kind: BreakKind::Missing }));
+        assert_eq!(
+            gap,
+            Err(ChainError {
+                seq: 2,
+                kind: BreakKind::Missing
+            })
+        );
     }
 
     #[test]
@@ -669,10 +759,16 @@ mod tests {
         let mut rows = trail(5);
         rows[1].canonical = b"{\"secret\":\"Jane Doe\"}".to_vec();
         let mut v = Verifier::new();
-        v.push(1, &rows[0].canonical, &rows[0].prev, &rows[0].hash).unwrap();
-        let e = v.push(2, &rows[1].canonical, &rows[1].prev, &rows[1].hash).unwrap_err();
+        v.push(1, &rows[0].canonical, &rows[0].prev, &rows[0].hash)
+            .unwrap();
+        let e = v
+            .push(2, &rows[1].canonical, &rows[1].prev, &rows[1].hash)
+            .unwrap_err();
         assert_eq!(e.to_string(), "audit record 2: edited");
-        assert_eq!(v.push(3, &rows[2].canonical, &rows[2].prev, &rows[2].hash), Err(e));
+        assert_eq!(
+            v.push(3, &rows[2].canonical, &rows[2].prev, &rows[2].hash),
+            Err(e)
+        );
         assert_eq!(v.finish(None), Err(e));
     }
 
@@ -695,22 +791,40 @@ mod tests {
 
         let mut t = cp.clone();
         t.seq = 41;
-        assert_eq!(t.verify(signer.public_key()), Err(CheckpointError::BadSignature));
+        assert_eq!(
+            t.verify(signer.public_key()),
+            Err(CheckpointError::BadSignature)
+        );
         let mut t = cp.clone();
         t.hash[0] ^= 1;
-        assert_eq!(t.verify(signer.public_key()), Err(CheckpointError::BadSignature));
+        assert_eq!(
+            t.verify(signer.public_key()),
+            Err(CheckpointError::BadSignature)
+        );
         let mut t = cp.clone();
         t.at += time::Duration::seconds(1);
-        assert_eq!(t.verify(signer.public_key()), Err(CheckpointError::BadSignature));
+        assert_eq!(
+            t.verify(signer.public_key()),
+            Err(CheckpointError::BadSignature)
+        );
         let mut t = cp.clone();
         t.signature[0] ^= 1;
-        assert_eq!(t.verify(signer.public_key()), Err(CheckpointError::BadSignature));
+        assert_eq!(
+            t.verify(signer.public_key()),
+            Err(CheckpointError::BadSignature)
+        );
         let (other, _) = CheckpointSigner::generate().unwrap();
-        assert_eq!(cp.verify(other.public_key()), Err(CheckpointError::WrongKey));
+        assert_eq!(
+            cp.verify(other.public_key()),
+            Err(CheckpointError::WrongKey)
+        );
         // Claiming the other key's id does not help.
         let mut t = cp.clone();
         t.key_id = other.key_id().to_owned();
-        assert_eq!(t.verify(other.public_key()), Err(CheckpointError::BadSignature));
+        assert_eq!(
+            t.verify(other.public_key()),
+            Err(CheckpointError::BadSignature)
+        );
         assert!(CheckpointSigner::from_pkcs8(b"not a key").is_err());
     }
 
@@ -735,7 +849,12 @@ mod tests {
                     let canonical = e.canonical_bytes().unwrap();
                     let l = ChainLink::next(last.as_ref(), &canonical);
                     last = Some(l);
-                    Row { seq: l.seq, canonical, prev: l.prev_hash, hash: l.hash }
+                    Row {
+                        seq: l.seq,
+                        canonical,
+                        prev: l.prev_hash,
+                        hash: l.hash,
+                    }
                 })
                 .collect()
         };
@@ -753,10 +872,14 @@ mod tests {
         let mut v = Verifier::new();
         for r in &rows {
             let parsed: crate::audit::AuditEvent = serde_json::from_slice(&r.canonical).unwrap();
-            v.push(r.seq, &parsed.canonical_bytes().unwrap(), &r.prev, &r.hash).unwrap();
+            v.push(r.seq, &parsed.canonical_bytes().unwrap(), &r.prev, &r.hash)
+                .unwrap();
         }
         v.finish(None).unwrap();
         let secs = start.elapsed().as_secs_f64();
-        println!("parse + canonicalize + chain: {n} records in {secs:.3}s = {:.0} events/s", n as f64 / secs);
+        println!(
+            "parse + canonicalize + chain: {n} records in {secs:.3}s = {:.0} events/s",
+            n as f64 / secs
+        );
     }
 }

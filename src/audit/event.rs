@@ -209,11 +209,19 @@ pub struct Agent {
 
 impl Agent {
     pub fn user(user: impl Into<String>, username: Option<String>, role: Option<Role>) -> Self {
-        Self { user: Some(user.into()), username, role, ..Self::default() }
+        Self {
+            user: Some(user.into()),
+            username,
+            role,
+            ..Self::default()
+        }
     }
 
     pub fn client(client_id: impl Into<String>) -> Self {
-        Self { client_id: Some(client_id.into()), ..Self::default() }
+        Self {
+            client_id: Some(client_id.into()),
+            ..Self::default()
+        }
     }
 
     /// Only a parsed IP address is accepted, so no header text can reach the trail.
@@ -288,7 +296,12 @@ impl AuditEvent {
     }
 
     /// The resource acted on; `id` is absent for searches and creates that failed.
-    pub fn with_resource(mut self, resource_type: &'static str, id: Option<Uuid>, version: Option<i64>) -> Self {
+    pub fn with_resource(
+        mut self,
+        resource_type: &'static str,
+        id: Option<Uuid>,
+        version: Option<i64>,
+    ) -> Self {
         self.resource_type = Some(resource_type.to_owned());
         self.resource_id = id;
         self.resource_version = version;
@@ -302,8 +315,16 @@ impl AuditEvent {
         names: impl IntoIterator<Item = &'a str>,
         is_known: impl Fn(&str) -> bool,
     ) -> Self {
-        self.query_params =
-            names.into_iter().map(|n| if is_known(n) { n.to_owned() } else { UNRECOGNISED_PARAM.to_owned() }).collect();
+        self.query_params = names
+            .into_iter()
+            .map(|n| {
+                if is_known(n) {
+                    n.to_owned()
+                } else {
+                    UNRECOGNISED_PARAM.to_owned()
+                }
+            })
+            .collect();
         self.query_params.sort();
         self.query_params.dedup();
         self
@@ -347,7 +368,8 @@ pub struct CanonicalError;
 /// UTC, whole microseconds.
 pub fn normalize_time(t: OffsetDateTime) -> OffsetDateTime {
     let t = t.to_offset(UtcOffset::UTC);
-    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
 }
 
 #[cfg(test)]
@@ -375,7 +397,10 @@ pub(crate) mod tests {
     #[test]
     fn canonical_bytes_are_pinned() {
         let golden = r#"{"id":"00000000-0000-0000-0000-00000000abcd","recorded":"2026-03-04T03:06:07.123456Z","kind":"search","action":"E","outcome":"0","agent":{"user":"acct-7","username":"dr.house","role":"clinician","client_id":null,"address":"192.0.2.10"},"patient":"00000000-0000-0000-0000-000000001111","resource_type":"Observation","resource_id":null,"resource_version":null,"query_params":["code","date","patient"],"purpose_of_use":"TREAT","detail":null}"#;
-        assert_eq!(String::from_utf8(sample().canonical_bytes().unwrap()).unwrap(), golden);
+        assert_eq!(
+            String::from_utf8(sample().canonical_bytes().unwrap()).unwrap(),
+            golden
+        );
     }
 
     #[test]
@@ -386,7 +411,9 @@ pub(crate) mod tests {
         assert_eq!(back.canonical_bytes(), e.canonical_bytes());
         // Same instant in another offset, unsorted params: same bytes.
         let mut other = e.clone();
-        other.recorded = other.recorded.to_offset(UtcOffset::from_hms(-5, 0, 0).unwrap());
+        other.recorded = other
+            .recorded
+            .to_offset(UtcOffset::from_hms(-5, 0, 0).unwrap());
         other.query_params.reverse();
         assert_eq!(other.canonical_bytes(), e.canonical_bytes());
         // Any field change changes the bytes.
@@ -398,15 +425,24 @@ pub(crate) mod tests {
     #[test]
     fn a_time_without_an_rfc3339_form_has_no_canonical_bytes() {
         let mut e = sample();
-        e.recorded = time::macros::datetime!(2026-01-01 0:00 UTC).replace_year(-1).unwrap();
+        e.recorded = time::macros::datetime!(2026-01-01 0:00 UTC)
+            .replace_year(-1)
+            .unwrap();
         assert_eq!(e.canonical_bytes(), Err(CanonicalError));
     }
 
     #[test]
     fn unknown_parameter_names_are_not_recorded() {
         let e = sample().with_query_params(["family", "JohnSmith1970"], |n| n == "family");
-        assert_eq!(e.query_params, vec!["(unrecognised)".to_owned(), "family".to_owned()]);
-        assert!(!String::from_utf8(e.canonical_bytes().unwrap()).unwrap().contains("JohnSmith"));
+        assert_eq!(
+            e.query_params,
+            vec!["(unrecognised)".to_owned(), "family".to_owned()]
+        );
+        assert!(
+            !String::from_utf8(e.canonical_bytes().unwrap())
+                .unwrap()
+                .contains("JohnSmith")
+        );
     }
 
     #[test]

@@ -58,11 +58,18 @@ fn type_codes(kind: AuditKind) -> (Value, Option<Value>) {
         AuditKind::Create => (rest(), interaction("create", "create")),
         AuditKind::Update => (rest(), interaction("update", "update")),
         AuditKind::Delete => (rest(), interaction("delete", "delete")),
-        AuditKind::Everything | AuditKind::AccessReport => (rest(), interaction("operation", "operation")),
-        AuditKind::Login | AuditKind::LoginFailure => (auth(), Some(coding(DCM, "110122", "Login"))),
+        AuditKind::Everything | AuditKind::AccessReport => {
+            (rest(), interaction("operation", "operation"))
+        }
+        AuditKind::Login | AuditKind::LoginFailure => {
+            (auth(), Some(coding(DCM, "110122", "Login")))
+        }
         AuditKind::Logout => (auth(), Some(coding(DCM, "110123", "Logout"))),
         AuditKind::Refresh => (auth(), None),
-        AuditKind::BreakGlass => (alert(), Some(coding(DCM, "110127", "Emergency Override Started"))),
+        AuditKind::BreakGlass => (
+            alert(),
+            Some(coding(DCM, "110127", "Emergency Override Started")),
+        ),
         AuditKind::Admin | AuditKind::Alert => (alert(), None),
         AuditKind::Export => (coding(DCM, "110106", "Export"), None),
     }
@@ -76,8 +83,10 @@ pub fn to_fhir(event: &AuditEvent, server_id: &str) -> Value {
     if let Some(detail) = &event.detail {
         subtypes.push(own_coding("CodeSystem/audit-detail", detail));
     }
-    let purpose: Option<Value> =
-        event.purpose_of_use.as_ref().map(|p| json!([{ "coding": [{ "system": ACT_REASON, "code": p }] }]));
+    let purpose: Option<Value> = event
+        .purpose_of_use
+        .as_ref()
+        .map(|p| json!([{ "coding": [{ "system": ACT_REASON, "code": p }] }]));
 
     let mut out = Map::new();
     out.insert("resourceType".into(), json!("AuditEvent"));
@@ -90,7 +99,10 @@ pub fn to_fhir(event: &AuditEvent, server_id: &str) -> Value {
     if let Some(p) = &purpose {
         out.insert("purposeOfEvent".into(), p.clone());
     }
-    out.insert("agent".into(), Value::Array(agents(event, server_id, purpose)));
+    out.insert(
+        "agent".into(),
+        Value::Array(agents(event, server_id, purpose)),
+    );
     out.insert(
         "source".into(),
         json!({
@@ -108,23 +120,38 @@ pub fn to_fhir(event: &AuditEvent, server_id: &str) -> Value {
 
 /// `recorded` as a FHIR instant (UTC, microseconds).
 pub fn instant(event: &AuditEvent) -> String {
-    normalize_time(event.recorded).format(&Rfc3339).unwrap_or_default()
+    normalize_time(event.recorded)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 fn agents(event: &AuditEvent, server_id: &str, purpose: Option<Value>) -> Vec<Value> {
     let a = &event.agent;
-    let network = a.address.as_ref().map(|ip| json!({ "address": ip, "type": "2" }));
+    let network = a
+        .address
+        .as_ref()
+        .map(|ip| json!({ "address": ip, "type": "2" }));
     let mut agents = Vec::new();
-    let has_user = a.user.is_some() || a.username.is_some() || a.role.is_some() || a.client_id.is_none();
+    let has_user =
+        a.user.is_some() || a.username.is_some() || a.role.is_some() || a.client_id.is_none();
     if has_user {
         let mut user = Map::new();
-        user.insert("type".into(), json!({ "coding": [coding(PARTICIPATION_TYPE, "IRCP", "information recipient")] }));
+        user.insert(
+            "type".into(),
+            json!({ "coding": [coding(PARTICIPATION_TYPE, "IRCP", "information recipient")] }),
+        );
         if let Some(role) = a.role {
-            user.insert("role".into(), json!([{ "coding": [own_coding("CodeSystem/role", role.as_str())] }]));
+            user.insert(
+                "role".into(),
+                json!([{ "coding": [own_coding("CodeSystem/role", role.as_str())] }]),
+            );
         }
         let mut who = Map::new();
         if let Some(id) = &a.user {
-            who.insert("identifier".into(), json!({ "system": system("sid/account"), "value": id }));
+            who.insert(
+                "identifier".into(),
+                json!({ "system": system("sid/account"), "value": id }),
+            );
         }
         if let Some(name) = &a.username {
             who.insert("display".into(), json!(name));
@@ -143,8 +170,14 @@ fn agents(event: &AuditEvent, server_id: &str, purpose: Option<Value>) -> Vec<Va
     }
     if let Some(client) = &a.client_id {
         let mut c = Map::new();
-        c.insert("type".into(), json!({ "coding": [coding(DCM, "110153", "Source Role ID")] }));
-        c.insert("who".into(), json!({ "identifier": { "system": system("sid/client"), "value": client } }));
+        c.insert(
+            "type".into(),
+            json!({ "coding": [coding(DCM, "110153", "Source Role ID")] }),
+        );
+        c.insert(
+            "who".into(),
+            json!({ "identifier": { "system": system("sid/client"), "value": client } }),
+        );
         c.insert("requestor".into(), json!(!has_user));
         if let Some(n) = network {
             c.insert("network".into(), n);
@@ -171,7 +204,10 @@ fn entities(event: &AuditEvent) -> Vec<Value> {
             "role": coding(OBJECT_ROLE, "1", "Patient"),
         }));
     }
-    let type_detail = event.resource_type.as_ref().map(|t| json!({ "type": "resource-type", "valueString": t }));
+    let type_detail = event
+        .resource_type
+        .as_ref()
+        .map(|t| json!({ "type": "resource-type", "valueString": t }));
     if event.kind == AuditKind::Search {
         let mut detail: Vec<Value> = type_detail.into_iter().collect();
         if !event.query_params.is_empty() {
@@ -219,7 +255,10 @@ pub(crate) mod tests {
     fn validator() -> &'static jsonschema::Validator {
         static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
         VALIDATOR.get_or_init(|| {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fhir.schema.json");
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/fhir.schema.json"
+            );
             let schema: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
             jsonschema::validator_for(&schema).unwrap()
         })
@@ -227,13 +266,26 @@ pub(crate) mod tests {
 
     /// The schema narrowed to one resource type, whose errors say what is wrong (the root `oneOf` does not).
     fn explain(resource: &Value) -> Vec<String> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fhir.schema.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fhir.schema.json"
+        );
         let mut schema: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let target = format!("#/definitions/{}", resource["resourceType"].as_str().unwrap_or("Resource"));
+        let target = format!(
+            "#/definitions/{}",
+            resource["resourceType"].as_str().unwrap_or("Resource")
+        );
         let schema = json!({ "$schema": schema["$schema"].clone(), "definitions": schema["definitions"].take(), "allOf": [{ "$ref": target }] });
         let v = jsonschema::validator_for(&schema).unwrap();
         v.iter_errors(resource)
-            .map(|e| format!("{} (schema {}): {:.300}", e.instance_path(), e.schema_path(), e.to_string()))
+            .map(|e| {
+                format!(
+                    "{} (schema {}): {:.300}",
+                    e.instance_path(),
+                    e.schema_path(),
+                    e.to_string()
+                )
+            })
             .collect()
     }
 
@@ -271,7 +323,9 @@ pub(crate) mod tests {
                         // The request was `?family=Canary-Smith-1970&Canary-Smith-1970=x`: only names reach the event.
                         e = e
                             .with_resource("Patient", None, None)
-                            .with_query_params(["family", CANARY_VALUE, "birthdate"], |n| n != CANARY_VALUE)
+                            .with_query_params(["family", CANARY_VALUE, "birthdate"], |n| {
+                                n != CANARY_VALUE
+                            })
                     }
                     AuditKind::Read | AuditKind::Update | AuditKind::Delete => {
                         e = e.with_resource("Observation", Some(Uuid::from_u128(0x99)), None)
@@ -279,7 +333,9 @@ pub(crate) mod tests {
                     AuditKind::Vread | AuditKind::Create => {
                         e = e.with_resource("Observation", Some(Uuid::from_u128(0x99)), Some(3))
                     }
-                    AuditKind::History => e = e.with_resource("Condition", Some(Uuid::from_u128(0x98)), None),
+                    AuditKind::History => {
+                        e = e.with_resource("Condition", Some(Uuid::from_u128(0x98)), None)
+                    }
                     AuditKind::LoginFailure => {
                         e.outcome = Outcome::MinorFailure;
                         e = e.with_detail("invalid-credentials")
@@ -321,41 +377,79 @@ pub(crate) mod tests {
 
     #[test]
     fn a_search_records_parameter_names_only() {
-        let e = every_kind().into_iter().find(|e| e.kind == AuditKind::Search).unwrap();
+        let e = every_kind()
+            .into_iter()
+            .find(|e| e.kind == AuditKind::Search)
+            .unwrap();
         let r = to_fhir(&e, "s");
         assert_eq!(r["type"]["code"], json!("rest"));
         assert_eq!(r["subtype"][0]["code"], json!("search-type"));
         assert_eq!(r["action"], json!("E"));
-        let query = r["entity"].as_array().unwrap().iter().find(|x| x["role"]["code"] == json!("24")).unwrap();
+        let query = r["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["role"]["code"] == json!("24"))
+            .unwrap();
         assert_eq!(
             query["detail"][1],
             json!({ "type": "param-names", "valueString": "(unrecognised),birthdate,family" })
         );
         assert!(query.get("query").is_none());
-        assert_eq!(r["entity"][0]["what"]["reference"], json!("Patient/00000000-0000-0000-0000-000000001234"));
+        assert_eq!(
+            r["entity"][0]["what"]["reference"],
+            json!("Patient/00000000-0000-0000-0000-000000001234")
+        );
     }
 
     #[test]
     fn the_balp_shape_of_a_read_and_a_break_glass() {
         let events = every_kind();
-        let read = to_fhir(events.iter().find(|e| e.kind == AuditKind::Read).unwrap(), "s");
-        assert_eq!(read["subtype"][0], json!({ "system": RESTFUL_INTERACTION, "code": "read", "display": "read" }));
+        let read = to_fhir(
+            events.iter().find(|e| e.kind == AuditKind::Read).unwrap(),
+            "s",
+        );
+        assert_eq!(
+            read["subtype"][0],
+            json!({ "system": RESTFUL_INTERACTION, "code": "read", "display": "read" })
+        );
         assert_eq!(read["action"], json!("R"));
         assert_eq!(read["outcome"], json!("0"));
         let user = &read["agent"][0];
         assert_eq!(user["requestor"], json!(true));
         assert_eq!(user["role"][0]["coding"][0]["code"], json!("nurse"));
-        assert_eq!(user["network"], json!({ "address": "2001:db8::1", "type": "2" }));
+        assert_eq!(
+            user["network"],
+            json!({ "address": "2001:db8::1", "type": "2" })
+        );
         assert_eq!(user["purposeOfUse"][0]["coding"][0]["code"], json!("TREAT"));
-        assert_eq!(read["entity"][1]["what"]["reference"], json!("Observation/00000000-0000-0000-0000-000000000099"));
+        assert_eq!(
+            read["entity"][1]["what"]["reference"],
+            json!("Observation/00000000-0000-0000-0000-000000000099")
+        );
         assert_eq!(read["entity"][1]["role"]["code"], json!("4"));
 
-        let btg = to_fhir(events.iter().find(|e| e.kind == AuditKind::BreakGlass).unwrap(), "s");
+        let btg = to_fhir(
+            events
+                .iter()
+                .find(|e| e.kind == AuditKind::BreakGlass)
+                .unwrap(),
+            "s",
+        );
         assert_eq!(btg["type"]["code"], json!("110113"));
         assert_eq!(btg["subtype"][0]["code"], json!("110127"));
-        assert_eq!(btg["purposeOfEvent"][0]["coding"][0], json!({ "system": ACT_REASON, "code": "BTG" }));
+        assert_eq!(
+            btg["purposeOfEvent"][0]["coding"][0],
+            json!({ "system": ACT_REASON, "code": "BTG" })
+        );
 
-        let failure = to_fhir(events.iter().find(|e| e.kind == AuditKind::LoginFailure).unwrap(), "s");
+        let failure = to_fhir(
+            events
+                .iter()
+                .find(|e| e.kind == AuditKind::LoginFailure)
+                .unwrap(),
+            "s",
+        );
         assert_eq!(failure["type"]["code"], json!("110114"));
         assert_eq!(failure["outcome"], json!("4"));
     }
@@ -381,7 +475,9 @@ pub(crate) mod tests {
         // Guards the schema check itself: an unknown outcome code, or a missing agent, must fail.
         let mut r = to_fhir(&every_kind()[0], "s");
         assert!(validator().is_valid(&r));
-        r.as_object_mut().unwrap().insert("outcome".into(), json!("5"));
+        r.as_object_mut()
+            .unwrap()
+            .insert("outcome".into(), json!("5"));
         assert!(!validator().is_valid(&r));
         let mut r = to_fhir(&every_kind()[0], "s");
         r.as_object_mut().unwrap().remove("agent");

@@ -10,8 +10,8 @@ pub mod report;
 pub mod store;
 
 pub use chain::{
-    BreakKind, ChainError, ChainHead, ChainLink, Checkpoint, CheckpointError, CheckpointSigner, GENESIS, Hash,
-    Verifier, link,
+    BreakKind, ChainError, ChainHead, ChainLink, Checkpoint, CheckpointError, CheckpointSigner,
+    GENESIS, Hash, Verifier, link,
 };
 pub use event::{Action, Agent, AuditEvent, AuditKind, Outcome, purpose};
 pub use fhir::to_fhir;

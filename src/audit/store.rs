@@ -20,9 +20,7 @@ const MAX_BATCH: usize = 512;
 
 /// Takes the chain lock for the rest of the caller's transaction and returns the head.
 pub fn lock_head(conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
-    diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
-        .set(audit_head::seq.eq(audit_head::seq))
-        .execute(conn)?;
+    diesel::update(audit_head::table.filter(audit_head::id.eq(1))).set(audit_head::seq.eq(audit_head::seq)).execute(conn)?;
     let (seq, hash): (i64, String) =
         audit_head::table.filter(audit_head::id.eq(1)).select((audit_head::seq, audit_head::hash)).first(conn)?;
     if seq == 0 {
@@ -33,11 +31,7 @@ pub fn lock_head(conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
 }
 
 /// Appends events after `head` (from [`lock_head`] in the same transaction) and moves the head.
-pub fn append_locked(
-    conn: &mut AnyConnection,
-    head: Option<ChainLink>,
-    events: &[AuditEvent],
-) -> AppResult<Option<ChainLink>> {
+pub fn append_locked(conn: &mut AnyConnection, head: Option<ChainLink>, events: &[AuditEvent]) -> AppResult<Option<ChainLink>> {
     let mut prev = head;
     for e in events {
         let canonical = e.canonical_bytes().map_err(AppError::internal)?;

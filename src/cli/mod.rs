@@ -81,10 +81,7 @@ pub fn audit_admin(
 ) -> Result<(), String> {
     use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
     let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    let agent = Agent {
-        user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())),
-        ..Agent::default()
-    };
+    let agent = Agent { user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())), ..Agent::default() };
     let event = AuditEvent::new(AuditKind::Admin, state.clock.now(), Outcome::Success, agent).with_detail(detail);
     crate::audit::store::append(conn, &[event]).map_err(|_| "cannot write the audit trail".to_owned())
 }

@@ -14,13 +14,7 @@ async fn whoami(app: &TestApp, token: &str) -> u16 {
 
 both_backends!(login_issues_short_lived_tokens, |app: TestApp| async move {
     app.add_user("alice", Role::Admin, None, None);
-    let resp = app
-        .client
-        .post(app.url("/auth/login"))
-        .json(&json!({"username":"alice","password":PASSWORD}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.post(app.url("/auth/login")).json(&json!({"username":"alice","password":PASSWORD})).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["cache-control"], "no-store");
     let body: serde_json::Value = resp.json().await.unwrap();
@@ -32,8 +26,7 @@ both_backends!(login_issues_short_lived_tokens, |app: TestApp| async move {
     let header: serde_json::Value =
         serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
     assert_eq!(header["alg"], "EdDSA");
-    let jwks: serde_json::Value =
-        app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwks: serde_json::Value = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
     assert!(jwks["keys"].as_array().unwrap().iter().any(|k| k["kid"] == header["kid"]));
 });
 
@@ -42,8 +35,7 @@ both_backends!(failed_logins_are_generic_and_audited, |app: TestApp| async move 
     let before = app.audit_count().await;
     let mut bodies = Vec::new();
     for (u, p) in [("bob", "wrong password CANARY-PW-1"), ("nobody-CANARY-U", PASSWORD)] {
-        let resp =
-            app.client.post(app.url("/auth/login")).json(&json!({"username":u,"password":p})).send().await.unwrap();
+        let resp = app.client.post(app.url("/auth/login")).json(&json!({"username":u,"password":p})).send().await.unwrap();
         assert_eq!(resp.status(), 401);
         assert!(resp.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
         let text = resp.text().await.unwrap();
@@ -143,13 +135,7 @@ both_backends!(repeated_failures_are_throttled, |app: TestApp| async move {
     app.add_user("frank", Role::Nurse, Some("6f1c1d7a-7a53-4d1e-9a51-7f3f0b7a0c11"), None);
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        let r = app
-            .client
-            .post(app.url("/auth/login"))
-            .json(&json!({"username":"frank","password":"nope nope nope"}))
-            .send()
-            .await
-            .unwrap();
+        let r = app.client.post(app.url("/auth/login")).json(&json!({"username":"frank","password":"nope nope nope"})).send().await.unwrap();
         statuses.push((r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned())));
     }
     assert!(statuses[..5].iter().all(|(s, _)| *s == 401), "{statuses:?}");
@@ -157,35 +143,17 @@ both_backends!(repeated_failures_are_throttled, |app: TestApp| async move {
     assert_eq!(*status, 429);
     assert!(retry.as_deref().unwrap().parse::<u64>().unwrap() >= 1);
     // Even the right password waits until the backoff has passed...
-    let r = app
-        .client
-        .post(app.url("/auth/login"))
-        .json(&json!({"username":"frank","password":PASSWORD}))
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.post(app.url("/auth/login")).json(&json!({"username":"frank","password":PASSWORD})).send().await.unwrap();
     assert_eq!(r.status(), 429);
     app.clock.advance(Duration::minutes(16));
     // ...then works.
-    let r = app
-        .client
-        .post(app.url("/auth/login"))
-        .json(&json!({"username":"frank","password":PASSWORD}))
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.post(app.url("/auth/login")).json(&json!({"username":"frank","password":PASSWORD})).send().await.unwrap();
     assert_eq!(r.status(), 200);
 });
 
 both_backends!(bad_bearer_tokens_are_401, |app: TestApp| async move {
     for bad in ["", "garbage", "a.b.c", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."] {
-        let r = app
-            .client
-            .get(app.url("/fhir/Practitioner"))
-            .header("authorization", format!("Bearer {bad}"))
-            .send()
-            .await
-            .unwrap();
+        let r = app.client.get(app.url("/fhir/Practitioner")).header("authorization", format!("Bearer {bad}")).send().await.unwrap();
         assert_eq!(r.status(), 401, "{bad}");
         assert!(r.headers().contains_key("www-authenticate"));
     }
@@ -197,20 +165,8 @@ both_backends!(client_credentials_for_service_clients, |app: TestApp| async move
     use carevault::auth::service::{NewAccount, create_account};
     {
         let mut conn = app.state.db.conn().unwrap();
-        let new = NewAccount {
-            username: "lab-feed".into(),
-            kind: "service",
-            role: Role::Auditor,
-            practitioner: None,
-            patient: None,
-        };
-        create_account(
-            &mut conn,
-            &new,
-            &secrecy::SecretString::from("s3cret-service-key-0123456789".to_owned()),
-            crate::helpers::start_time(),
-        )
-        .unwrap();
+        let new = NewAccount { username: "lab-feed".into(), kind: "service", role: Role::Auditor, practitioner: None, patient: None };
+        create_account(&mut conn, &new, &secrecy::SecretString::from("s3cret-service-key-0123456789".to_owned()), crate::helpers::start_time()).unwrap();
     }
     let ok = app
         .client

@@ -179,13 +179,7 @@ pub struct Session {
 
 impl TestApp {
     /// Creates a local account directly in the database (as `carevault users add` does).
-    pub fn add_user(
-        &self,
-        username: &str,
-        role: carevault::role::Role,
-        practitioner: Option<&str>,
-        patient: Option<&str>,
-    ) {
+    pub fn add_user(&self, username: &str, role: carevault::role::Role, practitioner: Option<&str>, patient: Option<&str>) {
         use carevault::auth::service::{NewAccount, create_account};
         let mut conn = self.state.db.conn().unwrap();
         let new = NewAccount {
