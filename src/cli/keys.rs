@@ -250,15 +250,19 @@ fn below_active(conn: &mut AnyConnection, active: i32) -> AppResult<i64> {
     Ok(current + history)
 }
 
+/// Most passes of one run: rows written under an old key during the run are picked up by the next pass, but a
+/// writer that keeps doing so (a replica that never reloads) must not keep the command running forever.
+const MAX_PASSES: usize = 5;
+
 /// Moves every row below the cipher's active version to it, `batch` rows per transaction, with a progress bar.
-/// Passes repeat while they make progress, so rows written under an old key during the run (by a replica that
-/// had not yet reloaded its keys) are picked up too.
+/// Passes repeat (up to [`MAX_PASSES`]) while they make progress, so rows written under an old key during the run
+/// (by a replica that had not yet reloaded its keys) are picked up too.
 pub fn reencrypt(conn: &mut AnyConnection, cipher: &FieldCipher, batch: i64) -> AppResult<Reencrypted> {
     let active_u = cipher.active_version();
     let active = i32::try_from(active_u).map_err(|_| AppError::internal("key version out of range"))?;
     let mut report = Reencrypted { active: active_u, ..Default::default() };
     let bar = super::progress(u64::try_from(below_active(conn, active)?).unwrap_or(0), "re-encrypting");
-    loop {
+    for _ in 0..MAX_PASSES {
         report.failed.clear();
         let before = report.resources + report.history;
         current_pass(conn, cipher, active, batch, &bar, &mut report)?;
