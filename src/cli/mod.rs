@@ -103,16 +103,19 @@ pub fn audit_admin(
 pub fn admin_event(now: time::OffsetDateTime, detail: &'static str) -> crate::audit::AuditEvent {
     use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
     let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    let agent = Agent { user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())), ..Agent::default() };
+    let agent = Agent {
+        user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())),
+        ..Agent::default()
+    };
     AuditEvent::new(AuditKind::Admin, now, Outcome::Success, agent).with_detail(detail)
 }
 
 /// A progress bar on standard error (hidden when it is not a terminal).
 pub fn progress(len: u64, what: &'static str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+    ) {
         bar.set_style(style);
     }
     bar.set_message(what);

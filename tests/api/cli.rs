@@ -97,7 +97,7 @@ fn write_patients(app: &TestApp, cipher: &FieldCipher, count: usize) -> Vec<Stri
             content,
         };
         insert(&mut conn, &row, &WriteExtras::default()).unwrap();
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             row.version_id = 2;
             (row.content, row.key_version) = patient_content(cipher, id, 0);
             replace(&mut conn, &row, 1, &WriteExtras::default()).unwrap();
@@ -247,7 +247,7 @@ both_backends!(reencrypt_under_a_concurrent_writer_loses_no_update, |app: TestAp
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let id = &ids[i % ids.len()];
-                let cipher = if i % 2 == 0 { &stale } else { &fresh };
+                let cipher = if i.is_multiple_of(2) { &stale } else { &fresh };
                 i += 1;
                 let mut conn = db.conn().unwrap();
                 let (version, content): (i64, String) = resources::table
@@ -311,7 +311,10 @@ both_backends!(rotate_master_rewraps_every_key, |app: TestApp| async move {
     let old_id = app.state.keys.id();
 
     let out = ok(cli(&app, &["keys", "rotate-master", "--new-master-key-file", new_path]));
-    assert!(out.contains("rewrapped 2 data/index key(s), 1 token-signing key(s) and 1 audit checkpoint key(s)"), "{out}");
+    assert!(
+        out.contains("rewrapped 2 data/index key(s), 1 token-signing key(s) and 1 audit checkpoint key(s)"),
+        "{out}"
+    );
     assert!(out.contains("keys.master_key_file"), "{out}");
 
     // The old master key no longer opens anything.
@@ -398,7 +401,10 @@ fn restore(app: &TestApp, (rows, head): &(Vec<AuditRow>, (i64, String))) {
     for r in rows {
         insert_row(&mut conn, r.clone());
     }
-    diesel::update(audit_head::table).set((audit_head::seq.eq(head.0), audit_head::hash.eq(&head.1))).execute(&mut conn).unwrap();
+    diesel::update(audit_head::table)
+        .set((audit_head::seq.eq(head.0), audit_head::hash.eq(&head.1)))
+        .execute(&mut conn)
+        .unwrap();
 }
 
 fn insert_row(conn: &mut carevault::store::AnyConnection, r: AuditRow) {
@@ -537,11 +543,20 @@ both_backends!(audit_export_writes_fhir_audit_events, |app: TestApp| async move 
     assert_eq!(last_detail(&app), "audit-exported");
 
     let file = app.dir.path().join("export.ndjson");
-    let out = cli(&app, &[
-        "audit", "export", "--since", "2026-03-01T00:00:00Z", "--until", "2026-03-06T00:00:00Z", "--output",
-        file.to_str().unwrap(),
-    ]);
-    assert!(stderr(&ok_keep(&out)).contains("exported 5 audit event(s)"), "{}", stderr(&out));
+    let out = cli(
+        &app,
+        &[
+            "audit",
+            "export",
+            "--since",
+            "2026-03-01T00:00:00Z",
+            "--until",
+            "2026-03-06T00:00:00Z",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(stderr(ok_keep(&out)).contains("exported 5 audit event(s)"), "{}", stderr(&out));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
