@@ -10,6 +10,7 @@ use crate::auth::session::SessionPolicy;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::crypto::{FieldCipher, KeyProvider};
+use crate::error::{AppError, AppResult};
 use crate::fhir::FhirValidator;
 use crate::records::Records;
 use crate::store::{Db, StoreError};
@@ -59,6 +60,7 @@ impl AppState {
         let mut conn = db.conn().map_err(|_| StartError::Store(StoreError::Connect))?;
         let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)
             .map_err(|e| StartError::Other(e.to_string()))?;
+        crate::crypto::store::install_reloader(&cipher, db.clone(), keys.clone());
         let issuer = config.auth.issuer.clone().unwrap_or_else(|| config.base_url());
         let token_keys = load_signing_keys(&mut conn, keys.as_ref(), now, &issuer, &issuer)
             .map_err(|_| StartError::Other("cannot load the token signing keys".into()))?;
@@ -195,6 +197,7 @@ impl Application {
         };
         let server = server.run();
         state.monitor.start(&state).map_err(|_| StartError::Other("cannot start the alert monitor".into()))?;
+        spawn_key_watcher(&state);
         Ok(Application { port, server, state })
     }
 
@@ -214,6 +217,70 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// How often a server looks for keys rotated by another process (`carevault keys rotate | rotate-signing`).
+pub const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Every [`KEY_POLL`], compares the stored data keys and signing keys with the ones in memory and reloads on a
+/// change, so rotations made by the CLI (or another replica) take effect without a restart. A failed reload
+/// (e.g. after `keys rotate-master`, until this process restarts with the new master key) keeps the keys in
+/// memory and is logged. Needs a Tokio runtime; without one (no server) nothing is started.
+fn spawn_key_watcher(state: &AppState) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let state = state.clone();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(KEY_POLL);
+        let mut signing: Option<(i64, i64, i64)> = None;
+        loop {
+            tick.tick().await;
+            let Ok((data, stored_signing)) = state.db.run(|c| Ok((data_stamp(c)?, signing_stamp(c)?))).await else {
+                continue;
+            };
+            let ring = state.cipher.ring();
+            if data != (ring.active_version(), ring.versions().len()) {
+                let keys = state.keys.clone();
+                match state
+                    .db
+                    .run(move |c| crate::crypto::store::load(c, keys.as_ref()).map_err(AppError::internal))
+                    .await
+                {
+                    Ok(ring) => {
+                        tracing::info!(key.active = ring.active_version(), "data keys reloaded");
+                        state.cipher.replace_ring(ring);
+                    }
+                    Err(_) => {
+                        tracing::warn!("stored data keys changed but cannot be loaded; keeping the keys in memory")
+                    }
+                }
+            }
+            if signing.is_some_and(|s| s != stored_signing) {
+                if state.auth.reload_keys().await.is_err() {
+                    tracing::warn!("stored signing keys changed but cannot be loaded; keeping the keys in memory");
+                    continue;
+                }
+                tracing::info!("token signing keys reloaded");
+            }
+            signing = Some(stored_signing);
+        }
+    });
+}
+
+fn data_stamp(c: &mut crate::store::AnyConnection) -> AppResult<(u32, usize)> {
+    crate::crypto::store::data_key_stamp(c)
+}
+
+/// (keys, retired keys, newest creation time) of the token signing keys.
+fn signing_stamp(c: &mut crate::store::AnyConnection) -> AppResult<(i64, i64, i64)> {
+    use crate::store::schema::signing_keys;
+    use diesel::prelude::*;
+    let rows: Vec<(i64, Option<i64>)> = signing_keys::table
+        .select((signing_keys::created_at, signing_keys::retired_at))
+        .load(c)
+        .map_err(crate::store::db_err)?;
+    let retired = rows.iter().filter(|(_, r)| r.is_some()).count();
+    let newest = rows.iter().map(|(c, _)| *c).max().unwrap_or(0);
+    Ok((i64::try_from(rows.len()).unwrap_or(i64::MAX), i64::try_from(retired).unwrap_or(i64::MAX), newest))
 }
 
 fn worker_count() -> usize {

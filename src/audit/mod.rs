@@ -3,6 +3,7 @@
 //! appender, `audit verify` / `audit export`) builds on these; see [`chain`] for how appends must be ordered.
 
 pub mod chain;
+pub mod checkpoints;
 pub mod event;
 pub mod fhir;
 pub mod report;

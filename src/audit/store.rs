@@ -130,36 +130,77 @@ impl Auditor {
 }
 
 /// Walks the whole trail in order; returns the number of events, or the first bad record.
-pub fn verify(conn: &mut AnyConnection, mut progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
-    let mut verifier = Verifier::new();
+pub fn verify(conn: &mut AnyConnection, progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
+    verify_anchored(conn, &[], progress)
+}
+
+/// [`verify`], also requiring the chain to pass through each `(seq, hash)` of `anchors` (signature-checked
+/// checkpoints): a rewritten history fails at the checkpoint, and a trail ending before one is truncated.
+///
+/// Safe while servers append: the walk goes up to the head read at its start, then follows the head until it
+/// stops moving; a row beyond the head (never legitimate: rows and head commit together) counts as inserted.
+pub fn verify_anchored(
+    conn: &mut AnyConnection,
+    anchors: &[(i64, super::Hash)],
+    mut progress: impl FnMut(u64),
+) -> AppResult<Result<u64, super::ChainError>> {
+    let mut verifier = anchors.iter().fold(Verifier::new(), |v, (seq, hash)| v.anchored(*seq, *hash));
     let mut after = 0i64;
     let mut n = 0u64;
+    let mut head = read_head(conn)?;
     loop {
-        let rows: Vec<(i64, String, String, String)> = audit_events::table
-            .filter(audit_events::seq.gt(after))
-            .order(audit_events::seq.asc())
-            .limit(5000)
-            .select((audit_events::seq, audit_events::body, audit_events::prev_hash, audit_events::hash))
-            .load(conn)?;
-        let Some(last) = rows.last() else { break };
-        after = last.0;
-        for (seq, body, prev, hash) in rows {
-            let prev = hash_from_hex(&prev).unwrap_or([0; 32]);
-            let hash = hash_from_hex(&hash).unwrap_or([0; 32]);
-            if let Err(e) = verifier.push_stored(seq, body.as_bytes(), &prev, &hash) {
-                return Ok(Err(e));
+        let upto = head.map_or(0, |(seq, _)| seq);
+        loop {
+            let rows: Vec<(i64, String, String, String)> = audit_events::table
+                .filter(audit_events::seq.gt(after))
+                .filter(audit_events::seq.le(upto))
+                .order(audit_events::seq.asc())
+                .limit(5000)
+                .select((audit_events::seq, audit_events::body, audit_events::prev_hash, audit_events::hash))
+                .load(conn)?;
+            let Some(last) = rows.last() else { break };
+            after = last.0;
+            for (seq, body, prev, hash) in rows {
+                let prev = hash_from_hex(&prev).unwrap_or([0; 32]);
+                let hash = hash_from_hex(&hash).unwrap_or([0; 32]);
+                if let Err(e) = verifier.push_stored(seq, body.as_bytes(), &prev, &hash) {
+                    return Ok(Err(e));
+                }
+                n += 1;
             }
-            n += 1;
+            progress(n);
         }
-        progress(n);
+        let now = read_head(conn)?;
+        if now.map_or(0, |(seq, _)| seq) <= upto {
+            head = now;
+            break;
+        }
+        head = now;
     }
-    let (head_seq, head_hash): (i64, String) =
-        audit_head::table.filter(audit_head::id.eq(1)).select((audit_head::seq, audit_head::hash)).first(conn)?;
-    let expected = if head_seq == 0 { None } else { hash_from_hex(&head_hash).map(|h| (head_seq, h)) };
-    match verifier.finish(expected) {
+    // One statement, so a concurrent append (rows and head in one commit) cannot look like an insertion.
+    let beyond: i64 = audit_events::table
+        .filter(
+            audit_events::seq
+                .nullable()
+                .gt(audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).single_value()),
+        )
+        .count()
+        .get_result(conn)?;
+    if beyond > 0 {
+        let seq = head.map_or(0, |(seq, _)| seq) + 1;
+        return Ok(Err(super::ChainError { seq, kind: super::BreakKind::Inserted }));
+    }
+    match verifier.finish(head) {
         Ok(_) => Ok(Ok(n)),
         Err(e) => Ok(Err(e)),
     }
+}
+
+/// The stored head, `None` for an empty trail; a malformed hash never matches anything.
+fn read_head(conn: &mut AnyConnection) -> AppResult<Option<(i64, super::Hash)>> {
+    let (seq, hash): (i64, String) =
+        audit_head::table.filter(audit_head::id.eq(1)).select((audit_head::seq, audit_head::hash)).first(conn)?;
+    Ok((seq != 0).then(|| (seq, hash_from_hex(&hash).unwrap_or([0; 32]))))
 }
 
 /// Events about one patient, oldest first, since `since` (Unix micros).

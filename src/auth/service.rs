@@ -128,7 +128,8 @@ impl std::fmt::Debug for AuthService {
     }
 }
 
-fn signing_key_id(kid: &str) -> String {
+/// The key id a token-signing key is wrapped under (associated data of the master-key wrap).
+pub fn signing_key_id(kid: &str) -> String {
     format!("carevault/signing/{kid}")
 }
 

@@ -1,7 +1,10 @@
 //! The command line (CONTRACT §1): one module per subcommand group. Every subcommand takes `--data-dir`
 //! (before or after it) and reads the same configuration as the server.
 
+pub mod audit;
 pub mod incident;
+pub mod keys;
+pub mod policy;
 pub mod serve;
 pub mod users;
 
@@ -34,6 +37,15 @@ pub enum Command {
     /// Incident response: scope a user's access, contain an account.
     #[command(subcommand)]
     Incident(incident::IncidentCommand),
+    /// Key management: status, data-key rotation and re-encryption, master-key rewrap, token-signing key.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// The audit trail: verify the hash chain, export FHIR AuditEvents, sign checkpoints.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// The access policy: explain a decision.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 impl Cli {
@@ -54,6 +66,9 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Migrate) => migrate(&cli),
         Some(Command::Users(cmd)) => users::run(&cli, cmd),
         Some(Command::Incident(cmd)) => incident::run(&cli, cmd),
+        Some(Command::Keys(cmd)) => keys::run(&cli, cmd),
+        Some(Command::Audit(cmd)) => audit::run(&cli, cmd),
+        Some(Command::Policy(cmd)) => policy::run(&cli, cmd),
     };
     match result {
         Ok(()) => 0,
@@ -84,12 +99,30 @@ pub fn audit_admin(
     conn: &mut crate::store::AnyConnection,
     detail: &'static str,
 ) -> Result<(), String> {
+    let event = admin_event(state.clock.now(), detail);
+    crate::audit::store::append(conn, &[event]).map_err(|_| "cannot write the audit trail".to_owned())
+}
+
+/// The audit record of an administrative action by the operator running this command (`cli:$USER`, letters and
+/// digits only), with a fixed `detail` code.
+pub fn admin_event(now: time::OffsetDateTime, detail: &'static str) -> crate::audit::AuditEvent {
     use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
     let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
     let agent = Agent {
         user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())),
         ..Agent::default()
     };
-    let event = AuditEvent::new(AuditKind::Admin, state.clock.now(), Outcome::Success, agent).with_detail(detail);
-    crate::audit::store::append(conn, &[event]).map_err(|_| "cannot write the audit trail".to_owned())
+    AuditEvent::new(AuditKind::Admin, now, Outcome::Success, agent).with_detail(detail)
+}
+
+/// A progress bar on standard error (hidden when it is not a terminal).
+pub fn progress(len: u64, what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(what);
+    bar
 }

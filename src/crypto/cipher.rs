@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use zeroize::Zeroizing;
 
 /// Prefix of format 1; a future format gets a new prefix and both decrypt side by side.
@@ -63,17 +63,49 @@ impl<'a> FieldAad<'a> {
     }
 }
 
+/// Loads the current ring from where keys are stored (the database), for [`FieldCipher::set_reloader`].
+pub type RingLoader = Arc<dyn Fn() -> Result<KeyRing, CryptoError> + Send + Sync>;
+
 /// Encrypts and decrypts fields with a [`KeyRing`]. Cheap to clone; all clones share the ring, so
 /// [`FieldCipher::replace_ring`] (after a rotation) reaches every handler at once.
 #[derive(Clone)]
 pub struct FieldCipher {
     ring: Arc<RwLock<Arc<KeyRing>>>,
     decrypted: Arc<AtomicU64>,
+    loader: Arc<OnceLock<RingLoader>>,
 }
 
 impl FieldCipher {
     pub fn new(ring: KeyRing) -> Self {
-        Self { ring: Arc::new(RwLock::new(Arc::new(ring))), decrypted: Arc::new(AtomicU64::new(0)) }
+        Self {
+            ring: Arc::new(RwLock::new(Arc::new(ring))),
+            decrypted: Arc::new(AtomicU64::new(0)),
+            loader: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Lets decryption reload the ring once when a ciphertext names a version newer than any held (a key
+    /// rotated by another process). Set once, shared by every clone; later calls are ignored.
+    pub fn set_reloader(&self, loader: RingLoader) {
+        let _ = self.loader.set(loader);
+    }
+
+    /// The ring to open a `version` ciphertext with: the current one, or a freshly loaded one when `version`
+    /// is newer than every version held and a loader is set (a failed load keeps the current ring).
+    fn ring_for(&self, version: u32) -> Arc<KeyRing> {
+        let ring = self.ring();
+        let newer = ring.versions().last().is_none_or(|newest| version > *newest);
+        if ring.data_key(version).is_some() || !newer {
+            return ring;
+        }
+        match self.loader.get().map(|load| load()) {
+            Some(Ok(fresh)) if fresh.data_key(version).is_some() => {
+                let fresh = Arc::new(fresh);
+                *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&fresh);
+                fresh
+            }
+            _ => ring,
+        }
     }
 
     /// The current ring (a snapshot: a concurrent replacement does not change it).
@@ -130,7 +162,7 @@ impl FieldCipher {
         DECRYPTIONS.fetch_add(1, Ordering::Relaxed);
         self.decrypted.fetch_add(1, Ordering::Relaxed);
         let (version, body) = parse(ciphertext).ok_or(CryptoError::Malformed)?;
-        let ring = self.ring();
+        let ring = self.ring_for(version);
         let key = ring.data_key(version).ok_or(CryptoError::UnknownKeyVersion(version))?;
         let raw = URL_SAFE_NO_PAD.decode(body).map_err(|_| CryptoError::Malformed)?;
         if raw.len() < NONCE_LEN + PAD_BLOCK + TAG_LEN || !(raw.len() - NONCE_LEN - TAG_LEN).is_multiple_of(PAD_BLOCK) {
@@ -354,6 +386,28 @@ mod tests {
         let _ = c.clone().decrypt(&FieldAad::new("Patient", "p2", "x"), &ct);
         assert_eq!(c.decryption_count(), 2);
         assert!(decryptions() >= global + 2);
+    }
+
+    #[test]
+    fn an_unknown_newer_version_reloads_the_ring_once() {
+        let (c, provider, _) = setup();
+        let (ring2, _) = c.ring().rotate(&provider).unwrap();
+        let writer = FieldCipher::new(ring2.clone());
+        let ct = writer.encrypt(&HERE, b"Smith").unwrap();
+        assert!(matches!(c.decrypt(&HERE, &ct), Err(CryptoError::UnknownKeyVersion(2))), "no loader yet");
+        let loads = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&loads);
+        c.set_reloader(Arc::new(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Ok(ring2.clone())
+        }));
+        assert_eq!(c.decrypt(&HERE, &ct).unwrap().as_slice(), b"Smith");
+        assert_eq!((c.active_version(), loads.load(Ordering::Relaxed)), (2, 1));
+        c.decrypt(&HERE, &ct).unwrap();
+        assert_eq!(loads.load(Ordering::Relaxed), 1, "a held version needs no reload");
+        let body = ct.strip_prefix("cv1:2:").unwrap();
+        assert!(matches!(c.decrypt(&HERE, &format!("cv1:7:{body}")), Err(CryptoError::UnknownKeyVersion(7))));
+        assert_eq!(loads.load(Ordering::Relaxed), 2, "one reload per unknown newer version, then failure");
     }
 
     #[test]

@@ -169,6 +169,31 @@ pub fn list(conn: &mut AnyConnection) -> AppResult<Vec<KeyRow>> {
         .map_err(db_err)
 }
 
+/// Makes `cipher` reload the ring from the database when it meets a data-key version newer than any it holds
+/// (rotated by another process), instead of failing at once.
+pub fn install_reloader(cipher: &FieldCipher, db: crate::store::Db, provider: Arc<dyn KeyProvider>) {
+    cipher.set_reloader(Arc::new(move || {
+        let unavailable = CryptoError::KeyRing("key store unavailable");
+        let mut conn = db.conn().map_err(|_| CryptoError::KeyRing("key store unavailable"))?;
+        load(&mut conn, provider.as_ref()).map_err(|e| match e {
+            KeyLoadError::Crypto(c) => c,
+            KeyLoadError::Db => unavailable,
+        })
+    }));
+}
+
+/// What the stored ring looks like, cheaply: (active data-key version, number of data-key versions). A server
+/// compares it with its ring to notice a rotation made elsewhere.
+pub fn data_key_stamp(conn: &mut AnyConnection) -> AppResult<(u32, usize)> {
+    let rows: Vec<(i32, String)> = crypto_keys::table
+        .filter(crypto_keys::purpose.eq("data"))
+        .select((crypto_keys::version, crypto_keys::state))
+        .load(conn)
+        .map_err(db_err)?;
+    let active = rows.iter().filter(|(_, s)| s == "active").map(|(v, _)| *v).max().unwrap_or(0);
+    Ok((u32::try_from(active).unwrap_or(0), rows.len()))
+}
+
 /// The cipher the server uses, built from the stored ring.
 pub fn cipher(
     conn: &mut AnyConnection,

@@ -146,6 +146,17 @@ diesel::table! {
         hash -> Text,
         at -> BigInt,
         signature -> Text,
+        key_id -> Text,
+    }
+}
+
+diesel::table! {
+    audit_signing_keys (key_id) {
+        key_id -> Text,
+        wrapped -> Text,
+        public_key -> Text,
+        created_at -> BigInt,
+        retired_at -> Nullable<BigInt>,
     }
 }
 
@@ -192,6 +203,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_events,
     audit_head,
     audit_checkpoints,
+    audit_signing_keys,
     alerts,
     oidc_logins,
 );

@@ -1,0 +1,281 @@
+//! `carevault audit verify | export | checkpoint` (CONTRACT §7).
+//!
+//! - `verify [--anchor FILE] [--json]`: checks the signature of the latest stored checkpoint (and of an exported
+//!   one given with `--anchor`), then walks the whole hash chain against them and the head. Exit 0 when intact,
+//!   printing the count and the rate; otherwise non-zero, naming the first bad record by its `seq` and how it is
+//!   broken (edited, missing, inserted, reordered, unlinked, truncated, does not match the checkpoint).
+//! - `export --since T [--until T] [--output F]`: the events recorded in `[since, until)` as NDJSON FHIR R4
+//!   `AuditEvent`s (oldest first). `T` is RFC 3339 or a date (`2026-03-01` = that day's start, UTC; as `--until`
+//!   a date includes that whole day).
+//! - `checkpoint`: appends its own admin record, signs the new head with the checkpoint key and stores it;
+//!   prints `{"checkpoint": {...}, "public_key": "..."}` for off-site anchoring.
+//!
+//! Output holds sequence numbers, hashes, counts and FHIR AuditEvents (ids and codes, no PHI payload). Each
+//! command is recorded in the audit trail after it ran.
+
+use super::Cli;
+use crate::audit::checkpoints::{self, CheckpointInvalid};
+use crate::audit::{AuditEvent, ChainError, Checkpoint, to_fhir};
+use crate::crypto::store::micros;
+use crate::store::schema::{audit_events, audit_head};
+use diesel::prelude::*;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+use time::format_description::well_known::Rfc3339;
+use time::{Date, Duration, OffsetDateTime};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain; exit 0 when intact, non-zero naming the first bad record otherwise.
+    Verify {
+        /// An exported checkpoint (output of `audit checkpoint`) the trail must still contain.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the events of a period as NDJSON FHIR AuditEvents.
+    Export {
+        /// Start (inclusive): RFC 3339 or YYYY-MM-DD.
+        #[arg(long)]
+        since: String,
+        /// End (exclusive; a date includes that day): RFC 3339 or YYYY-MM-DD. Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Write to this file (created with mode 0600) instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Sign the current head of the trail and store it; prints the checkpoint as JSON for off-site anchoring.
+    Checkpoint,
+}
+
+pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
+    let state = super::open_state(cli)?;
+    let mut conn = state.db.conn().map_err(|_| "database unavailable".to_owned())?;
+    match cmd {
+        AuditCommand::Verify { anchor, json } => {
+            let result = verify(&mut conn, state.keys.as_ref(), anchor.as_deref());
+            let detail = if matches!(result, Ok(Ok(_))) { "audit-verified" } else { "audit-verify-failed" };
+            let logged = super::audit_admin(&state, &mut conn, detail);
+            let outcome = result?;
+            match outcome {
+                Ok(ok) => {
+                    if *json {
+                        println!("{}", ok.to_json());
+                    } else {
+                        println!("{}", ok.text());
+                    }
+                    logged
+                }
+                Err(bad) => {
+                    if *json {
+                        println!("{}", json!({"intact": false, "first_bad_record": bad.seq, "problem": bad.problem}));
+                    }
+                    if logged.is_err() {
+                        eprintln!("carevault: also: cannot record this verification in the audit trail");
+                    }
+                    Err(bad.message)
+                }
+            }
+        }
+        AuditCommand::Export { since, until, output } => {
+            let since = parse_time(since, false).ok_or("--since: expected RFC 3339 or YYYY-MM-DD")?;
+            let until = match until {
+                Some(u) => parse_time(u, true).ok_or("--until: expected RFC 3339 or YYYY-MM-DD")?,
+                None => state.clock.now() + Duration::microseconds(1),
+            };
+            let server = state.config.base_url();
+            let mut out: Box<dyn Write> = match output {
+                Some(path) => Box::new(private_file(path)?),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let n = export(&mut conn, since, until, &server, &mut out)?;
+            out.flush().map_err(|_| "cannot write the export".to_owned())?;
+            drop(out);
+            super::audit_admin(&state, &mut conn, "audit-exported")?;
+            eprintln!("exported {n} audit event(s)");
+            Ok(())
+        }
+        AuditCommand::Checkpoint => {
+            let now = state.clock.now();
+            let event = super::admin_event(now, "audit-checkpoint");
+            let (cp, public_key) =
+                checkpoints::checkpoint(&mut conn, state.keys.as_ref(), event, now).map_err(|e| e.to_string())?;
+            println!("{}", json!({"checkpoint": cp, "public_key": public_key}));
+            Ok(())
+        }
+    }
+}
+
+/// A verified trail.
+#[derive(Debug)]
+pub struct Intact {
+    pub records: u64,
+    pub seconds: f64,
+    pub checkpoint: Option<i64>,
+}
+
+impl Intact {
+    fn rate(&self) -> f64 {
+        if self.seconds > 0.0 { self.records as f64 / self.seconds } else { self.records as f64 }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"intact": true, "records": self.records, "seconds": self.seconds,
+               "events_per_second": self.rate().round(), "checkpoint_seq": self.checkpoint})
+    }
+
+    fn text(&self) -> String {
+        let cp = self.checkpoint.map_or_else(
+            || "no signed checkpoint yet (run `carevault audit checkpoint`)".to_owned(),
+            |s| format!("signed checkpoint at record {s} verified"),
+        );
+        format!(
+            "audit trail intact: {} record(s) verified in {:.2}s ({:.0} events/s); {cp}",
+            self.records,
+            self.seconds,
+            self.rate()
+        )
+    }
+}
+
+/// Why the trail is not intact: the first bad record and a message naming it.
+#[derive(Debug)]
+pub struct Broken {
+    pub seq: i64,
+    pub problem: &'static str,
+    pub message: String,
+}
+
+impl From<ChainError> for Broken {
+    fn from(e: ChainError) -> Self {
+        Broken { seq: e.seq, problem: e.kind.as_str(), message: e.to_string() }
+    }
+}
+
+impl From<CheckpointInvalid> for Broken {
+    fn from(e: CheckpointInvalid) -> Self {
+        let seq = match e {
+            CheckpointInvalid::UnknownKey(s) | CheckpointInvalid::BadSignature(s) | CheckpointInvalid::Malformed(s) => {
+                s
+            }
+        };
+        Broken { seq, problem: "checkpoint not authentic", message: e.to_string() }
+    }
+}
+
+/// Checks the checkpoints' signatures, then walks the chain through them.
+pub fn verify(
+    conn: &mut crate::store::AnyConnection,
+    keys: &dyn crate::crypto::KeyProvider,
+    anchor: Option<&std::path::Path>,
+) -> Result<Result<Intact, Broken>, String> {
+    fn db<E>(_: E) -> String {
+        "database error".to_owned()
+    }
+    let mut anchors = Vec::new();
+    let mut latest = None;
+    if let Some(stored) = checkpoints::latest(conn).map_err(db)? {
+        let cp = match stored {
+            Ok(cp) => cp,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if let Err(e) = checkpoints::check(conn, keys, &cp).map_err(db)? {
+            return Ok(Err(e.into()));
+        }
+        anchors.push((cp.seq, cp.hash));
+        latest = Some(cp.seq);
+    }
+    if let Some(path) = anchor {
+        let cp = read_anchor(path)?;
+        if let Err(e) = checkpoints::check(conn, keys, &cp).map_err(db)? {
+            return Ok(Err(e.into()));
+        }
+        anchors.push((cp.seq, cp.hash));
+        latest = latest.max(Some(cp.seq));
+    }
+    let total: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(conn).map_err(db)?;
+    let bar = super::progress(u64::try_from(total).unwrap_or(0), "verifying");
+    let start = std::time::Instant::now();
+    let walked = crate::audit::store::verify_anchored(conn, &anchors, |n| bar.set_position(n)).map_err(db)?;
+    bar.finish_and_clear();
+    Ok(match walked {
+        Ok(records) => Ok(Intact { records, seconds: start.elapsed().as_secs_f64(), checkpoint: latest }),
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// An exported checkpoint: the output of `audit checkpoint`, or the bare checkpoint object.
+fn read_anchor(path: &std::path::Path) -> Result<Checkpoint, String> {
+    let bad = || format!("--anchor {}: not a checkpoint exported by `carevault audit checkpoint`", path.display());
+    let text = std::fs::read_to_string(path).map_err(|_| bad())?;
+    let mut value: Value = serde_json::from_str(&text).map_err(|_| bad())?;
+    if let Some(inner) = value.get_mut("checkpoint") {
+        value = inner.take();
+    }
+    serde_json::from_value(value).map_err(|_| bad())
+}
+
+/// RFC 3339, or a date (start of that day, UTC; with `end_of_day`, the start of the next day).
+pub fn parse_time(text: &str, end_of_day: bool) -> Option<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Some(t);
+    }
+    let date = Date::parse(text, time::macros::format_description!("[year]-[month]-[day]")).ok()?;
+    let date = if end_of_day { date.next_day()? } else { date };
+    Some(date.midnight().assume_utc())
+}
+
+fn private_file(path: &std::path::Path) -> Result<std::fs::File, String> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map_err(|_| format!("cannot create {}", path.display()))
+}
+
+/// Writes the events recorded in `[since, until)` as NDJSON; returns how many.
+pub fn export(
+    conn: &mut crate::store::AnyConnection,
+    since: OffsetDateTime,
+    until: OffsetDateTime,
+    server: &str,
+    out: &mut dyn Write,
+) -> Result<u64, String> {
+    let (since, until) = (micros(since), micros(until));
+    let total: i64 = audit_events::table
+        .filter(audit_events::recorded.ge(since))
+        .filter(audit_events::recorded.lt(until))
+        .count()
+        .get_result(conn)
+        .map_err(|_| "database error".to_owned())?;
+    let bar = super::progress(u64::try_from(total).unwrap_or(0), "exporting");
+    let mut after = 0i64;
+    let mut n = 0u64;
+    loop {
+        let rows: Vec<(i64, String)> = audit_events::table
+            .filter(audit_events::recorded.ge(since))
+            .filter(audit_events::recorded.lt(until))
+            .filter(audit_events::seq.gt(after))
+            .order(audit_events::seq.asc())
+            .limit(1000)
+            .select((audit_events::seq, audit_events::body))
+            .load(conn)
+            .map_err(|_| "database error".to_owned())?;
+        let Some(last) = rows.last() else { break };
+        after = last.0;
+        for (seq, body) in rows {
+            let event: AuditEvent = serde_json::from_str(&body)
+                .map_err(|_| format!("audit record {seq} is not a valid event; run `carevault audit verify`"))?;
+            let line =
+                serde_json::to_string(&to_fhir(&event, server)).map_err(|_| "cannot render an event".to_owned())?;
+            writeln!(out, "{line}").map_err(|_| "cannot write the export".to_owned())?;
+            n += 1;
+        }
+        bar.set_position(n);
+    }
+    bar.finish_and_clear();
+    Ok(n)
+}

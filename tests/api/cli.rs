@@ -1,0 +1,627 @@
+//! The operator CLI (`keys`, `audit`, `policy`), run as the real binary against the data dir and database of a
+//! running test server, on both backends.
+
+use crate::both_backends;
+use crate::helpers::{TestApp, policy_dir};
+use carevault::audit::chain::{hash_from_hex, to_hex};
+use carevault::audit::{Agent, AuditEvent, AuditKind, ChainLink, Outcome};
+use carevault::config::DatabaseTarget;
+use carevault::crypto::{FieldAad, FieldCipher, MasterKey};
+use carevault::records::store::{Row, WriteExtras, insert, replace};
+use carevault::store::schema::{audit_events, audit_head, resource_history, resources};
+use diesel::prelude::*;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use time::macros::datetime;
+use uuid::Uuid;
+
+fn db_url(app: &TestApp) -> String {
+    match app.state.config.database().unwrap() {
+        DatabaseTarget::Postgres(url) => url.0.expose_secret().to_owned(),
+        DatabaseTarget::Sqlite(path) => format!("sqlite://{}", path.display()),
+    }
+}
+
+/// Runs `carevault --data-dir DIR ARGS…` on the app's database, with extra environment.
+fn cli_env(app: &TestApp, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
+    cmd.arg("--data-dir")
+        .arg(app.dir.path())
+        .args(args)
+        .env("CAREVAULT_DATABASE_URL", db_url(app))
+        .env("CAREVAULT_ACCESS__POLICY_DIR", policy_dir())
+        .env("USER", "tester")
+        .env_remove("CAREVAULT_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    tokio::task::block_in_place(|| cmd.output().unwrap())
+}
+
+fn cli(app: &TestApp, args: &[&str]) -> Output {
+    cli_env(app, args, &[])
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", o.status, stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// The `detail` code of the newest audit record.
+fn last_detail(app: &TestApp) -> String {
+    let mut conn = app.state.db.conn().unwrap();
+    let body: String =
+        audit_events::table.order(audit_events::seq.desc()).select(audit_events::body).first(&mut conn).unwrap();
+    serde_json::from_str::<Value>(&body).unwrap()["detail"].as_str().unwrap_or_default().to_owned()
+}
+
+const PHI: [&str; 2] = ["name", "birthDate"];
+
+/// A stored Patient in the documented format: PHI elements as `cv1:` ciphertexts, the rest plain.
+fn patient_content(cipher: &FieldCipher, id: &str, n: i64) -> (String, i32) {
+    let mut doc = json!({"resourceType": "Patient", "id": id, "active": true});
+    let plain = [json!([{"family": format!("Family{n}"), "given": ["Ann"]}]), json!(format!("19{:02}-01-01", n % 100))];
+    for (element, value) in PHI.iter().zip(plain) {
+        doc[*element] = json!(cipher.encrypt_json(&FieldAad::new("Patient", id, element), &value).unwrap());
+    }
+    doc["counter"] = json!(cipher.encrypt_json(&FieldAad::new("Patient", id, "counter"), &json!(n)).unwrap());
+    (doc.to_string(), i32::try_from(cipher.active_version()).unwrap())
+}
+
+/// Writes `count` patients (version 1) and gives every third a version 2, with `cipher`; returns their ids.
+fn write_patients(app: &TestApp, cipher: &FieldCipher, count: usize) -> Vec<String> {
+    let mut conn = app.state.db.conn().unwrap();
+    let ids: Vec<String> = (0..count).map(|_| Uuid::new_v4().to_string()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (content, key_version) = patient_content(cipher, id, 0);
+        let mut row = Row {
+            resource_type: "Patient".into(),
+            id: id.clone(),
+            version_id: 1,
+            last_updated: 1,
+            deleted: false,
+            patient_id: Some(id.clone()),
+            key_version,
+            content,
+        };
+        insert(&mut conn, &row, &WriteExtras::default()).unwrap();
+        if i.is_multiple_of(3) {
+            row.version_id = 2;
+            (row.content, row.key_version) = patient_content(cipher, id, 0);
+            replace(&mut conn, &row, 1, &WriteExtras::default()).unwrap();
+        }
+    }
+    ids
+}
+
+/// Every stored row (current and history): (type, id, key_version, content).
+fn all_rows(app: &TestApp) -> Vec<(String, String, i32, String)> {
+    let mut conn = app.state.db.conn().unwrap();
+    let mut rows: Vec<(String, String, i32, String)> = resources::table
+        .select((resources::resource_type, resources::id, resources::key_version, resources::content))
+        .load(&mut conn)
+        .unwrap();
+    rows.extend(
+        resource_history::table
+            .select((
+                resource_history::resource_type,
+                resource_history::id,
+                resource_history::key_version,
+                resource_history::content,
+            ))
+            .load::<(String, String, i32, String)>(&mut conn)
+            .unwrap(),
+    );
+    rows
+}
+
+/// Asserts every row is on `active` and every PHI element decrypts under its own place; returns the counters.
+fn assert_all_current(app: &TestApp, cipher: &FieldCipher, active: u32) -> HashMap<String, i64> {
+    let mut counters = HashMap::new();
+    let rows = all_rows(app);
+    assert!(!rows.is_empty());
+    for (rtype, id, key_version, content) in rows {
+        assert_eq!(key_version, i32::try_from(active).unwrap(), "{rtype}/{id}");
+        let doc: Value = serde_json::from_str(&content).unwrap();
+        for element in PHI.iter().chain(&["counter"]) {
+            let ct = doc[*element].as_str().unwrap();
+            assert_eq!(FieldCipher::version_of(ct), Some(active), "{rtype}/{id}.{element}");
+            let value = cipher.decrypt_json(&FieldAad::new(&rtype, &id, element), ct).unwrap();
+            if *element == "counter" {
+                let n = value.as_i64().unwrap();
+                counters.entry(id.clone()).and_modify(|c: &mut i64| *c = (*c).max(n)).or_insert(n);
+            }
+        }
+        assert_eq!(doc["active"], json!(true), "plain elements are kept");
+    }
+    counters
+}
+
+/// A cipher over the keys currently stored.
+fn stored_cipher(app: &TestApp) -> FieldCipher {
+    let mut conn = app.state.db.conn().unwrap();
+    FieldCipher::new(carevault::crypto::store::load(&mut conn, app.state.keys.as_ref()).unwrap())
+}
+
+both_backends!(keys_status_reports_versions_rows_and_signing_keys, |app: TestApp| async move {
+    write_patients(&app, &app.state.cipher, 6);
+    let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
+    assert_eq!(status["active_data_key_version"], 1);
+    assert_eq!(status["index_key_version"], 1);
+    assert_eq!(status["master_key_id"], app.state.keys.id());
+    assert_eq!(status["keys_wrapped_by_other_master_keys"], 0);
+    assert_eq!(status["rows_by_key_version"]["resources"], json!({"1": 6}));
+    assert_eq!(status["rows_by_key_version"]["resource_history"], json!({"1": 8}));
+    assert_eq!(status["rows_below_active_version"], 0);
+    assert_eq!(status["data_keys"].as_array().unwrap().len(), 1);
+    let signing = status["signing_keys"].as_array().unwrap();
+    assert_eq!(signing.len(), 1);
+    assert_eq!(signing[0]["state"], "active");
+    assert!(signing[0]["kid"].as_str().is_some_and(|k| !k.is_empty()));
+    assert_eq!(last_detail(&app), "keys-status");
+
+    ok(cli(&app, &["keys", "rotate-signing"]));
+    assert_eq!(last_detail(&app), "signing-key-rotated");
+    let text = ok(cli(&app, &["keys", "status"]));
+    assert!(text.contains("active data key:       v1"), "{text}");
+    assert!(text.contains("v1: 6") && text.contains("v1: 8"), "{text}");
+    assert_eq!(text.matches("retiring").count(), 1, "{text}");
+    assert!(text.contains(&app.state.keys.id()), "{text}");
+});
+
+both_backends!(rotate_then_reencrypt_moves_every_row, |app: TestApp| async move {
+    let ids = write_patients(&app, &app.state.cipher, 130);
+    let out = ok(cli(&app, &["keys", "rotate"]));
+    assert!(out.contains("data key version 2 is now active"), "{out}");
+    assert_eq!(last_detail(&app), "keys-rotated");
+
+    // The running server picks the new key up without a restart.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while app.state.cipher.active_version() != 2 {
+        assert!(std::time::Instant::now() < deadline, "the server did not reload the data keys");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
+    assert_eq!(status["rows_below_active_version"], 130 + 174);
+
+    let out = ok(cli(&app, &["keys", "reencrypt", "--batch", "50"]));
+    assert!(out.contains("re-encrypted 130 current and 174 history row(s) to data key version 2"), "{out}");
+    assert_eq!(last_detail(&app), "keys-reencrypted");
+    let counters = assert_all_current(&app, &stored_cipher(&app), 2);
+    assert_eq!(counters.len(), ids.len());
+
+    // Resumable / idempotent: nothing left to do.
+    let out = ok(cli(&app, &["keys", "reencrypt"]));
+    assert!(out.contains("re-encrypted 0 current and 0 history row(s)"), "{out}");
+    let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
+    assert_eq!(status["rows_below_active_version"], 0);
+    assert_eq!(status["rows_by_key_version"]["resources"], json!({"2": 130}));
+
+    // A row that does not decrypt (ciphertexts moved from another resource) is reported and left alone; the
+    // command fails.
+    {
+        let mut conn = app.state.db.conn().unwrap();
+        let (content, key_version) = patient_content(&stored_cipher(&app), "elsewhere", 1);
+        assert_eq!(key_version, 2);
+        diesel::update(resources::table.filter(resources::id.eq(&ids[1])))
+            .set(resources::content.eq(content))
+            .execute(&mut conn)
+            .unwrap();
+    }
+    ok(cli(&app, &["keys", "rotate"]));
+    assert_eq!(stored_cipher(&app).active_version(), 3);
+    let out = cli(&app, &["keys", "reencrypt"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("cannot re-encrypt Patient/{}/_history/1", ids[1])), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 row(s) remain below data key version 3"), "{}", stderr(&out));
+    assert_eq!(last_detail(&app), "keys-reencrypt-incomplete");
+});
+
+both_backends!(reencrypt_under_a_concurrent_writer_loses_no_update, |app: TestApp| async move {
+    let ids = write_patients(&app, &app.state.cipher, 300);
+    let stale = FieldCipher::new((*app.state.cipher.ring()).clone());
+    ok(cli(&app, &["keys", "rotate"]));
+    let fresh = stored_cipher(&app);
+    assert_eq!(fresh.active_version(), 2);
+
+    // A writer updating 30 rows with version checks, alternately as a server that has not reloaded its keys
+    // yet (old key) and one that has, while `reencrypt` runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, stop, ids) = (app.state.db.clone(), stop.clone(), ids[..30].to_vec());
+        let (stale, fresh) = (stale.clone(), fresh.clone());
+        std::thread::spawn(move || {
+            let mut written: HashMap<String, i64> = HashMap::new();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let id = &ids[i % ids.len()];
+                let cipher = if i.is_multiple_of(2) { &stale } else { &fresh };
+                i += 1;
+                let mut conn = db.conn().unwrap();
+                let (version, content): (i64, String) = resources::table
+                    .filter(resources::id.eq(id))
+                    .select((resources::version_id, resources::content))
+                    .first(&mut conn)
+                    .unwrap();
+                let doc: Value = serde_json::from_str(&content).unwrap();
+                let ct = doc["counter"].as_str().unwrap();
+                let n = fresh.decrypt_json(&FieldAad::new("Patient", id, "counter"), ct).unwrap().as_i64().unwrap();
+                let (content, key_version) = patient_content(cipher, id, n + 1);
+                let row = Row {
+                    resource_type: "Patient".into(),
+                    id: id.clone(),
+                    version_id: version + 1,
+                    last_updated: 2,
+                    deleted: false,
+                    patient_id: Some(id.clone()),
+                    key_version,
+                    content,
+                };
+                let done = conn.transaction(|c| replace(c, &row, version, &WriteExtras::default()));
+                if done.is_ok() {
+                    *written.entry(id.clone()).or_default() += 1;
+                }
+            }
+            written
+        })
+    };
+    let first = cli(&app, &["keys", "reencrypt", "--batch", "20"]);
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written.values().sum::<i64>() > 30, "the writer made progress: {written:?}");
+    // The run may end with rows a stale writer put back on the old key meanwhile; a second run finishes them.
+    assert!(first.status.success() || stderr(&first).contains("remain below"), "{}", stderr(&first));
+    ok(cli(&app, &["keys", "reencrypt"]));
+
+    let counters = assert_all_current(&app, &fresh, 2);
+    let mut conn = app.state.db.conn().unwrap();
+    for id in &ids[..30] {
+        let current: String =
+            resources::table.filter(resources::id.eq(id)).select(resources::content).first(&mut conn).unwrap();
+        let doc: Value = serde_json::from_str(&current).unwrap();
+        let n = fresh
+            .decrypt_json(&FieldAad::new("Patient", id, "counter"), doc["counter"].as_str().unwrap())
+            .unwrap()
+            .as_i64()
+            .unwrap();
+        let expected = written.get(id).copied().unwrap_or(0);
+        assert_eq!(n, expected, "Patient/{id}: every committed update survives re-encryption");
+        assert_eq!(counters[id], expected);
+    }
+});
+
+both_backends!(rotate_master_rewraps_every_key, |app: TestApp| async move {
+    write_patients(&app, &app.state.cipher, 5);
+    ok(cli(&app, &["audit", "checkpoint"]));
+    let new_file = app.dir.path().join("master.new");
+    MasterKey::generate_file(&new_file).unwrap();
+    let new_path = new_file.to_str().unwrap();
+    let old_id = app.state.keys.id();
+
+    let out = ok(cli(&app, &["keys", "rotate-master", "--new-master-key-file", new_path]));
+    assert!(
+        out.contains("rewrapped 2 data/index key(s), 1 token-signing key(s) and 1 audit checkpoint key(s)"),
+        "{out}"
+    );
+    assert!(out.contains("keys.master_key_file"), "{out}");
+
+    // The old master key no longer opens anything.
+    let refused = cli(&app, &["keys", "status"]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("wrong master key"), "{}", stderr(&refused));
+    let with_new = [("CAREVAULT_KEYS__MASTER_KEY_FILE", new_path)];
+    let status: Value = serde_json::from_str(&ok(cli_env(&app, &["keys", "status", "--json"], &with_new))).unwrap();
+    assert_ne!(status["master_key_id"], old_id);
+    assert_eq!(status["keys_wrapped_by_other_master_keys"], 0);
+    // The checkpoint key was rewrapped too: the signed checkpoint still verifies.
+    let verified = ok(cli_env(&app, &["audit", "verify"], &with_new));
+    assert!(verified.contains("intact") && verified.contains("checkpoint at record"), "{verified}");
+    let again = ok(cli_env(&app, &["keys", "rotate-master", "--new-master-key-file", new_path], &with_new));
+    assert!(again.contains("already wrapped"), "{again}");
+
+    // A server opens with the new key, decrypts the stored rows, and refuses the old key.
+    let open = |key_file: &str| {
+        let toml = format!(
+            "database_url = \"{}\"\nlisten = \"127.0.0.1:0\"\n[keys]\nmaster_key_file = \"{key_file}\"\n",
+            db_url(&app)
+        );
+        let over = carevault::config::Overrides { data_dir: app.dir.path().to_path_buf(), ..Default::default() };
+        let cfg = carevault::config::Config::from_toml(&toml, &over).unwrap();
+        carevault::app::AppState::open(cfg, carevault::clock::system())
+    };
+    let state = open(new_path).unwrap();
+    let mut conn = state.db.conn().unwrap();
+    let (rtype, id, content): (String, String, String) = resources::table
+        .select((resources::resource_type, resources::id, resources::content))
+        .first(&mut conn)
+        .unwrap();
+    let doc: Value = serde_json::from_str(&content).unwrap();
+    state.cipher.decrypt_json(&FieldAad::new(&rtype, &id, "name"), doc["name"].as_str().unwrap()).unwrap();
+    let old_file = app.dir.path().join("keys/master.key");
+    let err = open(old_file.to_str().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("wrong master key"), "{err}");
+});
+
+/// Appends `n` events recorded at `at`, `at + 1h`, …
+fn append_events(app: &TestApp, n: usize, at: time::OffsetDateTime) {
+    let mut conn = app.state.db.conn().unwrap();
+    let events: Vec<AuditEvent> = (0..n)
+        .map(|i| {
+            AuditEvent::new(
+                AuditKind::Read,
+                at + time::Duration::hours(i64::try_from(i).unwrap()),
+                Outcome::Success,
+                Agent::user("account-1", Some("nurse1".into()), Some(carevault::role::Role::Nurse)),
+            )
+            .with_patient(Uuid::new_v4())
+            .with_resource("Patient", Some(Uuid::new_v4()), Some(1))
+        })
+        .collect();
+    carevault::audit::store::append(&mut conn, &events).unwrap();
+}
+
+type AuditRow = (i64, String, i64, String, Option<String>, Option<String>, String, String, String);
+
+fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
+    let mut conn = app.state.db.conn().unwrap();
+    let rows = audit_events::table
+        .order(audit_events::seq.asc())
+        .select((
+            audit_events::seq,
+            audit_events::id,
+            audit_events::recorded,
+            audit_events::kind,
+            audit_events::agent,
+            audit_events::patient_id,
+            audit_events::body,
+            audit_events::prev_hash,
+            audit_events::hash,
+        ))
+        .load(&mut conn)
+        .unwrap();
+    let head = audit_head::table.select((audit_head::seq, audit_head::hash)).first(&mut conn).unwrap();
+    (rows, head)
+}
+
+fn restore(app: &TestApp, (rows, head): &(Vec<AuditRow>, (i64, String))) {
+    let mut conn = app.state.db.conn().unwrap();
+    diesel::delete(audit_events::table).execute(&mut conn).unwrap();
+    for r in rows {
+        insert_row(&mut conn, r.clone());
+    }
+    diesel::update(audit_head::table)
+        .set((audit_head::seq.eq(head.0), audit_head::hash.eq(&head.1)))
+        .execute(&mut conn)
+        .unwrap();
+}
+
+fn insert_row(conn: &mut carevault::store::AnyConnection, r: AuditRow) {
+    diesel::insert_into(audit_events::table)
+        .values((
+            audit_events::seq.eq(r.0),
+            audit_events::id.eq(r.1),
+            audit_events::recorded.eq(r.2),
+            audit_events::kind.eq(r.3),
+            audit_events::agent.eq(r.4),
+            audit_events::patient_id.eq(r.5),
+            audit_events::body.eq(r.6),
+            audit_events::prev_hash.eq(r.7),
+            audit_events::hash.eq(r.8),
+        ))
+        .execute(conn)
+        .unwrap();
+}
+
+/// `audit verify` fails naming `message`.
+fn assert_broken(app: &TestApp, message: &str) {
+    let out = cli(app, &["audit", "verify"]);
+    assert!(!out.status.success(), "tampering went unnoticed: {}", stdout(&out));
+    assert!(stderr(&out).contains(message), "expected {message:?}, got {}", stderr(&out));
+}
+
+both_backends!(audit_verify_names_the_first_bad_record, |app: TestApp| async move {
+    append_events(&app, 12, datetime!(2026-03-01 09:00 UTC));
+    let clean = snapshot(&app);
+    assert_eq!(clean.0.len(), 12);
+    let out = ok(cli(&app, &["audit", "verify"]));
+    assert!(out.contains("audit trail intact: 12 record(s) verified") && out.contains("events/s"), "{out}");
+    assert_eq!(last_detail(&app), "audit-verified");
+    let json: Value = serde_json::from_str(&ok(cli(&app, &["audit", "verify", "--json"]))).unwrap();
+    assert_eq!((json["intact"].clone(), json["records"].clone()), (json!(true), json!(13)));
+    restore(&app, &clean);
+
+    let mut conn = app.state.db.conn().unwrap();
+    // One byte of a body (a digit of the event id).
+    let mut body = clean.0[4].6.clone().into_bytes();
+    body[10] = if body[10] == b'a' { b'b' } else { b'a' };
+    diesel::update(audit_events::table.filter(audit_events::seq.eq(5)))
+        .set(audit_events::body.eq(String::from_utf8(body).unwrap()))
+        .execute(&mut conn)
+        .unwrap();
+    assert_broken(&app, "audit record 5: edited");
+    let json: Value = serde_json::from_str(&stdout(&cli(&app, &["audit", "verify", "--json"]))).unwrap();
+    assert_eq!((json["intact"].clone(), json["first_bad_record"].clone()), (json!(false), json!(5)));
+    restore(&app, &clean);
+
+    // A deleted row.
+    diesel::delete(audit_events::table.filter(audit_events::seq.eq(7))).execute(&mut conn).unwrap();
+    assert_broken(&app, "audit record 7: missing");
+    restore(&app, &clean);
+
+    // An inserted row, properly linked to its predecessor, the later rows renumbered.
+    diesel::update(audit_events::table.filter(audit_events::seq.gt(6)))
+        .set(audit_events::seq.eq(audit_events::seq * -1))
+        .execute(&mut conn)
+        .unwrap();
+    diesel::update(audit_events::table.filter(audit_events::seq.lt(0)))
+        .set(audit_events::seq.eq(audit_events::seq * -1 + 1))
+        .execute(&mut conn)
+        .unwrap();
+    let forged = AuditEvent::new(AuditKind::Login, datetime!(2026-03-01 15:30 UTC), Outcome::Success, Agent::default());
+    let canonical = forged.canonical_bytes().unwrap();
+    let prev = ChainLink { seq: 6, prev_hash: [0; 32], hash: hash_from_hex(&clean.0[5].8).unwrap() };
+    let link = ChainLink::next(Some(&prev), &canonical);
+    insert_row(
+        &mut conn,
+        (
+            7,
+            forged.id.to_string(),
+            0,
+            "login".into(),
+            None,
+            None,
+            String::from_utf8(canonical).unwrap(),
+            to_hex(&link.prev_hash),
+            to_hex(&link.hash),
+        ),
+    );
+    assert_broken(&app, "audit record 7: inserted");
+    restore(&app, &clean);
+
+    // Two rows swapped.
+    for (seq, from) in [(4, &clean.0[4]), (5, &clean.0[3])] {
+        diesel::update(audit_events::table.filter(audit_events::seq.eq(seq)))
+            .set((audit_events::body.eq(&from.6), audit_events::prev_hash.eq(&from.7), audit_events::hash.eq(&from.8)))
+            .execute(&mut conn)
+            .unwrap();
+    }
+    assert_broken(&app, "audit record 4: reordered");
+    restore(&app, &clean);
+
+    // The tail cut off (the head still names the last record).
+    diesel::delete(audit_events::table.filter(audit_events::seq.gt(10))).execute(&mut conn).unwrap();
+    assert_broken(&app, "audit record 11: truncated");
+    restore(&app, &clean);
+
+    // The tail cut off and the head moved back to match: the signed checkpoint still catches it.
+    let cp: Value = serde_json::from_str(&ok(cli(&app, &["audit", "checkpoint"]))).unwrap();
+    assert_eq!(cp["checkpoint"]["seq"], 13, "the checkpoint covers its own admin record");
+    let anchor = app.dir.path().join("anchor.json");
+    std::fs::write(&anchor, cp.to_string()).unwrap();
+    ok(cli(&app, &["audit", "verify", "--anchor", anchor.to_str().unwrap()]));
+    diesel::delete(audit_events::table.filter(audit_events::seq.gt(11))).execute(&mut conn).unwrap();
+    diesel::update(audit_head::table)
+        .set((audit_head::seq.eq(11), audit_head::hash.eq(&clean.0[10].8)))
+        .execute(&mut conn)
+        .unwrap();
+    assert_broken(&app, "audit record 12: truncated");
+    // Deleting the stored checkpoint too is caught by the exported copy.
+    diesel::delete(carevault::store::schema::audit_checkpoints::table).execute(&mut conn).unwrap();
+    diesel::delete(audit_events::table.filter(audit_events::seq.gt(11))).execute(&mut conn).unwrap();
+    diesel::update(audit_head::table)
+        .set((audit_head::seq.eq(11), audit_head::hash.eq(&clean.0[10].8)))
+        .execute(&mut conn)
+        .unwrap();
+    let out = cli(&app, &["audit", "verify", "--anchor", anchor.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("audit record 12: truncated"), "{}", stderr(&out));
+
+    // A forged checkpoint signature is refused.
+    let mut forged = cp.clone();
+    forged["checkpoint"]["seq"] = json!(3);
+    std::fs::write(&anchor, forged.to_string()).unwrap();
+    let out = cli(&app, &["audit", "verify", "--anchor", anchor.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("invalid signature"), "{}", stderr(&out));
+});
+
+both_backends!(audit_export_writes_fhir_audit_events, |app: TestApp| async move {
+    append_events(&app, 3, datetime!(2026-03-01 23:00 UTC)); // 23:00 on the 1st, 00:00 and 01:00 on the 2nd
+    append_events(&app, 2, datetime!(2026-03-05 10:00 UTC));
+    let day = ok(cli(&app, &["audit", "export", "--since", "2026-03-02", "--until", "2026-03-02"]));
+    assert_eq!(day.lines().count(), 2, "{day}");
+    assert_eq!(last_detail(&app), "audit-exported");
+
+    let file = app.dir.path().join("export.ndjson");
+    let out = cli(
+        &app,
+        &[
+            "audit",
+            "export",
+            "--since",
+            "2026-03-01T00:00:00Z",
+            "--until",
+            "2026-03-06T00:00:00Z",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(stderr(ok_keep(&out)).contains("exported 5 audit event(s)"), "{}", stderr(&out));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let schema: Value = serde_json::from_slice(
+        &std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fhir.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut recorded = Vec::new();
+    for line in text.lines() {
+        let event: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(event["resourceType"], "AuditEvent");
+        assert!(validator.is_valid(&event), "not a valid FHIR AuditEvent: {event:#}");
+        recorded.push(event["recorded"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(recorded.len(), 5);
+    assert!(recorded.windows(2).all(|w| w[0] <= w[1]), "oldest first: {recorded:?}");
+
+    let bad = cli(&app, &["audit", "export", "--since", "yesterday"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("--since"), "{}", stderr(&bad));
+});
+
+fn ok_keep(o: &Output) -> &Output {
+    assert!(o.status.success(), "exit {:?}\nstderr: {}", o.status, stderr(o));
+    o
+}
+
+#[test]
+fn policy_explain_prints_the_decision_and_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_carevault"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["policy", "explain"])
+            .args(args)
+            .env("CAREVAULT_ACCESS__POLICY_DIR", policy_dir())
+            .env_remove("CAREVAULT_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--role", "nurse", "--type", "Observation", "--action", "read"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("nurse read Observation: ALLOWED, scope careteam"), "{text}");
+    assert!(text.contains("rule: policy.csv line"), "{text}");
+
+    let out = run(&["--role", "billing", "--type", "Observation", "--action", "delete"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("billing delete Observation: DENIED"), "{}", stdout(&out));
+
+    let out = run(&["--role", "patient", "--type", "Patient", "--action", "$everything", "--json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((json["allowed"].clone(), json["scope"].clone()), (json!(true), json!("own")), "{json}");
+    assert!(json["rule"].as_str().unwrap().contains("policy.csv"), "{json}");
+
+    let out = run(&["--role", "front_desk", "--type", "Observation", "--action", "read", "--json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((json["allowed"].clone(), json["scope"].clone()), (json!(false), Value::Null), "{json}");
+
+    let out = run(&["--role", "nurse", "--type", "Observation", "--action", "peek"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown --action"), "{}", stderr(&out));
+    let out = run(&["--role", "janitor", "--type", "Observation", "--action", "read"]);
+    assert!(!out.status.success());
+}
