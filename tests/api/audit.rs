@@ -142,7 +142,8 @@ both_backends!(every_interaction_yields_exactly_one_event, |app: TestApp| async 
 
     // search: parameter names only, never values
     let p = Probe::start(&app);
-    let q = format!("/fhir/Observation?patient={alice}&code=http://loinc.org|CANARY-CODE-77&date=ge2024-01-01&_count=5");
+    let q =
+        format!("/fhir/Observation?patient={alice}&code=http://loinc.org|CANARY-CODE-77&date=ge2024-01-01&_count=5");
     let (status, _) = app.get_json(&w.doc, &q).await;
     assert_eq!(status, 200);
     let e = p.one(&app, "search");
@@ -223,7 +224,8 @@ both_backends!(every_interaction_yields_exactly_one_event, |app: TestApp| async 
 
     // refresh
     let p = Probe::start(&app);
-    let r = form(&app, "/auth/token", &[("grant_type", "refresh_token"), ("refresh_token", &fresh.refresh)], None).await;
+    let r =
+        form(&app, "/auth/token", &[("grant_type", "refresh_token"), ("refresh_token", &fresh.refresh)], None).await;
     assert_eq!(r.status(), 200);
     let e = p.one(&app, "refresh");
     check(&e, "refresh", "E", "0", &doc, "clinician");
@@ -299,7 +301,8 @@ both_backends!(concurrent_writers_make_one_valid_chain, |app: TestApp| async mov
     assert_eq!(kinds.iter().filter(|k| *k == "create").count(), 32 + 6);
     assert_eq!(kinds.iter().filter(|k| *k == "search").count(), 32);
     // Sequence numbers are dense: no gap, no duplicate.
-    let seqs: Vec<i64> = audit_events::table.order(audit_events::seq.asc()).select(audit_events::seq).load(&mut conn).unwrap();
+    let seqs: Vec<i64> =
+        audit_events::table.order(audit_events::seq.asc()).select(audit_events::seq).load(&mut conn).unwrap();
     assert!(seqs.iter().enumerate().all(|(i, s)| *s == i64::try_from(i).unwrap() + 1));
 });
 
@@ -363,6 +366,25 @@ both_backends!(auditors_search_the_trail_others_cannot, |app: TestApp| async mov
     assert_eq!(s, 200);
     app.assert_valid(&one);
 
+    // Reading the trail is audited too, by parameter names only (an unknown name is not recorded either).
+    let p = Probe::start(&app);
+    let lenient = app
+        .client
+        .get(app.url(&format!("/fhir/AuditEvent?patient=Patient/{alice}&_CanaryAuditParam=Qwyzzle&CanaryOther=1")))
+        .bearer_auth(&w.auditor.access)
+        .header("prefer", "handling=lenient")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lenient.status(), 200);
+    let e = p.one(&app, "AuditEvent search");
+    check(&e, "search", "E", "0", &account_id(&app, "auditor"), "auditor");
+    assert_eq!(e["resource_type"], "AuditEvent");
+    assert_eq!(e["query_params"], json!(["(unrecognised)", "patient"]), "{e}");
+    assert_eq!(e["purpose_of_use"], "HCOMPL");
+    let trail = all_bodies(&app);
+    assert!(!trail.contains("Canary") && !trail.contains("Qwyzzle"), "client text reached the trail");
+
     // every other role: 403
     for s in [&w.front, &w.billing, &w.admin, &w.doc, &w.other_doc, &w.nurse, &w.alice_user] {
         assert_eq!(app.get(s, "/fhir/AuditEvent").await.status(), 403);
@@ -406,8 +428,7 @@ both_backends!(access_reports_for_the_patient_and_auditors_only, |app: TestApp| 
     // Someone else's report: 404, exactly like a missing patient.
     let other = app.get(&w.alice_user, &format!("/fhir/Patient/{}/$access-report", w.bob)).await;
     assert_eq!(other.status(), 404);
-    let missing =
-        app.get(&w.alice_user, "/fhir/Patient/00000000-0000-4000-8000-000000000001/$access-report").await;
+    let missing = app.get(&w.alice_user, "/fhir/Patient/00000000-0000-4000-8000-000000000001/$access-report").await;
     assert_eq!(missing.status(), 404);
     assert_eq!(other.text().await.unwrap(), missing.text().await.unwrap());
     // The auditor gets any patient's, including that the patient looked at their own.
@@ -558,8 +579,7 @@ mod crash {
                     let id = created["id"].as_str().unwrap().to_owned();
                     acked.lock().unwrap().created.push(id.clone());
                     done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let Ok(r) = client.get(format!("{base}/fhir/Patient/{id}")).bearer_auth(&token).send().await
-                    else {
+                    let Ok(r) = client.get(format!("{base}/fhir/Patient/{id}")).bearer_auth(&token).send().await else {
                         return;
                     };
                     if r.status().is_success() && r.bytes().await.is_ok() {
@@ -598,7 +618,9 @@ mod crash {
         let ids_of = |kind: &str| -> std::collections::HashSet<String> {
             rows.iter()
                 .filter(|(k, _)| k == kind)
-                .filter_map(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["resource_id"].as_str().map(str::to_owned))
+                .filter_map(|(_, b)| {
+                    serde_json::from_str::<Value>(b).unwrap()["resource_id"].as_str().map(str::to_owned)
+                })
                 .collect()
         };
         let (created, read) = (ids_of("create"), ids_of("read"));

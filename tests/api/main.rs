@@ -9,6 +9,7 @@ mod helpers;
 mod access;
 mod audit;
 mod auth;
+mod encryption;
 mod fhir;
 mod foundation;
 mod monitor;
