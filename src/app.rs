@@ -89,19 +89,12 @@ impl AppState {
                 .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
         );
         let base = format!("{}/fhir", config.base_url());
-        let config = Arc::new(config);
-        let records = Arc::new(Records::new(
-            db.clone(),
-            cipher.clone(),
-            access.clone(),
-            validator()?,
-            audit.clone(),
-            clock.clone(),
-            base,
-            config.clone(),
-        ));
+        let records = Arc::new(
+            Records::new(db.clone(), cipher.clone(), access.clone(), validator()?, audit.clone(), clock.clone(), base)
+                .with_alerts(Arc::new(config.clone())),
+        );
         let monitor = crate::monitor::Monitor::new();
-        Ok(AppState { config, db, clock, keys, cipher, auth, audit, access, records, monitor })
+        Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, access, records, monitor })
     }
 }
 

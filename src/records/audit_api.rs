@@ -77,8 +77,8 @@ pub async fn search(
     for c in &req.clauses {
         let vals = &c.values;
         match c.param.name {
-            "patient" => patients = Some(vals.iter().filter_map(|v| ref_id(v)).collect()),
-            "agent" => agents = Some(vals.iter().filter_map(|v| ref_id(v)).collect()),
+            "patient" => patients = Some(vals.iter().filter_map(ref_id).collect()),
+            "agent" => agents = Some(vals.iter().filter_map(ref_id).collect()),
             "date" => dates.push(vals.clone()),
             "action" => {
                 actions = Some(

@@ -90,7 +90,8 @@ pub struct Records {
     audit: crate::audit::store::Auditor,
     clock: SharedClock,
     base: String,
-    config: Arc<Config>,
+    /// Alert settings; without them a decrypt failure is only logged (see [`Records::with_alerts`]).
+    alert_config: Option<Arc<Config>>,
     /// When (Unix micros) this process last asked for a decrypt-failure alert; shared by every handle.
     decrypt_alarm: Arc<AtomicI64>,
 }
@@ -137,9 +138,15 @@ impl Records {
         audit: crate::audit::store::Auditor,
         clock: SharedClock,
         base: String,
-        config: Arc<Config>,
     ) -> Self {
-        Self { db, cipher, access, validator, audit, clock, base, config, decrypt_alarm: Arc::new(AtomicI64::new(0)) }
+        let decrypt_alarm = Arc::new(AtomicI64::new(0));
+        Self { db, cipher, access, validator, audit, clock, base, alert_config: None, decrypt_alarm }
+    }
+
+    /// Raises the `decrypt-failure` alert (with these alert settings) when a stored element fails to decrypt.
+    pub fn with_alerts(mut self, config: Arc<Config>) -> Self {
+        self.alert_config = Some(config);
+        self
     }
 
     /// A stored element failed to decrypt (tampering, a moved ciphertext, a lost key): raise the critical
@@ -152,11 +159,11 @@ impl Records {
         {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!("cannot raise the decrypt-failure alert outside a runtime");
+        let (Ok(runtime), Some(config)) = (tokio::runtime::Handle::try_current(), self.alert_config.clone()) else {
+            tracing::error!("cannot raise the decrypt-failure alert here (no runtime or no alert settings)");
             return;
         };
-        let (db, config) = (self.db.clone(), self.config.clone());
+        let db = self.db.clone();
         runtime.spawn(async move {
             let subject = Subject::System("field-cipher");
             if let Err(e) = crate::monitor::raise(&db, &config, rules::DECRYPT_FAILURE, subject, 1, now).await {
@@ -556,7 +563,7 @@ impl Records {
             audit: self.audit.clone(),
             clock: self.clock.clone(),
             base: self.base.clone(),
-            config: self.config.clone(),
+            alert_config: self.alert_config.clone(),
             decrypt_alarm: self.decrypt_alarm.clone(),
         })
     }
