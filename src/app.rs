@@ -94,15 +94,10 @@ impl AppState {
                 .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
         );
         let base = format!("{}/fhir", config.base_url());
-        let records = Arc::new(Records::new(
-            db.clone(),
-            cipher.clone(),
-            access.clone(),
-            validator()?,
-            audit.clone(),
-            clock.clone(),
-            base,
-        ));
+        let records = Arc::new(
+            Records::new(db.clone(), cipher.clone(), access.clone(), validator()?, audit.clone(), clock.clone(), base)
+                .with_alerts(Arc::new(config.clone())),
+        );
         let monitor = crate::monitor::Monitor::new();
         let limits =
             Arc::new(crate::api::limit::RateLimit::new(config.limits.requests_per_second, config.limits.burst));

@@ -142,9 +142,7 @@ pub async fn search(
     }
     let mut own = AuditEvent::new(AuditKind::Search, state.clock.now(), Outcome::Success, caller_agent(caller))
         .with_resource("AuditEvent", None, None)
-        .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| {
-            d.param(n.split(':').next().unwrap_or(n)).is_some() || n.starts_with('_')
-        })
+        .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| super::service::is_known_param(d, n))
         .with_purpose(purpose::HCOMPL);
     if let [only] = matched
         .iter()

@@ -10,12 +10,14 @@ use crate::access::{AccessControl, Action, Decision, FieldMask, Scope};
 use crate::audit::{Agent, AuditEvent, AuditKind, Outcome, purpose};
 use crate::auth::principal::Principal;
 use crate::clock::SharedClock;
+use crate::config::Config;
 use crate::crypto::store::micros;
 use crate::crypto::{BlindIndexer, FieldAad, FieldCipher};
 use crate::error::{AppError, AppResult};
 use crate::fhir::bundle::{self, HistoryEntry, HistoryMethod};
 use crate::fhir::search::{self, Handling, IndexValue, SearchRequest};
 use crate::fhir::{FhirValidator, PatientLink, ResourceDecl, decl};
+use crate::monitor::{Subject as AlertSubject, rules};
 use crate::role::Role;
 use crate::store::schema::break_glass;
 use crate::store::{AnyConnection, Db};
@@ -23,6 +25,7 @@ use diesel::prelude::*;
 use serde_json::{Map, Value, json};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -116,7 +119,15 @@ pub struct Records {
     audit: crate::audit::store::Auditor,
     clock: SharedClock,
     base: String,
+    /// Alert settings; without them a decrypt failure is only logged (see [`Records::with_alerts`]).
+    alert_config: Option<Arc<Config>>,
+    /// When (Unix micros) this process last asked for a decrypt-failure alert; shared by every handle.
+    decrypt_alarm: Arc<AtomicI64>,
 }
+
+/// A decrypt failure asks for an alert at most this often per process (the alert itself is deduplicated per
+/// window under the chain lock; this only keeps a flood of failing reads from queueing a transaction each).
+const DECRYPT_ALARM_EVERY_MICROS: i64 = 10_000_000;
 
 impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,7 +168,37 @@ impl Records {
         clock: SharedClock,
         base: String,
     ) -> Self {
-        Self { db, cipher, access, validator, audit, clock, base }
+        let decrypt_alarm = Arc::new(AtomicI64::new(0));
+        Self { db, cipher, access, validator, audit, clock, base, alert_config: None, decrypt_alarm }
+    }
+
+    /// Raises the `decrypt-failure` alert (with these alert settings) when a stored element fails to decrypt.
+    pub fn with_alerts(mut self, config: Arc<Config>) -> Self {
+        self.alert_config = Some(config);
+        self
+    }
+
+    /// A stored element failed to decrypt (tampering, a moved ciphertext, a lost key): raise the critical
+    /// `decrypt-failure` alert. Runs in the background, since the caller may hold the chain lock in a transaction.
+    fn decrypt_failed(&self) {
+        let now = self.clock.now();
+        let last = self.decrypt_alarm.load(Ordering::Acquire);
+        if micros(now).saturating_sub(last) < DECRYPT_ALARM_EVERY_MICROS
+            || self.decrypt_alarm.compare_exchange(last, micros(now), Ordering::AcqRel, Ordering::Acquire).is_err()
+        {
+            return;
+        }
+        let (Ok(runtime), Some(config)) = (tokio::runtime::Handle::try_current(), self.alert_config.clone()) else {
+            tracing::error!("cannot raise the decrypt-failure alert here (no runtime or no alert settings)");
+            return;
+        };
+        let db = self.db.clone();
+        runtime.spawn(async move {
+            let subject = AlertSubject::System("field-cipher");
+            if let Err(e) = crate::monitor::raise(&db, &config, rules::DECRYPT_FAILURE, subject, 1, now).await {
+                tracing::error!(error.kind = %e, "cannot raise the decrypt-failure alert");
+            }
+        });
     }
 
     pub fn validator(&self) -> &FhirValidator {
@@ -280,6 +321,7 @@ impl Records {
                 Value::String(ct) if d.is_phi(&k) && ct.starts_with(CIPHERTEXT) => {
                     self.cipher.decrypt_json(&FieldAad::new(d.name, id, &k), ct).map_err(|e| {
                         tracing::error!(integrity.kind = "decrypt", resource.type_ = d.name, error.kind = %e, "stored element failed to decrypt");
+                        self.decrypt_failed();
                         AppError::internal("decryption failed")
                     })?
                 }
@@ -528,6 +570,8 @@ impl Records {
             audit: self.audit.clone(),
             clock: self.clock.clone(),
             base: self.base.clone(),
+            alert_config: self.alert_config.clone(),
+            decrypt_alarm: self.decrypt_alarm.clone(),
         })
     }
 
@@ -1004,7 +1048,9 @@ impl Records {
     }
 }
 
-fn is_known_param(d: &ResourceDecl, name: &str) -> bool {
+/// A parameter name the server defines for `d` (modifiers allowed); anything else is client text and is
+/// recorded as unrecognised.
+pub(crate) fn is_known_param(d: &ResourceDecl, name: &str) -> bool {
     let base = name.split(':').next().unwrap_or(name);
     d.param(base).is_some() || ["_count", "_elements", "_summary", search::CURSOR_PARAM].contains(&base)
 }

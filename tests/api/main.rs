@@ -7,8 +7,10 @@
 mod helpers;
 
 mod access;
+mod audit;
 mod auth;
 mod cli;
+mod encryption;
 mod fhir;
 mod foundation;
 mod monitor;
