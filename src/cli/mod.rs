@@ -2,6 +2,7 @@
 //! (before or after it) and reads the same configuration as the server.
 
 pub mod incident;
+pub mod seed;
 pub mod serve;
 pub mod users;
 
@@ -34,6 +35,8 @@ pub enum Command {
     /// Incident response: scope a user's access, contain an account.
     #[command(subcommand)]
     Incident(incident::IncidentCommand),
+    /// Add synthetic patients (load tests, benchmarks; refused in production).
+    Seed(seed::SeedArgs),
 }
 
 impl Cli {
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Migrate) => migrate(&cli),
         Some(Command::Users(cmd)) => users::run(&cli, cmd),
         Some(Command::Incident(cmd)) => incident::run(&cli, cmd),
+        Some(Command::Seed(args)) => seed::run(&cli, args),
     };
     match result {
         Ok(()) => 0,
