@@ -75,14 +75,14 @@ pub fn practitioner(given: &str, family: &str) -> Value {
     json!({"resourceType": "Practitioner", "active": true, "name": [{"family": family, "given": [given], "prefix": ["Dr"]}]})
 }
 
-/// A synthetic Patient: demographics only (no SSN: that comes from registration feeds, not the API).
+/// A synthetic Patient: the demographics the front desk registers (no SSN: that comes from registration feeds,
+/// not the API).
 pub fn patient(rng: &mut impl Rng, now: OffsetDateTime) -> Value {
     let female = rng.gen_bool(0.5);
     let given = if female { pick(rng, GIVEN_FEMALE) } else { pick(rng, GIVEN_MALE) };
     let year = now.year() - rng.gen_range(1..=90);
     json!({
         "resourceType": "Patient",
-        "active": true,
         "identifier": [{"system": MRN_SYSTEM, "value": format!("DEMO-{:08}", rng.gen_range(0..100_000_000u32))}],
         "name": [{"use": "official", "family": pick(rng, FAMILY), "given": [given]}],
         "gender": if female { "female" } else { "male" },

@@ -8,6 +8,7 @@ mod helpers;
 
 mod access;
 mod auth;
+mod demo;
 mod fhir;
 mod foundation;
 mod monitor;
