@@ -31,7 +31,7 @@ pub fn run(cli: &Cli, args: &SeedArgs) -> Result<(), String> {
         bar.finish();
         println!(
             "{} synthetic patient(s) added; their care team is Practitioner/{} (link a clinician to it with \
-             `carevault users add --role clinician --practitioner {}`)",
+             `carevault users add --username NAME --role clinician --practitioner {} --password-stdin`)",
             report.patients.len(),
             report.practitioner,
             report.practitioner

@@ -255,7 +255,7 @@ pub async fn seed_demo(state: &AppState, patients: usize) -> Result<DemoOutcome,
         std::fs::remove_file(&credentials).map_err(|_| SeedError::Credentials)?;
     }
     crate::fsutil::write_private(&credentials, text.as_bytes()).map_err(|_| SeedError::Credentials)?;
-    tracing::info!(accounts = ACCOUNTS.len(), patients = ids.len(), "demo data seeded");
+    tracing::info!("demo data seeded");
     Ok(DemoOutcome::Seeded { credentials, patients: ids.len() })
 }
 
