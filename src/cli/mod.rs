@@ -5,6 +5,7 @@ pub mod audit;
 pub mod incident;
 pub mod keys;
 pub mod policy;
+pub mod seed;
 pub mod serve;
 pub mod users;
 
@@ -46,6 +47,8 @@ pub enum Command {
     /// The access policy: explain a decision.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Add synthetic patients (load tests, benchmarks; refused in production).
+    Seed(seed::SeedArgs),
 }
 
 impl Cli {
@@ -69,6 +72,7 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Keys(cmd)) => keys::run(&cli, cmd),
         Some(Command::Audit(cmd)) => audit::run(&cli, cmd),
         Some(Command::Policy(cmd)) => policy::run(&cli, cmd),
+        Some(Command::Seed(args)) => seed::run(&cli, args),
     };
     match result {
         Ok(()) => 0,

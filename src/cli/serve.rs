@@ -31,6 +31,19 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<(), String> {
         let scheme = if cfg.insecure_http { "http" } else { "https" };
         let app = Application::build(cfg, crate::clock::system()).map_err(|e| e.to_string())?;
         crate::telemetry::metrics::observe_pool(&app.state().db);
+        if app.state().config.demo {
+            let outcome = crate::demo::seed_demo(app.state(), crate::demo::DEMO_PATIENTS).await.map_err(|e| e.to_string())?;
+            match &outcome {
+                crate::demo::DemoOutcome::Seeded { patients, .. } => {
+                    println!("Demo data seeded: {} accounts, {patients} synthetic patients.", crate::demo::ACCOUNTS.len())
+                }
+                crate::demo::DemoOutcome::AlreadySeeded { credentials } if !credentials.is_file() => {
+                    println!("Demo accounts exist, but their credentials file is gone; remove the data directory to seed afresh.")
+                }
+                crate::demo::DemoOutcome::AlreadySeeded { .. } => println!("Demo data already seeded."),
+            }
+            println!("{}", crate::demo::login_hint(&app.state().config, outcome.credentials()));
+        }
         let addr = format!("{scheme}://{}:{}", app.state().config.listen.ip(), app.port());
         tracing::info!(listen = %addr, "carevault is serving");
         println!("carevault is serving on {addr}");

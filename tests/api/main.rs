@@ -10,6 +10,7 @@ mod access;
 mod audit;
 mod auth;
 mod cli;
+mod demo;
 mod encryption;
 mod fhir;
 mod foundation;
