@@ -193,6 +193,7 @@ impl Application {
         let server = server.run();
         state.monitor.start(&state).map_err(|_| StartError::Other("cannot start the alert monitor".into()))?;
         spawn_key_watcher(&state);
+        spawn_checkpointer(&state);
         Ok(Application { port, server, state })
     }
 
@@ -221,6 +222,34 @@ pub const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 /// change, so rotations made by the CLI (or another replica) take effect without a restart. A failed reload
 /// (e.g. after `keys rotate-master`, until this process restarts with the new master key) keeps the keys in
 /// memory and is logged. Needs a Tokio runtime; without one (no server) nothing is started.
+/// How often a running server signs the audit chain head (a checkpoint to export for off-site anchoring).
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Signs the audit head periodically (the same operation as `carevault audit checkpoint`).
+fn spawn_checkpointer(state: &AppState) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let state = state.clone();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (keys, now) = (state.keys.clone(), state.clock.now());
+            let signed = state
+                .db
+                .run(move |c| {
+                    let event = crate::cli::admin_event(now, "audit-checkpoint");
+                    crate::audit::checkpoints::checkpoint(c, keys.as_ref(), event, now).map(|(cp, _)| cp.seq)
+                })
+                .await;
+            match signed {
+                Ok(seq) => tracing::info!(audit.checkpoint_seq = seq, "audit checkpoint signed"),
+                Err(_) => tracing::warn!("audit checkpoint could not be signed"),
+            }
+        }
+    });
+}
+
 fn spawn_key_watcher(state: &AppState) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     let state = state.clone();

@@ -124,7 +124,20 @@ pub fn check(
 
 /// The latest stored checkpoint, if any (not yet checked: see [`check`]).
 pub fn latest(conn: &mut AnyConnection) -> AppResult<Option<Result<Checkpoint, CheckpointInvalid>>> {
-    let row: Option<(i64, String, i64, String, String)> = audit_checkpoints::table
+    stored(conn, None)
+}
+
+/// The stored checkpoint at exactly `seq` (the anchor a retention purge left), if any.
+pub fn at_seq(conn: &mut AnyConnection, seq: i64) -> AppResult<Option<Result<Checkpoint, CheckpointInvalid>>> {
+    stored(conn, Some(seq))
+}
+
+fn stored(conn: &mut AnyConnection, seq: Option<i64>) -> AppResult<Option<Result<Checkpoint, CheckpointInvalid>>> {
+    let mut q = audit_checkpoints::table.into_boxed();
+    if let Some(seq) = seq {
+        q = q.filter(audit_checkpoints::seq.eq(seq));
+    }
+    let row: Option<(i64, String, i64, String, String)> = q
         .order(audit_checkpoints::seq.desc())
         .select((
             audit_checkpoints::seq,
@@ -168,4 +181,51 @@ pub fn list_keys(conn: &mut AnyConnection) -> AppResult<Vec<(String, i64, Option
         .select((audit_signing_keys::key_id, audit_signing_keys::created_at, audit_signing_keys::retired_at))
         .load(conn)
         .map_err(db_err)
+}
+
+/// Retention purge: removes every record recorded before `cutoff`, in one transaction holding the chain lock.
+/// Before deleting, the last removed record's hash is signed as a checkpoint, so `audit verify` can resume the
+/// chain after it (re-anchoring); the purge itself is recorded (`event`). Returns the last purged sequence.
+pub fn purge(
+    conn: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    cutoff: OffsetDateTime,
+    event: AuditEvent,
+    now: OffsetDateTime,
+) -> AppResult<Option<i64>> {
+    use crate::store::schema::audit_events;
+    conn.transaction(|c| {
+        let head = lock_head(c)?;
+        let boundary: Option<(i64, String)> = audit_events::table
+            .filter(audit_events::recorded.lt(micros(cutoff)))
+            .order(audit_events::seq.desc())
+            .select((audit_events::seq, audit_events::hash))
+            .first(c)
+            .optional()
+            .map_err(db_err)?;
+        let Some((seq, hash)) = boundary else {
+            append_locked(c, head, &[event])?;
+            return Ok(None);
+        };
+        let hash = hash_from_hex(&hash).ok_or_else(|| AppError::internal("stored audit hash is malformed"))?;
+        let signer = signer(c, provider, now)?;
+        let cp = signer.sign(seq, hash, now);
+        let exists: i64 =
+            audit_checkpoints::table.filter(audit_checkpoints::seq.eq(seq)).count().get_result(c).map_err(db_err)?;
+        if exists == 0 {
+            diesel::insert_into(audit_checkpoints::table)
+                .values((
+                    audit_checkpoints::seq.eq(cp.seq),
+                    audit_checkpoints::hash.eq(to_hex(&cp.hash)),
+                    audit_checkpoints::at.eq(micros(cp.at)),
+                    audit_checkpoints::signature.eq(URL_SAFE_NO_PAD.encode(&cp.signature)),
+                    audit_checkpoints::key_id.eq(&cp.key_id),
+                ))
+                .execute(c)
+                .map_err(db_err)?;
+        }
+        diesel::delete(audit_events::table.filter(audit_events::seq.le(seq))).execute(c).map_err(db_err)?;
+        append_locked(c, head, &[event])?;
+        Ok(Some(seq))
+    })
 }

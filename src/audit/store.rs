@@ -131,7 +131,7 @@ impl Auditor {
 
 /// Walks the whole trail in order; returns the number of events, or the first bad record.
 pub fn verify(conn: &mut AnyConnection, progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
-    verify_anchored(conn, &[], progress)
+    verify_anchored(conn, None, &[], progress)
 }
 
 /// [`verify`], also requiring the chain to pass through each `(seq, hash)` of `anchors` (signature-checked
@@ -139,13 +139,20 @@ pub fn verify(conn: &mut AnyConnection, progress: impl FnMut(u64)) -> AppResult<
 ///
 /// Safe while servers append: the walk goes up to the head read at its start, then follows the head until it
 /// stops moving; a row beyond the head (never legitimate: rows and head commit together) counts as inserted.
+///
+/// `start` is the signed anchor of a retention purge: the walk resumes after it instead of at the first record.
 pub fn verify_anchored(
     conn: &mut AnyConnection,
+    start: Option<(i64, super::Hash)>,
     anchors: &[(i64, super::Hash)],
     mut progress: impl FnMut(u64),
 ) -> AppResult<Result<u64, super::ChainError>> {
-    let mut verifier = anchors.iter().fold(Verifier::new(), |v, (seq, hash)| v.anchored(*seq, *hash));
-    let mut after = 0i64;
+    let first = start.map_or_else(Verifier::new, |(seq, hash)| Verifier::resume(seq, hash));
+    let mut verifier = anchors
+        .iter()
+        .filter(|(seq, _)| start.is_none_or(|(s, _)| *seq > s))
+        .fold(first, |v, (seq, hash)| v.anchored(*seq, *hash));
+    let mut after = start.map_or(0, |(seq, _)| seq);
     let mut n = 0u64;
     let mut head = read_head(conn)?;
     loop {

@@ -49,6 +49,12 @@ pub enum AuditCommand {
     },
     /// Sign the current head of the trail and store it; prints the checkpoint as JSON for off-site anchoring.
     Checkpoint,
+    /// Remove records older than the retention period (`audit.retention_days`), re-anchoring the chain.
+    Purge {
+        /// Remove records recorded before this instant (RFC 3339 or YYYY-MM-DD); must be past the retention period.
+        #[arg(long)]
+        before: String,
+    },
 }
 
 pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
@@ -96,6 +102,26 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
             drop(out);
             super::audit_admin(&state, &mut conn, "audit-exported")?;
             eprintln!("exported {n} audit event(s)");
+            Ok(())
+        }
+        AuditCommand::Purge { before } => {
+            let now = state.clock.now();
+            let cutoff = parse_time(before, false).ok_or("--before: expected RFC 3339 or YYYY-MM-DD")?;
+            if !purge_allowed(cutoff, now, state.config.audit.retention_days) {
+                return Err(format!(
+                    "--before must be at least `audit.retention_days` ({} days) in the past",
+                    state.config.audit.retention_days
+                ));
+            }
+            let event = super::admin_event(now, "audit-purged");
+            let purged =
+                checkpoints::purge(&mut conn, state.keys.as_ref(), cutoff, event, now).map_err(|e| e.to_string())?;
+            match purged {
+                Some(seq) => {
+                    println!("purged audit records up to {seq}; the chain is re-anchored by a signed checkpoint")
+                }
+                None => println!("no audit record is older than the cutoff"),
+            }
             Ok(())
         }
         AuditCommand::Checkpoint => {
@@ -166,6 +192,11 @@ impl From<CheckpointInvalid> for Broken {
     }
 }
 
+/// Whether records before `cutoff` are past the retention period.
+pub fn purge_allowed(cutoff: OffsetDateTime, now: OffsetDateTime, retention_days: u32) -> bool {
+    cutoff <= now - Duration::days(i64::from(retention_days))
+}
+
 /// Checks the checkpoints' signatures, then walks the chain through them.
 pub fn verify(
     conn: &mut crate::store::AnyConnection,
@@ -196,10 +227,37 @@ pub fn verify(
         anchors.push((cp.seq, cp.hash));
         latest = latest.max(Some(cp.seq));
     }
+    // After a retention purge the trail starts later: it must resume from the signed anchor the purge left.
+    let first: Option<i64> = crate::store::schema::audit_events::table
+        .select(diesel::dsl::min(crate::store::schema::audit_events::seq))
+        .first(conn)
+        .map_err(db)?;
+    let mut resume = None;
+    if let Some(first) = first.filter(|f| *f > 1) {
+        match checkpoints::at_seq(conn, first - 1).map_err(db)? {
+            Some(Ok(cp)) => {
+                if let Err(e) = checkpoints::check(conn, keys, &cp).map_err(db)? {
+                    return Ok(Err(e.into()));
+                }
+                resume = Some((cp.seq, cp.hash));
+            }
+            Some(Err(e)) => return Ok(Err(e.into())),
+            None => {
+                return Ok(Err(Broken {
+                    seq: 1,
+                    problem: "missing",
+                    message: format!(
+                        "audit records 1 to {} are missing and no signed purge anchor covers them",
+                        first - 1
+                    ),
+                }));
+            }
+        }
+    }
     let total: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(conn).map_err(db)?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "verifying");
     let start = std::time::Instant::now();
-    let walked = crate::audit::store::verify_anchored(conn, &anchors, |n| bar.set_position(n)).map_err(db)?;
+    let walked = crate::audit::store::verify_anchored(conn, resume, &anchors, |n| bar.set_position(n)).map_err(db)?;
     bar.finish_and_clear();
     Ok(match walked {
         Ok(records) => Ok(Intact { records, seconds: start.elapsed().as_secs_f64(), checkpoint: latest }),

@@ -16,5 +16,6 @@ mod fhir;
 mod foundation;
 mod monitor;
 mod oidc;
+mod retention;
 mod telemetry;
 mod world;
