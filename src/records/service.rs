@@ -247,6 +247,22 @@ impl Records {
         })
     }
 
+    /// The current row of `id` when the caller may reach it (404, exactly like a missing id, otherwise) and the
+    /// purpose of use of this access.
+    fn reach_row(
+        &self,
+        conn: &mut AnyConnection,
+        caller: &Caller,
+        d: &Decision,
+        rtype: &str,
+        id: &str,
+    ) -> AppResult<(Row, &'static str)> {
+        let reach = self.resolve_scope(conn, caller, d)?;
+        let row = store::current(conn, rtype, id, &reach.filter)?.ok_or(AppError::NotFound)?;
+        let purpose = self.purpose_for(conn, caller, &reach, row.patient_id.as_deref())?;
+        Ok((row, purpose))
+    }
+
     /// BTG when the patient is reached only through a break-glass grant.
     fn purpose_for(
         &self,
@@ -587,15 +603,7 @@ impl Records {
         let decision = self.decide(caller, rtype, Action::Read)?;
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
-        let (row, purpose) = self
-            .db
-            .run(move |conn| {
-                let reach = this.resolve_scope(conn, &caller2, &decision)?;
-                let row = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
-                let purpose = this.purpose_for(conn, &caller2, &reach, row.patient_id.as_deref())?;
-                Ok((row, purpose))
-            })
-            .await?;
+        let (row, purpose) = self.db.run(move |conn| this.reach_row(conn, &caller2, &decision, d.name, &id2)).await?;
         if row.deleted {
             return Err(AppError::Gone);
         }
@@ -622,10 +630,8 @@ impl Records {
         let (current, version, purpose) = self
             .db
             .run(move |conn| {
-                let reach = this.resolve_scope(conn, &caller2, &dec2)?;
-                let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                let (current, purpose) = this.reach_row(conn, &caller2, &dec2, d.name, &id2)?;
                 let version = store::version(conn, d.name, &id2, vid)?.ok_or(AppError::NotFound)?;
-                let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
                 Ok((current, version, purpose))
             })
             .await?;
@@ -653,10 +659,8 @@ impl Records {
         let (current, versions, purpose) = self
             .db
             .run(move |conn| {
-                let reach = this.resolve_scope(conn, &caller2, &dec2)?;
-                let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
+                let (current, purpose) = this.reach_row(conn, &caller2, &dec2, d.name, &id2)?;
                 let versions = store::history(conn, d.name, &id2, 100)?;
-                let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
                 Ok((current, versions, purpose))
             })
             .await?;
