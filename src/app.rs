@@ -15,7 +15,7 @@ use crate::records::Records;
 use crate::store::{Db, StoreError};
 use crate::tls::{self, TlsError};
 use actix_web::dev::Server;
-use actix_web::middleware::{ErrorHandlers, from_fn};
+use actix_web::middleware::{Condition, ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -83,21 +83,18 @@ impl AppState {
             AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer)
                 .with_oidc(oidc),
         );
+        let bench = config.benchmark.switches();
         let audit = Auditor::start(db.clone());
+        let audit = if bench.audit_off { audit.benchmark_off() } else { audit };
         let access = Arc::new(
             AccessControl::load(&config.policy_dir(), Arc::new(R4Catalog))
                 .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
         );
         let base = format!("{}/fhir", config.base_url());
-        let records = Arc::new(Records::new(
-            db.clone(),
-            cipher.clone(),
-            access.clone(),
-            validator()?,
-            audit.clone(),
-            clock.clone(),
-            base,
-        ));
+        let records = Arc::new(
+            Records::new(db.clone(), cipher.clone(), access.clone(), validator()?, audit.clone(), clock.clone(), base)
+                .with_benchmark_switches(bench),
+        );
         let monitor = crate::monitor::Monitor::new();
         Ok(AppState { config: Arc::new(config), db, clock, keys, cipher, auth, audit, access, records, monitor })
     }
@@ -148,6 +145,8 @@ impl Application {
             );
         }
         let port = cfg.listen.port();
+        let bench = cfg.benchmark.switches();
+        announce_benchmark_mode(bench);
         let data = web::Data::new(state.clone());
         let factory = move || {
             App::new()
@@ -155,7 +154,7 @@ impl Application {
                 .wrap(ErrorHandlers::new().default_handler(api::outcome_for_plain_errors))
                 .wrap(from_fn(api::body_limit))
                 .wrap(api::security_headers())
-                .wrap(from_fn(crate::telemetry::request_log))
+                .wrap(Condition::new(!bench.telemetry_off, from_fn(crate::telemetry::request_log)))
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))
         };
@@ -187,6 +186,20 @@ impl Application {
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
+    }
+}
+
+/// Benchmark mode is impossible to miss: one warning per safeguard switched off, in the log and on stderr.
+fn announce_benchmark_mode(s: crate::config::BenchmarkSwitches) {
+    let off = [
+        (s.encryption_off, "BENCHMARK MODE: encryption at rest is OFF (PHI stored as plaintext)"),
+        (s.audit_off, "BENCHMARK MODE: the audit trail is OFF (no access is recorded)"),
+        (s.access_off, "BENCHMARK MODE: access control is OFF (every caller may do everything)"),
+        (s.telemetry_off, "BENCHMARK MODE: request telemetry is OFF (no request span, metric or log line)"),
+    ];
+    for (_, text) in off.iter().filter(|(on, _)| *on) {
+        tracing::warn!("{text}");
+        eprintln!("carevault: WARNING: {text}; never use this configuration with real data");
     }
 }
 

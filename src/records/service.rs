@@ -87,6 +87,15 @@ pub struct Records {
     audit: crate::audit::store::Auditor,
     clock: SharedClock,
     base: String,
+    /// Benchmark only (refused in production): see [`Records::with_benchmark_switches`].
+    bench: Bench,
+}
+
+/// The safeguards a benchmark switched off here: encryption, and access (as a prebuilt permit-all decision).
+#[derive(Debug, Clone, Default)]
+struct Bench {
+    encryption_off: bool,
+    permit_all: Option<Decision>,
 }
 
 impl std::fmt::Debug for Records {
@@ -128,7 +137,33 @@ impl Records {
         clock: SharedClock,
         base: String,
     ) -> Self {
-        Self { db, cipher, access, validator, audit, clock, base }
+        Self { db, cipher, access, validator, audit, clock, base, bench: Bench::default() }
+    }
+
+    /// Benchmark only (the configuration refuses this in production): `encryption_off` stores PHI elements as
+    /// plaintext JSON (reads pass non-ciphertext through); `access_off` replaces every decision with permit-all
+    /// (scope all, every element). The audit switch lives in the [`Auditor`](crate::audit::store::Auditor).
+    pub fn with_benchmark_switches(mut self, s: crate::config::BenchmarkSwitches) -> Self {
+        let everything = Arc::new(FieldMask::everything());
+        self.bench = Bench {
+            encryption_off: s.encryption_off,
+            permit_all: s.access_off.then(|| Decision {
+                allowed: true,
+                scope: Some(Scope::All),
+                read_mask: everything.clone(),
+                write_mask: everything,
+                rule: Arc::from("benchmark: access control off"),
+            }),
+        };
+        self
+    }
+
+    /// The access decision (permit-all when a benchmark switched access control off).
+    fn decision(&self, roles: &[Role], rtype: &str, action: Action) -> Decision {
+        match &self.bench.permit_all {
+            Some(d) => d.clone(),
+            None => self.access.decide(roles, rtype, action),
+        }
     }
 
     pub fn validator(&self) -> &FhirValidator {
@@ -140,7 +175,7 @@ impl Records {
     }
 
     fn decide(&self, caller: &Caller, rtype: &str, action: Action) -> AppResult<Decision> {
-        let d = self.access.decide(&caller.principal.roles, rtype, action);
+        let d = self.decision(&caller.principal.roles, rtype, action);
         if d.allowed { Ok(d) } else { Err(AppError::Forbidden) }
     }
 
@@ -222,6 +257,10 @@ impl Records {
                     if let Some(ver) = FieldCipher::version_of(ct) {
                         min_version = min_version.min(i32::try_from(ver).unwrap_or(i32::MAX));
                     }
+                    out.insert(k.clone(), v.clone());
+                    continue;
+                }
+                if self.bench.encryption_off {
                     out.insert(k.clone(), v.clone());
                     continue;
                 }
@@ -423,7 +462,7 @@ impl Records {
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = crate::audit::store::lock_head(conn)?;
+                    let head = this.audit.lock_head(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     this.check_references(conn, d, &value, &reach.filter)?;
                     let patient = Self::compartment(d, &id2, &value)?;
@@ -444,7 +483,7 @@ impl Records {
                     let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
                     let event =
                         this.write_event(&caller2, AuditKind::Create, d.name, &id2, 1, patient.as_deref(), purpose);
-                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    this.audit.append_locked(conn, head, &[event])?;
                     Ok((1i64, patient))
                 })
             })
@@ -456,7 +495,7 @@ impl Records {
             version,
             micros(now),
             obj,
-            &self.access.decide(&caller.principal.roles, rtype, Action::Read),
+            &self.decision(&caller.principal.roles, rtype, Action::Read),
         )?;
         Ok(shown)
     }
@@ -521,6 +560,7 @@ impl Records {
             audit: self.audit.clone(),
             clock: self.clock.clone(),
             base: self.base.clone(),
+            bench: self.bench.clone(),
         })
     }
 
@@ -548,7 +588,7 @@ impl Records {
         if row.deleted {
             return Err(AppError::Gone);
         }
-        let decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
+        let decision = self.decision(&caller.principal.roles, rtype, Action::Read);
         let resource =
             self.show(d, id, row.version_id, row.last_updated, &row.content, &decision.read_mask, elements.as_deref())?;
         let event =
@@ -666,7 +706,7 @@ impl Records {
         let mut obj = self.parse_body(rtype, body)?;
         let expected = if_match.ok_or(AppError::PreconditionRequired)?;
         let now = self.clock.now();
-        let read_decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
+        let read_decision = self.decision(&caller.principal.roles, rtype, Action::Read);
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let read2 = read_decision.clone();
@@ -674,7 +714,7 @@ impl Records {
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = crate::audit::store::lock_head(conn)?;
+                    let head = this.audit.lock_head(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
@@ -770,7 +810,7 @@ impl Records {
                         patient.as_deref(),
                         purpose,
                     );
-                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    this.audit.append_locked(conn, head, &[event])?;
                     for k in keep.keys() {
                         merged.remove(k);
                     }
@@ -794,7 +834,7 @@ impl Records {
         self.db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = crate::audit::store::lock_head(conn)?;
+                    let head = this.audit.lock_head(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
@@ -823,7 +863,7 @@ impl Records {
                         current.patient_id.as_deref(),
                         purpose,
                     );
-                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    this.audit.append_locked(conn, head, &[event])?;
                     Ok(())
                 })
             })
@@ -987,9 +1027,9 @@ impl Records {
         for row in &rows {
             let d = decl_of(&row.resource_type)?;
             let dec = if d.name == "Patient" {
-                self.access.decide(&caller.principal.roles, "Patient", Action::Everything)
+                self.decision(&caller.principal.roles, "Patient", Action::Everything)
             } else {
-                self.access.decide(&caller.principal.roles, d.name, Action::Read)
+                self.decision(&caller.principal.roles, d.name, Action::Read)
             };
             entries.push(self.show(
                 d,
