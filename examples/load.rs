@@ -115,10 +115,7 @@ impl Api {
 fn patient(i: usize) -> Value {
     json!({
         "resourceType": "Patient",
-        "identifier": [
-            { "system": "urn:carevault:bench:mrn", "value": format!("MRN{i:06}") },
-            { "system": "http://hl7.org/fhir/sid/us-ssn", "value": format!("900-00-{:04}", i % 10000) }
-        ],
+        "identifier": [{ "system": "urn:carevault:bench:mrn", "value": format!("MRN{i:06}") }],
         "name": [{ "family": format!("Bench{i}"), "given": ["Load", "Test"] }],
         "telecom": [{ "system": "phone", "value": "555-0100", "use": "home" }],
         "gender": if i.is_multiple_of(2) { "female" } else { "male" },

@@ -25,16 +25,18 @@ OUT="${OUT:-$ROOT/benches/load/results}"
 
 echo "::: build (release, once)"
 cargo build --release --locked --bin carevault --example load --example audit_verify
-BIN="$TARGET/release/carevault"
-LOAD="$TARGET/release/examples/load"
-VERIFY="$TARGET/release/examples/audit_verify"
-
 WORK="$(mktemp -d)"
+# Private copies: a later build in a shared target directory must not swap the binary mid-run.
+cp "$TARGET/release/carevault" "$TARGET/release/examples/load" "$TARGET/release/examples/audit_verify" "$WORK/"
+BIN="$WORK/carevault"
+LOAD="$WORK/load"
+VERIFY="$WORK/audit_verify"
 DB="carevault_bench_$$"
 DB_URL="${PG_ADMIN_URL%/*}/$DB"
 SERVER_PID=""
 SINK_PID=""
 cleanup() {
+  set +e
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
   [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null
   psql -q "$PG_ADMIN_URL" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
@@ -45,6 +47,8 @@ psql -q "$PG_ADMIN_URL" -c "CREATE DATABASE $DB" >/dev/null
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
+# The machine is shared: record what else was running (load average) at the start and the end.
+{ echo "start: $(uptime)"; nproc; } >"$OUT/machine.txt"
 
 DATA="$WORK/data"
 mkdir -p "$DATA"
@@ -162,6 +166,9 @@ done
 
 echo "::: audit verify over the whole trail (audit::store::verify, best of 3 walks)"
 "$VERIFY" "$DB_URL" | tee "$OUT/verify.json"
+
+echo "end: $(uptime)" >>"$OUT/machine.txt"
+cat "$OUT/machine.txt"
 
 echo "::: summary (medians of $ROUNDS rounds; $CONC connections; $SECS s each)"
 python3 "$ROOT/benches/load/summary.py" "$RESULTS" | tee "$OUT/summary.md"
