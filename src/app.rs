@@ -16,7 +16,7 @@ use crate::records::Records;
 use crate::store::{Db, StoreError};
 use crate::tls::{self, TlsError};
 use actix_web::dev::Server;
-use actix_web::middleware::{ErrorHandlers, from_fn};
+use actix_web::middleware::{Condition, ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -94,9 +94,12 @@ impl AppState {
                 .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
         );
         let base = format!("{}/fhir", config.base_url());
+        let bench = config.benchmark.switches();
+        let audit = if bench.audit_off { audit.benchmark_off() } else { audit };
         let records = Arc::new(
             Records::new(db.clone(), cipher.clone(), access.clone(), validator()?, audit.clone(), clock.clone(), base)
-                .with_alerts(Arc::new(config.clone())),
+                .with_alerts(Arc::new(config.clone()))
+                .with_benchmark_switches(bench),
         );
         let monitor = crate::monitor::Monitor::new();
         let limits =
@@ -170,6 +173,8 @@ impl Application {
             );
         }
         let port = cfg.listen.port();
+        let bench = cfg.benchmark.switches();
+        announce_benchmark_mode(bench);
         let data = web::Data::new(state.clone());
         let factory = move || {
             App::new()
@@ -178,7 +183,7 @@ impl Application {
                 .wrap(from_fn(api::body_limit))
                 .wrap(from_fn(api::limit::rate_limit))
                 .wrap(api::security_headers())
-                .wrap(from_fn(crate::telemetry::request_log))
+                .wrap(Condition::new(!bench.telemetry_off, from_fn(crate::telemetry::request_log)))
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))
         };
@@ -222,6 +227,20 @@ pub const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 /// change, so rotations made by the CLI (or another replica) take effect without a restart. A failed reload
 /// (e.g. after `keys rotate-master`, until this process restarts with the new master key) keeps the keys in
 /// memory and is logged. Needs a Tokio runtime; without one (no server) nothing is started.
+/// Benchmark mode is impossible to miss: one warning per safeguard switched off, in the log and on stderr.
+fn announce_benchmark_mode(s: crate::config::BenchmarkSwitches) {
+    let off = [
+        (s.encryption_off, "BENCHMARK MODE: encryption at rest is OFF (PHI stored as plaintext)"),
+        (s.audit_off, "BENCHMARK MODE: the audit trail is OFF (no access is recorded)"),
+        (s.access_off, "BENCHMARK MODE: access control is OFF (every caller may do everything)"),
+        (s.telemetry_off, "BENCHMARK MODE: request telemetry is OFF (no request span, metric or log line)"),
+    ];
+    for (_, text) in off.iter().filter(|(on, _)| *on) {
+        tracing::warn!("{text}");
+        eprintln!("carevault: WARNING: {text}; never use this configuration with real data");
+    }
+}
+
 /// How often a running server signs the audit chain head (a checkpoint to export for off-site anchoring).
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -19,6 +19,8 @@ pub enum ConfigError {
     Invalid(String),
     #[error("production profile: `{setting}` must be set ({why})")]
     Production { setting: &'static str, why: &'static str },
+    #[error("production profile refuses `{setting}` ({why})")]
+    Refused { setting: &'static str, why: &'static str },
     #[error("configuration: cannot read the file named by `{setting}`")]
     Unreadable { setting: &'static str },
 }
@@ -62,6 +64,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Safeguards switched off to measure their cost (`docs/benchmarks.md`); refused in production.
+    #[serde(default)]
+    pub benchmark: BenchmarkConfig,
     /// Set from the command line only.
     #[serde(skip)]
     pub data_dir: PathBuf,
@@ -239,6 +244,50 @@ impl Default for AuditConfig {
     }
 }
 
+/// A safeguard that the load benchmark can switch off to measure what it costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Safeguard {
+    /// PHI elements stored as plaintext JSON (blind indexes are still computed).
+    Encryption,
+    /// No audit events: reads skip the group commit, writes skip the chain lock and the append.
+    Audit,
+    /// A permit-all decision (scope all, every element) in the records service.
+    Access,
+    /// No request span, request metric or request log line.
+    Telemetry,
+}
+
+/// `[benchmark]`: for measurements only. Any entry in `disable` is refused in the production profile and
+/// announced loudly at start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchmarkConfig {
+    #[serde(default)]
+    pub disable: Vec<Safeguard>,
+}
+
+/// What [`BenchmarkConfig`] switches off, as flags (all `false` by default and always in production).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BenchmarkSwitches {
+    pub encryption_off: bool,
+    pub audit_off: bool,
+    pub access_off: bool,
+    pub telemetry_off: bool,
+}
+
+impl BenchmarkConfig {
+    pub fn switches(&self) -> BenchmarkSwitches {
+        let off = |s| self.disable.contains(&s);
+        BenchmarkSwitches {
+            encryption_off: off(Safeguard::Encryption),
+            audit_off: off(Safeguard::Audit),
+            access_off: off(Safeguard::Access),
+            telemetry_off: off(Safeguard::Telemetry),
+        }
+    }
+}
+
 /// Where the database lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseTarget {
@@ -331,6 +380,12 @@ impl Config {
     /// The production profile refuses every development convenience, naming the missing setting.
     fn check_production(&self) -> Result<(), ConfigError> {
         let prod = |setting, why| Err(ConfigError::Production { setting, why });
+        if !self.benchmark.disable.is_empty() {
+            return Err(ConfigError::Refused {
+                setting: "benchmark.disable",
+                why: "safeguards cannot be switched off in production; remove the setting",
+            });
+        }
         if self.insecure_http {
             return prod("--insecure-http-behind-proxy", "plain HTTP is refused in production; remove the flag");
         }
@@ -520,6 +575,24 @@ mod tests {
         assert!(Config::from_toml(&ok, &demo).unwrap_err().to_string().contains("--demo"));
         let http = Overrides { insecure_http: true, ..over() };
         assert!(Config::from_toml(&ok, &http).unwrap_err().to_string().contains("insecure-http"));
+    }
+
+    #[test]
+    fn benchmark_switches_default_off_and_are_refused_in_production() {
+        let c = Config::from_toml("", &over()).unwrap();
+        assert_eq!(c.benchmark.switches(), BenchmarkSwitches::default());
+        let c = Config::from_toml("[benchmark]\ndisable = [\"audit\", \"encryption\"]\n", &over()).unwrap();
+        let s = c.benchmark.switches();
+        assert!(s.audit_off && s.encryption_off && !s.access_off && !s.telemetry_off);
+        assert!(Config::from_toml("[benchmark]\ndisable = [\"tls\"]\n", &over()).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let prod = format!(
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            dir.path().join("master.key").display()
+        );
+        assert!(Config::from_toml(&format!("{prod}[benchmark]\ndisable = []\n"), &over()).is_ok());
+        let e = Config::from_toml(&format!("{prod}[benchmark]\ndisable = [\"access\"]\n"), &over()).unwrap_err();
+        assert!(e.to_string().contains("benchmark.disable"), "{e}");
     }
 
     #[test]

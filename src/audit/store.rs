@@ -80,6 +80,8 @@ type Job = (AuditEvent, oneshot::Sender<AppResult<()>>);
 #[derive(Debug, Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<Job>,
+    /// Benchmark only (`benchmark.disable = ["audit"]`, refused in production): record nothing.
+    off: bool,
 }
 
 impl Auditor {
@@ -112,11 +114,35 @@ impl Auditor {
                 }
             })
             .map_or_else(|_| tracing::error!("cannot start the audit appender"), |_| ());
-        Auditor { tx }
+        Auditor { tx, off: false }
+    }
+
+    /// Benchmark only: an auditor that records nothing, to measure what auditing costs. The configuration
+    /// refuses this in the production profile.
+    pub fn benchmark_off(self) -> Auditor {
+        Auditor { off: true, ..self }
+    }
+
+    /// [`lock_head`] for a write's own transaction (no lock, `None`, when switched off for a benchmark).
+    pub fn lock_head(&self, conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
+        if self.off { Ok(None) } else { lock_head(conn) }
+    }
+
+    /// [`append_locked`] inside a write's transaction (nothing, when switched off for a benchmark).
+    pub fn append_locked(
+        &self,
+        conn: &mut AnyConnection,
+        head: Option<ChainLink>,
+        events: &[AuditEvent],
+    ) -> AppResult<Option<ChainLink>> {
+        if self.off { Ok(head) } else { append_locked(conn, head, events) }
     }
 
     /// Records one event and returns once it is committed. Fails closed (503) when it cannot be.
     pub async fn record(&self, event: AuditEvent) -> AppResult<()> {
+        if self.off {
+            return Ok(());
+        }
         use tracing::Instrument;
         let span = tracing::info_span!(target: "carevault::audit", "audit");
         async move {

@@ -123,6 +123,15 @@ pub struct Records {
     alert_config: Option<Arc<Config>>,
     /// When (Unix micros) this process last asked for a decrypt-failure alert; shared by every handle.
     decrypt_alarm: Arc<AtomicI64>,
+    /// Benchmark only (refused in production): see [`Records::with_benchmark_switches`].
+    bench: Bench,
+}
+
+/// The safeguards a benchmark switched off here: encryption, and access (as a prebuilt permit-all decision).
+#[derive(Debug, Clone, Default)]
+struct Bench {
+    encryption_off: bool,
+    permit_all: Option<Decision>,
 }
 
 /// A decrypt failure asks for an alert at most this often per process (the alert itself is deduplicated per
@@ -169,7 +178,44 @@ impl Records {
         base: String,
     ) -> Self {
         let decrypt_alarm = Arc::new(AtomicI64::new(0));
-        Self { db, cipher, access, validator, audit, clock, base, alert_config: None, decrypt_alarm }
+        Self {
+            db,
+            cipher,
+            access,
+            validator,
+            audit,
+            clock,
+            base,
+            alert_config: None,
+            decrypt_alarm,
+            bench: Bench::default(),
+        }
+    }
+
+    /// Benchmark only (the configuration refuses this in production): `encryption_off` stores PHI elements as
+    /// plaintext JSON (reads pass non-ciphertext through); `access_off` replaces every decision with permit-all
+    /// (scope all, every element). The audit switch lives in the [`Auditor`](crate::audit::store::Auditor).
+    pub fn with_benchmark_switches(mut self, s: crate::config::BenchmarkSwitches) -> Self {
+        let everything = Arc::new(FieldMask::everything());
+        self.bench = Bench {
+            encryption_off: s.encryption_off,
+            permit_all: s.access_off.then(|| Decision {
+                allowed: true,
+                scope: Some(Scope::All),
+                read_mask: everything.clone(),
+                write_mask: everything,
+                rule: Arc::from("benchmark: access control off"),
+            }),
+        };
+        self
+    }
+
+    /// The access decision (permit-all when a benchmark switched access control off).
+    fn decision(&self, roles: &[Role], rtype: &str, action: Action) -> Decision {
+        match &self.bench.permit_all {
+            Some(d) => d.clone(),
+            None => self.access.decide(roles, rtype, action),
+        }
     }
 
     /// Raises the `decrypt-failure` alert (with these alert settings) when a stored element fails to decrypt.
@@ -210,7 +256,7 @@ impl Records {
     }
 
     fn decide(&self, caller: &Caller, rtype: &str, action: Action) -> AppResult<Decision> {
-        let d = self.access.decide(&caller.principal.roles, rtype, action);
+        let d = self.decision(&caller.principal.roles, rtype, action);
         if d.allowed { Ok(d) } else { Err(AppError::Forbidden) }
     }
 
@@ -298,6 +344,10 @@ impl Records {
                 continue;
             }
             if d.is_phi(k) {
+                if self.bench.encryption_off {
+                    out.insert(k.clone(), v.clone());
+                    continue;
+                }
                 if let Some(Value::String(ct)) = keep.get(k)
                     && v.as_str() == Some(ct.as_str())
                 {
@@ -496,7 +546,7 @@ impl Records {
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = crate::audit::store::lock_head(conn)?;
+                    let head = this.audit.lock_head(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     this.check_references(conn, d, &value, &reach.filter)?;
                     let patient = Self::compartment(d, &id2, &value)?;
@@ -518,7 +568,7 @@ impl Records {
                         Subject { rtype: d.name, id: &id2, version: 1, patient: patient.as_deref() },
                         purpose,
                     );
-                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    this.audit.append_locked(conn, head, &[event])?;
                     Ok(1i64)
                 })
             })
@@ -529,7 +579,7 @@ impl Records {
             version,
             micros(now),
             obj,
-            &self.access.decide(&caller.principal.roles, rtype, Action::Read),
+            &self.decision(&caller.principal.roles, rtype, Action::Read),
         )?;
         Ok(shown)
     }
@@ -588,6 +638,7 @@ impl Records {
             base: self.base.clone(),
             alert_config: self.alert_config.clone(),
             decrypt_alarm: self.decrypt_alarm.clone(),
+            bench: self.bench.clone(),
         })
     }
 
@@ -607,7 +658,7 @@ impl Records {
         if row.deleted {
             return Err(AppError::Gone);
         }
-        let decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
+        let decision = self.decision(&caller.principal.roles, rtype, Action::Read);
         let resource = self.show(d, row.view(), &decision.read_mask, elements.as_deref())?;
         let event = self.write_event(
             caller,
@@ -713,7 +764,7 @@ impl Records {
         let mut obj = self.parse_body(rtype, body)?;
         let expected = if_match.ok_or(AppError::PreconditionRequired)?;
         let now = self.clock.now();
-        let read_decision = self.access.decide(&caller.principal.roles, rtype, Action::Read);
+        let read_decision = self.decision(&caller.principal.roles, rtype, Action::Read);
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let read2 = read_decision.clone();
@@ -721,7 +772,7 @@ impl Records {
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = crate::audit::store::lock_head(conn)?;
+                    let head = this.audit.lock_head(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
@@ -807,7 +858,7 @@ impl Records {
                         Subject { rtype: d.name, id: &id2, version, patient: patient.as_deref() },
                         purpose,
                     );
-                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    this.audit.append_locked(conn, head, &[event])?;
                     for k in keep.keys() {
                         merged.remove(k);
                     }
@@ -831,7 +882,7 @@ impl Records {
         self.db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = crate::audit::store::lock_head(conn)?;
+                    let head = this.audit.lock_head(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
@@ -857,7 +908,7 @@ impl Records {
                         Subject { rtype: d.name, id: &id2, version, patient: current.patient_id.as_deref() },
                         purpose,
                     );
-                    crate::audit::store::append_locked(conn, head, &[event])?;
+                    this.audit.append_locked(conn, head, &[event])?;
                     Ok(())
                 })
             })
@@ -1013,9 +1064,9 @@ impl Records {
         for row in &rows {
             let d = decl_of(&row.resource_type)?;
             let dec = if d.name == "Patient" {
-                self.access.decide(&caller.principal.roles, "Patient", Action::Everything)
+                self.decision(&caller.principal.roles, "Patient", Action::Everything)
             } else {
-                self.access.decide(&caller.principal.roles, d.name, Action::Read)
+                self.decision(&caller.principal.roles, d.name, Action::Read)
             };
             entries.push(self.show(d, row.view(), &dec.read_mask, None)?);
         }
