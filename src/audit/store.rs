@@ -39,24 +39,30 @@ pub fn append_locked(
     events: &[AuditEvent],
 ) -> AppResult<Option<ChainLink>> {
     let mut prev = head;
+    let mut rows = Vec::with_capacity(events.len());
     for e in events {
         let canonical = e.canonical_bytes().map_err(AppError::internal)?;
         let link = ChainLink::next(prev.as_ref(), &canonical);
-        let body = String::from_utf8(canonical).map_err(AppError::internal)?;
-        diesel::insert_into(audit_events::table)
-            .values((
-                audit_events::seq.eq(link.seq),
-                audit_events::id.eq(e.id.to_string()),
-                audit_events::recorded.eq(micros(e.recorded)),
-                audit_events::kind.eq(e.kind.as_str()),
-                audit_events::agent.eq(e.agent.user.clone()),
-                audit_events::patient_id.eq(e.patient.map(|p| p.to_string())),
-                audit_events::body.eq(body),
-                audit_events::prev_hash.eq(to_hex(&link.prev_hash)),
-                audit_events::hash.eq(to_hex(&link.hash)),
-            ))
-            .execute(conn)?;
+        rows.push(EventRow {
+            seq: link.seq,
+            id: e.id.to_string(),
+            recorded: micros(e.recorded),
+            kind: e.kind.as_str().to_owned(),
+            agent: e.agent.user.clone(),
+            patient_id: e.patient.map(|p| p.to_string()),
+            body: String::from_utf8(canonical).map_err(AppError::internal)?,
+            prev_hash: to_hex(&link.prev_hash),
+            hash: to_hex(&link.hash),
+        });
         prev = Some(link);
+    }
+    // One multi-row INSERT per batch (the group commit's round trips), through the concrete connection, since
+    // diesel's MultiConnection has no batch insert.
+    for chunk in rows.chunks(200) {
+        match conn {
+            AnyConnection::Postgresql(c) => diesel::insert_into(audit_events::table).values(chunk).execute(c)?,
+            AnyConnection::Sqlite(c) => diesel::insert_into(audit_events::table).values(chunk).execute(c)?,
+        };
     }
     if let Some(last) = prev {
         diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
@@ -64,6 +70,21 @@ pub fn append_locked(
             .execute(conn)?;
     }
     Ok(prev)
+}
+
+/// One row of `audit_events`.
+#[derive(Insertable)]
+#[diesel(table_name = audit_events)]
+struct EventRow {
+    seq: i64,
+    id: String,
+    recorded: i64,
+    kind: String,
+    agent: Option<String>,
+    patient_id: Option<String>,
+    body: String,
+    prev_hash: String,
+    hash: String,
 }
 
 /// Appends events in their own transaction.
@@ -126,6 +147,28 @@ impl Auditor {
     /// [`lock_head`] for a write's own transaction (no lock, `None`, when switched off for a benchmark).
     pub fn lock_head(&self, conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
         if self.off { Ok(None) } else { lock_head(conn) }
+    }
+
+    /// A write takes the chain lock as late as it can, so concurrent writes overlap except for the append: on
+    /// PostgreSQL just before appending ([`Auditor::lock_late`]); on SQLite first, because a transaction that read
+    /// before taking the write lock could not upgrade it. Returns the head when the lock was taken now.
+    pub fn lock_early(&self, conn: &mut AnyConnection) -> AppResult<Option<Option<ChainLink>>> {
+        match conn.backend() {
+            crate::store::Backend::Sqlite => self.lock_head(conn).map(Some),
+            crate::store::Backend::Postgres => Ok(None),
+        }
+    }
+
+    /// The head for the append: the one [`Auditor::lock_early`] locked, or locked now.
+    pub fn lock_late(
+        &self,
+        conn: &mut AnyConnection,
+        early: Option<Option<ChainLink>>,
+    ) -> AppResult<Option<ChainLink>> {
+        match early {
+            Some(head) => Ok(head),
+            None => self.lock_head(conn),
+        }
     }
 
     /// [`append_locked`] inside a write's transaction (nothing, when switched off for a benchmark).

@@ -546,7 +546,7 @@ impl Records {
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = this.audit.lock_head(conn)?;
+                    let early = this.audit.lock_early(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     this.check_references(conn, d, &value, &reach.filter)?;
                     let patient = Self::compartment(d, &id2, &value)?;
@@ -568,6 +568,7 @@ impl Records {
                         Subject { rtype: d.name, id: &id2, version: 1, patient: patient.as_deref() },
                         purpose,
                     );
+                    let head = this.audit.lock_late(conn, early)?;
                     this.audit.append_locked(conn, head, &[event])?;
                     Ok(1i64)
                 })
@@ -772,7 +773,7 @@ impl Records {
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = this.audit.lock_head(conn)?;
+                    let early = this.audit.lock_early(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
@@ -858,6 +859,7 @@ impl Records {
                         Subject { rtype: d.name, id: &id2, version, patient: patient.as_deref() },
                         purpose,
                     );
+                    let head = this.audit.lock_late(conn, early)?;
                     this.audit.append_locked(conn, head, &[event])?;
                     for k in keep.keys() {
                         merged.remove(k);
@@ -882,7 +884,7 @@ impl Records {
         self.db
             .run(move |conn| {
                 conn.transaction(|conn| {
-                    let head = this.audit.lock_head(conn)?;
+                    let early = this.audit.lock_early(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
@@ -908,6 +910,7 @@ impl Records {
                         Subject { rtype: d.name, id: &id2, version, patient: current.patient_id.as_deref() },
                         purpose,
                     );
+                    let head = this.audit.lock_late(conn, early)?;
                     this.audit.append_locked(conn, head, &[event])?;
                     Ok(())
                 })
