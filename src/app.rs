@@ -220,13 +220,9 @@ impl Application {
     }
 }
 
-/// How often a server looks for keys rotated by another process (`carevault keys rotate | rotate-signing`).
+/// How often a server looks for keys rotated by another process (`carevault keys rotate | reindex | rotate-signing`).
 pub const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Every [`KEY_POLL`], compares the stored data keys and signing keys with the ones in memory and reloads on a
-/// change, so rotations made by the CLI (or another replica) take effect without a restart. A failed reload
-/// (e.g. after `keys rotate-master`, until this process restarts with the new master key) keeps the keys in
-/// memory and is logged. Needs a Tokio runtime; without one (no server) nothing is started.
 /// Benchmark mode is impossible to miss: one warning per safeguard switched off, in the log and on stderr.
 fn announce_benchmark_mode(s: crate::config::BenchmarkSwitches) {
     let off = [
@@ -269,6 +265,10 @@ fn spawn_checkpointer(state: &AppState) {
     });
 }
 
+/// Every [`KEY_POLL`], compares the stored data, index and signing keys with the ones in memory and reloads on a
+/// change, so rotations made by the CLI (or another replica) take effect without a restart. A failed reload
+/// (e.g. after `keys rotate-master`, until this process restarts with the new master key) keeps the keys in
+/// memory and is logged. Needs a Tokio runtime; without one (no server) nothing is started.
 fn spawn_key_watcher(state: &AppState) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     let state = state.clone();
@@ -281,7 +281,7 @@ fn spawn_key_watcher(state: &AppState) {
                 continue;
             };
             let ring = state.cipher.ring();
-            if data != (ring.active_version(), ring.versions().len()) {
+            if data != ring.stamp() {
                 let keys = state.keys.clone();
                 match state
                     .db
@@ -289,7 +289,11 @@ fn spawn_key_watcher(state: &AppState) {
                     .await
                 {
                     Ok(ring) => {
-                        tracing::info!(key.active = ring.active_version(), "data keys reloaded");
+                        tracing::info!(
+                            key.active = ring.active_version(),
+                            key.index = ring.index_version(),
+                            "data and index keys reloaded"
+                        );
                         state.cipher.replace_ring(ring);
                     }
                     Err(_) => {
@@ -309,8 +313,8 @@ fn spawn_key_watcher(state: &AppState) {
     });
 }
 
-fn data_stamp(c: &mut crate::store::AnyConnection) -> AppResult<(u32, usize)> {
-    crate::crypto::store::data_key_stamp(c)
+fn data_stamp(c: &mut crate::store::AnyConnection) -> AppResult<(u32, usize, Vec<u32>)> {
+    crate::crypto::store::key_stamp(c)
 }
 
 /// (keys, retired keys, newest creation time) of the token signing keys.

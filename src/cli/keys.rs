@@ -1,4 +1,4 @@
-//! `carevault keys status | rotate | reencrypt | rotate-master | rotate-signing` (CONTRACT §6,
+//! `carevault keys status | rotate | reencrypt | reindex | rotate-master | rotate-signing` (CONTRACT §6,
 //! docs/key-rotation.md).
 //!
 //! Guarantees: every command works online, next to running servers (which pick up a new data or signing key
@@ -6,7 +6,9 @@
 //! concurrent update (a current row is replaced only if its `version_id` is still the one read, otherwise it is
 //! read again), commits batch by batch, and is resumable: it works on whatever is still below the active version.
 //! A row it cannot decrypt is left untouched and reported (by type, id and version, never content), and the
-//! command then fails. `rotate-master` rewraps every stored key in one transaction: all or nothing.
+//! command then fails. `reindex` rotates the blind-index key and rebuilds every search index under it, with the
+//! same guarantees (see [`crate::records::reindex`]); the old index key is destroyed only when no row uses it.
+//! `rotate-master` rewraps every stored key in one transaction: all or nothing.
 
 use super::Cli;
 use crate::auth::service::{from_micros, rotate_signing_key, signing_key_id};
@@ -34,6 +36,13 @@ pub enum KeysCommand {
     Rotate,
     /// Re-encrypt every stored row still under an older data key with the active one (online, resumable).
     Reencrypt {
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch: i64,
+    },
+    /// Rotate the blind-index key and rebuild every search index under it (online, resumable: after an
+    /// interruption, run it again to finish the same rotation).
+    Reindex {
         /// Rows per transaction.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         batch: i64,
@@ -98,6 +107,7 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
             }
             Ok(())
         }
+        KeysCommand::Reindex { batch } => reindex(&state, &mut conn, *batch),
         KeysCommand::RotateSigning => {
             let kid = rotate_signing_key(&mut conn, state.keys.as_ref(), now).map_err(|e| e.to_string())?;
             super::audit_admin(&state, &mut conn, "signing-key-rotated")?;
@@ -106,6 +116,63 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
         }
         KeysCommand::RotateMaster { .. } => Ok(()),
     }
+}
+
+/// `keys reindex`: begin (or resume) an index-key rotation, let running servers load the new key, rebuild, then
+/// destroy the old key.
+fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -> Result<(), String> {
+    use crate::crypto::store::{begin_index_rotation, finish_index_rotation, load};
+    let rotation = begin_index_rotation(conn, state.keys.as_ref(), state.clock.now()).map_err(|e| e.to_string())?;
+    if rotation.new_key {
+        super::audit_admin(state, conn, "index-key-rotated")?;
+        println!("blind-index key version {} created; rebuilding the search index under it", rotation.version);
+    } else {
+        println!("resuming the rebuild under blind-index key version {}", rotation.version);
+    }
+    state.cipher.replace_ring(load(conn, state.keys.as_ref()).map_err(|e| e.to_string())?);
+    // Running servers load the new key within KEY_POLL; until then they search under the old key only, so rows
+    // rebuilt earlier would be missing from their results. Wait two polls from the key's creation.
+    let settle = rotation.created_at + crate::app::KEY_POLL * 2 - state.clock.now();
+    if let Ok(wait) = std::time::Duration::try_from(settle)
+        && !wait.is_zero()
+    {
+        eprintln!("waiting {}s for running servers to load the new index key", wait.as_secs().max(1));
+        std::thread::sleep(wait);
+    }
+    let version = i32::try_from(rotation.version).map_err(|_| "index key version out of range".to_owned())?;
+    let total = crate::records::reindex::below(conn, version).map_err(|e| e.to_string())?;
+    let bar = super::progress(u64::try_from(total).unwrap_or(0), "reindexing");
+    let result = crate::records::reindex::reindex(&state.records, conn, batch, &|n| {
+        if bar.position() + n > bar.length().unwrap_or(0) {
+            bar.inc_length(n);
+        }
+        bar.inc(n);
+    });
+    bar.finish_and_clear();
+    let destroyed = match &result {
+        Ok(r) if r.remaining == 0 && r.failed.is_empty() => finish_index_rotation(conn, r.index_version).ok(),
+        _ => None,
+    };
+    super::audit_admin(state, conn, if destroyed.is_some() { "keys-reindexed" } else { "keys-reindex-incomplete" })?;
+    let r = result.map_err(|e| e.to_string())?;
+    println!(
+        "rebuilt the search index of {} resource(s) under blind-index key version {} ({} concurrent update(s))",
+        r.rebuilt, r.index_version, r.conflicts
+    );
+    if let Some(n) = destroyed {
+        state.cipher.replace_ring(load(conn, state.keys.as_ref()).map_err(|e| e.to_string())?);
+        println!("destroyed {n} old blind-index key(s)");
+        return Ok(());
+    }
+    for f in &r.failed {
+        eprintln!("cannot reindex {f}");
+    }
+    // Counted again: a server that had not reloaded may have written under the old key after the last pass.
+    let remaining = crate::records::reindex::below(conn, version).map_err(|e| e.to_string())?;
+    Err(format!(
+        "{remaining} resource(s) still use an older blind-index key, which is kept; fix the rows named above (if \
+         any), then run `keys reindex` again to finish this rotation"
+    ))
 }
 
 fn rfc3339(micros: i64) -> String {
@@ -134,6 +201,13 @@ pub fn status(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> AppResult
     let keys: Vec<KeyRow> = crate::crypto::store::list(conn)?;
     let active = keys.iter().filter(|k| k.purpose == "data" && k.state == "active").map(|k| k.version).max();
     let index = keys.iter().filter(|k| k.purpose == "index").map(|k| k.version).max();
+    let index_keys: Vec<Value> = keys
+        .iter()
+        .filter(|k| k.purpose == "index")
+        .map(|k| json!({"version": k.version, "state": k.state, "master_key_id": k.master_id, "created": rfc3339(k.created_at)}))
+        .collect();
+    let by_index: BTreeMap<i32, i64> = crate::records::store::rows_by_index_version(conn)?.into_iter().collect();
+    let below_index: i64 = by_index.iter().filter(|(v, _)| Some(**v) < index).map(|(_, n)| *n).sum();
     let data_keys: Vec<Value> = keys
         .iter()
         .filter(|k| k.purpose == "data")
@@ -165,6 +239,9 @@ pub fn status(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> AppResult
         "keys_wrapped_by_other_master_keys": stale,
         "active_data_key_version": active,
         "index_key_version": index,
+        "index_keys": index_keys,
+        "rows_by_index_version": by_version(&by_index),
+        "rows_below_index_version": below_index,
         "data_keys": data_keys,
         "rows_by_key_version": {"resources": by_version(&current), "resource_history": by_version(&history)},
         "rows_below_active_version": below,
@@ -178,6 +255,20 @@ fn print_status(s: &Value) {
     println!("master key:            {}", text(&s["master_key_id"]));
     println!("active data key:       v{}", s["active_data_key_version"]);
     println!("blind-index key:       v{}", s["index_key_version"]);
+    let older: Vec<String> = s["index_keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|k| k["version"] != s["index_key_version"])
+        .map(|k| format!("v{}", k["version"]))
+        .collect();
+    if !older.is_empty() {
+        println!(
+            "  rotation in progress: {} still searched; {} resource(s) to rebuild (run `keys reindex`)",
+            older.join(", "),
+            s["rows_below_index_version"]
+        );
+    }
     println!("data keys:");
     for k in s["data_keys"].as_array().into_iter().flatten() {
         println!(

@@ -88,13 +88,19 @@ impl fmt::Debug for DataKey {
     }
 }
 
-/// Every data-key version, the active one, and the blind-index key. Immutable: rotation builds a new ring.
+/// Every data-key version, the active one, and the blind-index keys. Immutable: rotation builds a new ring.
+///
+/// Normally one index key is held. During an index-key rotation (`keys reindex`) two are: the newest computes
+/// every index value written, and searches look under all of them, so rows not yet rebuilt stay findable.
 #[derive(Clone)]
 pub struct KeyRing {
     data: BTreeMap<u32, DataKey>,
     active: u32,
-    /// Stored as a `DataKey` for its zeroizing container; its purpose is [`KeyPurpose::Index`].
+    /// The newest index key: new index values use it. Stored as a `DataKey` for its zeroizing container; its
+    /// purpose is [`KeyPurpose::Index`].
     index: DataKey,
+    /// Older index keys still held during an index-key rotation (searched, never used for new values).
+    older_index: BTreeMap<u32, DataKey>,
 }
 
 impl KeyRing {
@@ -104,11 +110,11 @@ impl KeyRing {
         let data = DataKey::random(1)?;
         let index = DataKey::random(1)?;
         let wrapped = vec![data.wrap(KeyPurpose::Data, provider)?, index.wrap(KeyPurpose::Index, provider)?];
-        Ok((Self { data: BTreeMap::from([(1, data)]), active: 1, index }, wrapped))
+        Ok((Self { data: BTreeMap::from([(1, data)]), active: 1, index, older_index: BTreeMap::new() }, wrapped))
     }
 
-    /// Unwraps the stored keys. `active_version` is the data-key version new encryptions use; the index key is
-    /// the highest stored index version. Refuses with [`CryptoError::WrongMasterKey`] when no key unwraps, and
+    /// Unwraps the stored keys. `active_version` is the data-key version new encryptions use; new index values
+    /// use the highest stored index version, searches every stored one. Refuses with [`CryptoError::WrongMasterKey`] when no key unwraps, and
     /// with [`CryptoError::KeyIntegrity`] when some unwrap but one does not.
     pub fn from_wrapped(
         provider: &dyn KeyProvider,
@@ -119,7 +125,7 @@ impl KeyRing {
             return Err(CryptoError::KeyRing("no stored keys"));
         }
         let mut data = BTreeMap::new();
-        let mut index: Option<DataKey> = None;
+        let mut index = BTreeMap::new();
         let mut first_failure: Option<&WrappedKey> = None;
         let mut unwrapped_any = false;
         for item in stored {
@@ -144,13 +150,11 @@ impl KeyRing {
                         return Err(CryptoError::KeyRing("duplicate data key version"));
                     }
                 }
-                KeyPurpose::Index => match &index {
-                    Some(current) if current.version == key.version => {
+                KeyPurpose::Index => {
+                    if index.insert(item.version, key).is_some() {
                         return Err(CryptoError::KeyRing("duplicate index key version"));
                     }
-                    Some(current) if current.version > key.version => {}
-                    _ => index = Some(key),
-                },
+                }
             }
         }
         if let Some(failed) = first_failure {
@@ -163,8 +167,9 @@ impl KeyRing {
         if !data.contains_key(&active_version) {
             return Err(CryptoError::KeyRing("the active data key version is not stored"));
         }
-        let index = index.ok_or(CryptoError::KeyRing("no index key stored"))?;
-        Ok(Self { data, active: active_version, index })
+        let newest = index.keys().next_back().copied().ok_or(CryptoError::KeyRing("no index key stored"))?;
+        let index_key = index.remove(&newest).ok_or(CryptoError::KeyRing("no index key stored"))?;
+        Ok(Self { data, active: active_version, index: index_key, older_index: index })
     }
 
     /// A fresh random data key with the given version, and its wrapped form to store. Use with
@@ -206,8 +211,18 @@ impl KeyRing {
         for key in self.data.values() {
             out.push(key.wrap(KeyPurpose::Data, provider)?);
         }
-        out.push(self.index.wrap(KeyPurpose::Index, provider)?);
+        for key in self.older_index.values().chain([&self.index]) {
+            out.push(key.wrap(KeyPurpose::Index, provider)?);
+        }
         Ok(out)
+    }
+
+    /// A fresh random index key with the given version, and its wrapped form to store (index-key rotation).
+    pub fn new_index_key(provider: &dyn KeyProvider, version: u32) -> Result<WrappedKey, CryptoError> {
+        if version == 0 {
+            return Err(CryptoError::KeyRing("key version 0"));
+        }
+        DataKey::random(version)?.wrap(KeyPurpose::Index, provider)
     }
 
     /// Remove a data-key version once no row uses it any more (after re-encryption). The active version
@@ -231,14 +246,31 @@ impl KeyRing {
         self.data.keys().copied().collect()
     }
 
-    /// The version of the blind-index key.
+    /// The version of the blind-index key new index values use (the highest held).
     pub fn index_version(&self) -> u32 {
         self.index.version
     }
 
-    /// The blind indexer keyed by this ring's index key.
+    /// Every index-key version held, ascending (two during an index-key rotation).
+    pub fn index_versions(&self) -> Vec<u32> {
+        self.older_index.keys().copied().chain([self.index.version]).collect()
+    }
+
+    /// The blind indexer for new index values: keyed by the newest index key.
     pub fn blind_indexer(&self) -> BlindIndexer {
         BlindIndexer::new(self.index.bytes())
+    }
+
+    /// One blind indexer per index key held, newest first: a search looks up the values of each, so rows whose
+    /// index has not yet been rebuilt under the newest key are still found.
+    pub fn blind_indexers(&self) -> Vec<BlindIndexer> {
+        [&self.index].into_iter().chain(self.older_index.values().rev()).map(|k| BlindIndexer::new(k.bytes())).collect()
+    }
+
+    /// What [`crate::crypto::store::key_stamp`] reads from the database for this ring: (active data-key version,
+    /// number of data-key versions, index-key versions).
+    pub fn stamp(&self) -> (u32, usize, Vec<u32>) {
+        (self.active, self.data.len(), self.index_versions())
     }
 
     pub(crate) fn active_key(&self) -> Result<&DataKey, CryptoError> {
@@ -255,7 +287,7 @@ impl fmt::Debug for KeyRing {
         f.debug_struct("KeyRing")
             .field("versions", &self.versions())
             .field("active", &self.active)
-            .field("index_version", &self.index.version)
+            .field("index_versions", &self.index_versions())
             .finish()
     }
 }
@@ -278,6 +310,7 @@ mod tests {
         let reloaded = KeyRing::from_wrapped(&p, &wrapped, 1).unwrap();
         assert_eq!(reloaded.active_key().unwrap().bytes(), ring.active_key().unwrap().bytes());
         assert_eq!(reloaded.index.bytes(), ring.index.bytes());
+        assert!(reloaded.older_index.is_empty());
         assert_ne!(ring.index.bytes(), ring.active_key().unwrap().bytes(), "independent keys");
         assert!(wrapped.iter().all(|w| { w.wrapped.windows(32).all(|win| win != ring.index.bytes().as_slice()) }));
     }
@@ -335,6 +368,37 @@ mod tests {
         assert_eq!(reloaded.data_key(2).unwrap().bytes(), ring2.data_key(2).unwrap().bytes());
         assert!(ring2.without_data_key(2).is_err());
         assert_eq!(ring2.without_data_key(1).unwrap().versions(), vec![2]);
+    }
+
+    #[test]
+    fn an_index_rotation_holds_both_index_keys_and_writes_with_the_newest() {
+        let p = provider();
+        let (ring, mut wrapped) = KeyRing::generate(&p).unwrap();
+        let old = ring.blind_indexer().index("Patient", "family", "smith");
+        let w2 = KeyRing::new_index_key(&p, 2).unwrap();
+        assert_eq!((w2.purpose, w2.version), (KeyPurpose::Index, 2));
+        wrapped.push(w2);
+        let during = KeyRing::from_wrapped(&p, &wrapped, 1).unwrap();
+        assert_eq!((during.index_version(), during.index_versions()), (2, vec![1, 2]));
+        let new = during.blind_indexer().index("Patient", "family", "smith");
+        // Two 16-bit indexes of one value under independent keys are equal with probability 2^-16; compare the
+        // indexer lists by several values instead of trusting one.
+        let all = |r: &KeyRing| -> Vec<Vec<String>> {
+            r.blind_indexers()
+                .iter()
+                .map(|b| ["smith", "jones", "lee"].map(|v| b.index("Patient", "family", v)).to_vec())
+                .collect()
+        };
+        let lists = all(&during);
+        assert_eq!(lists.len(), 2);
+        assert_eq!((lists[0][0].as_str(), lists[1][0].as_str()), (new.as_str(), old.as_str()), "newest first");
+        assert_ne!(lists[0], lists[1]);
+        assert_eq!(during.stamp(), (1, 1, vec![1, 2]));
+        // Rewrapping keeps both; without the old key the ring searches under the new one only.
+        assert_eq!(during.rewrap(&p).unwrap().iter().filter(|w| w.purpose == KeyPurpose::Index).count(), 2);
+        let after = KeyRing::from_wrapped(&p, &[wrapped[0].clone(), wrapped[2].clone()], 1).unwrap();
+        assert_eq!((after.index_versions(), all(&after)), (vec![2], vec![lists[0].clone()]));
+        assert!(KeyRing::new_index_key(&p, 0).is_err());
     }
 
     #[test]

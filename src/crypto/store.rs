@@ -182,16 +182,89 @@ pub fn install_reloader(cipher: &FieldCipher, db: crate::store::Db, provider: Ar
     }));
 }
 
-/// What the stored ring looks like, cheaply: (active data-key version, number of data-key versions). A server
-/// compares it with its ring to notice a rotation made elsewhere.
-pub fn data_key_stamp(conn: &mut AnyConnection) -> AppResult<(u32, usize)> {
-    let rows: Vec<(i32, String)> = crypto_keys::table
-        .filter(crypto_keys::purpose.eq("data"))
-        .select((crypto_keys::version, crypto_keys::state))
+/// What the stored ring looks like, cheaply: (active data-key version, number of data-key versions, index-key
+/// versions ascending). A server compares it with [`KeyRing::stamp`] to notice a rotation made elsewhere.
+pub fn key_stamp(conn: &mut AnyConnection) -> AppResult<(u32, usize, Vec<u32>)> {
+    let rows: Vec<(String, i32, String)> = crypto_keys::table
+        .select((crypto_keys::purpose, crypto_keys::version, crypto_keys::state))
+        .order(crypto_keys::version.asc())
         .load(conn)
         .map_err(db_err)?;
-    let active = rows.iter().filter(|(_, s)| s == "active").map(|(v, _)| *v).max().unwrap_or(0);
-    Ok((u32::try_from(active).unwrap_or(0), rows.len()))
+    let data = rows.iter().filter(|(p, _, _)| p == "data");
+    let active = data.clone().filter(|(_, _, s)| s == "active").map(|(_, v, _)| *v).max().unwrap_or(0);
+    let index = rows.iter().filter(|(p, _, _)| p == "index").filter_map(|(_, v, _)| u32::try_from(*v).ok()).collect();
+    Ok((u32::try_from(active).unwrap_or(0), data.count(), index))
+}
+
+/// An index-key rotation in progress: the version new index values use, and when its key was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexRotation {
+    pub version: u32,
+    pub created_at: OffsetDateTime,
+    /// False when an earlier, interrupted `keys reindex` had already created this key (resuming).
+    pub new_key: bool,
+}
+
+/// `keys reindex`, step 1: a new index key (the previous one is kept, marked `retired`, so searches still find
+/// rows not yet rebuilt) — or, when an earlier run was interrupted and two index keys are stored, that run's
+/// newest key (resume: no third key).
+pub fn begin_index_rotation(
+    conn: &mut AnyConnection,
+    provider: &dyn KeyProvider,
+    now: OffsetDateTime,
+) -> AppResult<IndexRotation> {
+    conn.transaction(|conn| {
+        let rows: Vec<KeyRow> = crypto_keys::table
+            .filter(crypto_keys::purpose.eq("index"))
+            .order(crypto_keys::version.asc())
+            .select(KeyRow::as_select())
+            .load(conn)
+            .map_err(db_err)?;
+        let newest = rows.last().ok_or_else(|| AppError::internal("no index key stored"))?;
+        let newest_version = u32::try_from(newest.version).map_err(AppError::internal)?;
+        if rows.len() > 1 {
+            return Ok(IndexRotation {
+                version: newest_version,
+                created_at: from_micros(newest.created_at),
+                new_key: false,
+            });
+        }
+        let version =
+            newest_version.checked_add(1).ok_or_else(|| AppError::internal("index key versions exhausted"))?;
+        let wrapped = KeyRing::new_index_key(provider, version).map_err(AppError::internal)?;
+        diesel::update(crypto_keys::table.filter(crypto_keys::purpose.eq("index")))
+            .set(crypto_keys::state.eq("retired"))
+            .execute(conn)
+            .map_err(db_err)?;
+        diesel::insert_into(crypto_keys::table)
+            .values(row(&wrapped, "active", &provider.id(), now))
+            .execute(conn)
+            .map_err(db_err)?;
+        Ok(IndexRotation { version, created_at: now, new_key: true })
+    })
+}
+
+/// `keys reindex`, last step: destroys the index keys older than `version` once no current resource uses them.
+/// Returns how many were destroyed; refuses (nothing changed) while rows still use an older key.
+pub fn finish_index_rotation(conn: &mut AnyConnection, version: u32) -> AppResult<usize> {
+    use crate::store::schema::resources;
+    let version = i32::try_from(version).map_err(AppError::internal)?;
+    conn.transaction(|conn| {
+        let left: i64 =
+            resources::table.filter(resources::index_version.lt(version)).count().get_result(conn).map_err(db_err)?;
+        if left > 0 {
+            return Err(AppError::internal("rows still use an older index key"));
+        }
+        diesel::delete(
+            crypto_keys::table.filter(crypto_keys::purpose.eq("index")).filter(crypto_keys::version.lt(version)),
+        )
+        .execute(conn)
+        .map_err(db_err)
+    })
+}
+
+fn from_micros(m: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// The cipher the server uses, built from the stored ring.

@@ -247,6 +247,11 @@ impl Records {
         });
     }
 
+    /// The version of the index key new index values use.
+    pub fn index_version(&self) -> u32 {
+        self.cipher.ring().index_version()
+    }
+
     pub fn validator(&self) -> &FhirValidator {
         &self.validator
     }
@@ -422,9 +427,12 @@ impl Records {
 
     /// The search-index rows of a resource: blind indexes for PHI parameters, plain keys otherwise. Dates of
     /// PHI parameters are not indexed at all (searched by decrypt-and-filter within a bounded candidate set).
-    fn index_values(&self, d: &'static ResourceDecl, resource: &Value) -> IndexValues {
-        let blind = self.cipher.blind_indexer();
-        search::extract_index(d, resource)
+    /// Returns them with the version of the index key used (recorded on the row for `keys reindex`).
+    fn index_values(&self, d: &'static ResourceDecl, resource: &Value) -> (IndexValues, i32) {
+        let ring = self.cipher.ring();
+        let blind = ring.blind_indexer();
+        let version = i32::try_from(ring.index_version()).unwrap_or(i32::MAX);
+        let values = search::extract_index(d, resource)
             .into_iter()
             .filter_map(|e| {
                 let param = d.param(e.param)?;
@@ -435,7 +443,20 @@ impl Records {
                 let value = if param.phi { blind.index(d.name, param.name, &key) } else { key };
                 Some((e.param.to_owned(), value))
             })
-            .collect()
+            .collect();
+        (values, version)
+    }
+
+    /// `keys reindex`: the search index of a stored current row recomputed under the newest index key held, with
+    /// that key's version. Decrypts every element of the row (an operator job, not a request); a row that does not
+    /// decrypt is an error, never a partial index.
+    pub fn rebuilt_index(&self, row: &Row) -> AppResult<(IndexValues, i32)> {
+        if row.deleted {
+            return Ok((vec![], i32::try_from(self.cipher.ring().index_version()).unwrap_or(i32::MAX)));
+        }
+        let d = decl_of(&row.resource_type)?;
+        let (obj, _) = self.decode(d, row.view(), &FieldMask::everything())?;
+        Ok(self.index_values(d, &Value::Object(obj)))
     }
 
     /// Care relationships of an active CareTeam: (patient, practitioner) pairs.
@@ -537,7 +558,7 @@ impl Records {
         let value = Value::Object(obj.clone());
         let now = self.clock.now();
         let (content, key_version) = self.encode(d, &id, &obj, &Map::new())?;
-        let index = self.index_values(d, &value);
+        let (index, index_version) = self.index_values(d, &value);
         let care = (d.name == "CareTeam").then(|| Self::care_pairs(&value));
         let this = self.clone_parts();
         let caller2 = caller.clone();
@@ -559,6 +580,7 @@ impl Records {
                         patient_id: patient.clone(),
                         key_version,
                         content,
+                        index_version,
                     };
                     store::insert(conn, &row, &WriteExtras { index, care })?;
                     let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
@@ -838,7 +860,7 @@ impl Records {
                         ));
                     }
                     let (content, key_version) = this.encode(d, &id2, &merged, &keep)?;
-                    let index = this.index_values(d, &Value::Object(check));
+                    let (index, index_version) = this.index_values(d, &Value::Object(check));
                     let care = (d.name == "CareTeam").then(|| Self::care_pairs(&value));
                     let version = current.version_id + 1;
                     let row = Row {
@@ -850,6 +872,7 @@ impl Records {
                         patient_id: patient.clone(),
                         key_version,
                         content,
+                        index_version,
                     };
                     store::replace(conn, &row, expected, &WriteExtras { index, care })?;
                     let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
@@ -900,6 +923,7 @@ impl Records {
                         patient_id: current.patient_id.clone(),
                         key_version: i32::try_from(this.cipher.active_version()).unwrap_or(i32::MAX),
                         content: "{}".into(),
+                        index_version: i32::try_from(this.cipher.ring().index_version()).unwrap_or(i32::MAX),
                     };
                     let care = (d.name == "CareTeam").then(Vec::new);
                     store::replace(conn, &row, current.version_id, &WriteExtras { index: vec![], care })?;
@@ -948,8 +972,7 @@ impl Records {
                 }
             }
         }
-        let blind = self.cipher.blind_indexer();
-        let query = index_query(d, &req, &blind);
+        let query = index_query(d, &req, &self.cipher.ring().blind_indexers());
         let after = req.cursor.as_deref().map(decode_cursor).transpose()?;
         let needs_filter = req.clauses.iter().any(|c| c.param.phi || c.param.kind == crate::fhir::ParamKind::Date);
         let page = usize::try_from(req.count).unwrap_or(20);
@@ -1123,8 +1146,9 @@ fn single_patient(req: &SearchRequest) -> Option<Uuid> {
     }
 }
 
-/// The SQL part of a search: index lookups (blind for PHI parameters); dates are left to the filter.
-fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &BlindIndexer) -> store::IndexQuery {
+/// The SQL part of a search: index lookups (blind for PHI parameters, under every index key held, so rows not
+/// yet rebuilt after an index-key rotation are still found); dates are left to the filter.
+fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &[BlindIndexer]) -> store::IndexQuery {
     let mut q = store::IndexQuery::default();
     for c in &req.clauses {
         if c.param.kind == crate::fhir::ParamKind::Date {
@@ -1142,7 +1166,13 @@ fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &BlindIndexer) -> s
             .values
             .iter()
             .flat_map(|v| v.keys(c.param))
-            .map(|k| if c.param.phi { blind.index(d.name, c.param.name, &k) } else { k })
+            .flat_map(|k| {
+                if c.param.phi {
+                    blind.iter().map(|b| b.index(d.name, c.param.name, &k)).collect::<Vec<_>>()
+                } else {
+                    vec![k]
+                }
+            })
             .collect();
         q.clauses.push((c.param.name.to_owned(), keys));
     }

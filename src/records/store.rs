@@ -19,6 +19,8 @@ pub struct Row {
     pub patient_id: Option<String>,
     pub key_version: i32,
     pub content: String,
+    /// The blind-index key version its `search_index` rows were computed with.
+    pub index_version: i32,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -74,33 +76,36 @@ pub struct WriteExtras {
     pub care: Option<CarePairs>,
 }
 
-fn replace_extras(conn: &mut AnyConnection, row: &Row, extras: &WriteExtras) -> QueryResult<()> {
-    diesel::delete(
-        search_index::table
-            .filter(search_index::resource_type.eq(&row.resource_type))
-            .filter(search_index::id.eq(&row.id)),
-    )
-    .execute(conn)?;
-    if !row.deleted && !extras.index.is_empty() {
-        let mut seen = std::collections::BTreeSet::new();
-        let rows: Vec<_> = extras
-            .index
-            .iter()
-            .filter(|(p, v)| seen.insert((p.clone(), v.clone())))
-            .map(|(p, v)| {
-                (
-                    search_index::resource_type.eq(&row.resource_type),
-                    search_index::id.eq(&row.id),
-                    search_index::param.eq(p),
-                    search_index::value.eq(v),
-                )
-            })
-            .collect();
-        // MultiConnection has no batch insert; the rows go in one transaction all the same.
-        for r in rows {
-            diesel::insert_into(search_index::table).values(r).execute(conn)?;
-        }
+/// Replaces the search-index rows of one resource with `index` (none at all when `deleted`).
+fn replace_index(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+    deleted: bool,
+    index: &IndexValues,
+) -> QueryResult<()> {
+    diesel::delete(search_index::table.filter(search_index::resource_type.eq(rtype)).filter(search_index::id.eq(id)))
+        .execute(conn)?;
+    if deleted || index.is_empty() {
+        return Ok(());
     }
+    let mut seen = std::collections::BTreeSet::new();
+    // MultiConnection has no batch insert; the rows go in one transaction all the same.
+    for (p, v) in index.iter().filter(|(p, v)| seen.insert((p.clone(), v.clone()))) {
+        diesel::insert_into(search_index::table)
+            .values((
+                search_index::resource_type.eq(rtype),
+                search_index::id.eq(id),
+                search_index::param.eq(p),
+                search_index::value.eq(v),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+fn replace_extras(conn: &mut AnyConnection, row: &Row, extras: &WriteExtras) -> QueryResult<()> {
+    replace_index(conn, &row.resource_type, &row.id, row.deleted, &extras.index)?;
     if let Some(pairs) = &extras.care {
         diesel::delete(care_relationships::table.filter(care_relationships::careteam_id.eq(&row.id))).execute(conn)?;
         if !row.deleted {
@@ -142,6 +147,7 @@ pub fn replace(conn: &mut AnyConnection, row: &Row, expected_version: i64, extra
         resources::patient_id.eq(&row.patient_id),
         resources::key_version.eq(row.key_version),
         resources::content.eq(&row.content),
+        resources::index_version.eq(row.index_version),
     ))
     .execute(conn)
     .map_err(db_err)?;
@@ -150,6 +156,60 @@ pub fn replace(conn: &mut AnyConnection, row: &Row, expected_version: i64, extra
     }
     diesel::insert_into(resource_history::table).values(HistoryRow::from(row)).execute(conn).map_err(db_err)?;
     replace_extras(conn, row, extras).map_err(db_err)
+}
+
+/// `keys reindex`: replaces the search index of a current resource with `index` (computed under index key
+/// `index_version`) if the resource is still at `version_id`, in the caller's transaction. False when another
+/// writer changed it meanwhile (its own write rebuilt the index).
+pub fn rebuild_index(
+    conn: &mut AnyConnection,
+    row: &Row,
+    index_version: i32,
+    index: &IndexValues,
+) -> QueryResult<bool> {
+    let n = diesel::update(
+        resources::table
+            .filter(resources::resource_type.eq(&row.resource_type))
+            .filter(resources::id.eq(&row.id))
+            .filter(resources::version_id.eq(row.version_id)),
+    )
+    .set(resources::index_version.eq(index_version))
+    .execute(conn)?;
+    if n != 1 {
+        return Ok(false);
+    }
+    replace_index(conn, &row.resource_type, &row.id, row.deleted, index)?;
+    Ok(true)
+}
+
+/// Current resources whose index was computed under an index key older than `index_version`, in (type, id)
+/// order after `after` (exclusive): the next batch of `keys reindex`.
+pub fn below_index_version(
+    conn: &mut AnyConnection,
+    index_version: i32,
+    after: (&str, &str),
+    limit: i64,
+) -> AppResult<Vec<Row>> {
+    use resources::dsl as r;
+    let (t, i) = (after.0.to_owned(), after.1.to_owned());
+    r::resources
+        .filter(r::index_version.lt(index_version))
+        .filter(r::resource_type.gt(t.clone()).or(r::resource_type.eq(t).and(r::id.gt(i))))
+        .order((r::resource_type.asc(), r::id.asc()))
+        .limit(limit)
+        .select(Row::as_select())
+        .load(conn)
+        .map_err(db_err)
+}
+
+/// Current resources per index-key version (for `keys status`).
+pub fn rows_by_index_version(conn: &mut AnyConnection) -> AppResult<Vec<(i32, i64)>> {
+    resources::table
+        .group_by(resources::index_version)
+        .select((resources::index_version, diesel::dsl::count_star()))
+        .order(resources::index_version.asc())
+        .load(conn)
+        .map_err(db_err)
 }
 
 /// The current row of a resource (deleted or not), without any scope: for internal checks only.

@@ -10,6 +10,7 @@ diesel::table! {
         patient_id -> Nullable<Text>,
         key_version -> Integer,
         content -> Text,
+        index_version -> Integer,
     }
 }
 

@@ -67,6 +67,22 @@ fn last_detail(app: &TestApp) -> String {
     serde_json::from_str::<Value>(&body).unwrap()["detail"].as_str().unwrap_or_default().to_owned()
 }
 
+/// The `detail` code of the newest administrative audit record (requests may have been recorded after it).
+fn last_admin_detail(app: &TestApp) -> String {
+    let mut conn = app.state.db.conn().unwrap();
+    let bodies: Vec<String> = audit_events::table
+        .order(audit_events::seq.desc())
+        .select(audit_events::body)
+        .limit(500)
+        .load(&mut conn)
+        .unwrap();
+    bodies
+        .iter()
+        .map(|b| serde_json::from_str::<Value>(b).unwrap()["detail"].as_str().unwrap_or_default().to_owned())
+        .find(|d| !d.is_empty())
+        .unwrap_or_default()
+}
+
 const PHI: [&str; 2] = ["name", "birthDate"];
 
 /// A stored Patient in the documented format: PHI elements as `cv1:` ciphertexts, the rest plain.
@@ -95,6 +111,7 @@ fn write_patients(app: &TestApp, cipher: &FieldCipher, count: usize) -> Vec<Stri
             patient_id: Some(id.clone()),
             key_version,
             content,
+            index_version: 1,
         };
         insert(&mut conn, &row, &WriteExtras::default()).unwrap();
         if i.is_multiple_of(3) {
@@ -268,6 +285,7 @@ both_backends!(reencrypt_under_a_concurrent_writer_loses_no_update, |app: TestAp
                     patient_id: Some(id.clone()),
                     key_version,
                     content,
+                    index_version: 1,
                 };
                 let done = conn.transaction(|c| replace(c, &row, version, &WriteExtras::default()));
                 if done.is_ok() {
@@ -625,3 +643,182 @@ fn policy_explain_prints_the_decision_and_the_rule() {
     let out = run(&["--role", "janitor", "--type", "Observation", "--action", "read"]);
     assert!(!out.status.success());
 }
+
+/// Ids of the patients a front-desk search for `family` returns (every page).
+async fn family_hits(client: &reqwest::Client, base: &str, token: &str, family: &str) -> Vec<String> {
+    let r =
+        client.get(format!("{base}/fhir/Patient?family={family}&_count=100")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let bundle: Value = r.json().await.unwrap();
+    assert!(bundle["link"].as_array().unwrap().iter().all(|l| l["relation"] != "next"));
+    let mut ids: Vec<String> = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["resource"]["id"].as_str().unwrap().into())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The stored `family` index values of one patient.
+fn family_index(app: &TestApp, id: &str) -> Vec<String> {
+    use carevault::store::schema::search_index;
+    let mut conn = app.state.db.conn().unwrap();
+    search_index::table
+        .filter(search_index::id.eq(id))
+        .filter(search_index::param.eq("family"))
+        .select(search_index::value)
+        .load(&mut conn)
+        .unwrap()
+}
+
+async fn wait_for_index_keys(app: &TestApp, versions: &[u32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while app.state.cipher.ring().index_versions() != versions {
+        assert!(std::time::Instant::now() < deadline, "the server did not reload the index keys: want {versions:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+both_backends!(index_key_rotation_keeps_searches_exact_and_resumes, |app: TestApp| async move {
+    use carevault::role::Role;
+    let front = app.user("front", Role::FrontDesk, None).await;
+    let mut by_family: HashMap<String, Vec<String>> = HashMap::new();
+    for n in 0..40 {
+        let family = format!("Rotham{}", n % 8);
+        let id = app
+            .create(&front, json!({"resourceType":"Patient","name":[{"family":family.clone(),"given":["Eve"]}]}))
+            .await;
+        by_family.entry(family.to_lowercase()).or_default().push(id);
+    }
+    let first = by_family["rotham3"][0].clone();
+    let v1_index = family_index(&app, &first);
+    assert_eq!(v1_index, vec![app.state.cipher.ring().blind_indexer().index("Patient", "family", "rotham3")]);
+
+    // An interrupted `keys reindex`: the new key exists, no row is rebuilt yet. The server loads both keys and
+    // writes new index values under the newest; searches find rows under either key.
+    let rotation = {
+        let mut conn = app.state.db.conn().unwrap();
+        carevault::crypto::store::begin_index_rotation(&mut conn, app.state.keys.as_ref(), app.state.clock.now())
+            .unwrap()
+    };
+    assert_eq!((rotation.version, rotation.new_key), (2, true));
+    wait_for_index_keys(&app, &[1, 2]).await;
+    let late =
+        app.create(&front, json!({"resourceType":"Patient","name":[{"family":"Rotham3","given":["Late"]}]})).await;
+    by_family.get_mut("rotham3").unwrap().push(late.clone());
+    assert_eq!(
+        family_index(&app, &late),
+        vec![app.state.cipher.ring().blind_indexer().index("Patient", "family", "rotham3")]
+    );
+    assert_ne!(family_index(&app, &late), v1_index, "new values use the new key");
+    let base = app.url("");
+    let base = base.trim_end_matches('/');
+    for (family, ids) in &by_family {
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(family_hits(&app.client, base, &front.access, family).await, want, "{family} mid-rotation");
+    }
+    {
+        let mut conn = app.state.db.conn().unwrap();
+        assert!(carevault::crypto::store::finish_index_rotation(&mut conn, 2).is_err(), "old rows still use v1");
+    }
+    let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
+    assert_eq!(status["index_key_version"], 2);
+    assert_eq!(status["index_keys"].as_array().unwrap().len(), 2);
+    assert_eq!(status["rows_below_index_version"], 40);
+    assert!(ok(cli(&app, &["keys", "status"])).contains("rotation in progress: v1 still searched"));
+
+    // A row that does not decrypt (ciphertext moved from another patient) stops the rotation: reported, old key
+    // kept, the command fails.
+    let broken = by_family["rotham5"][0].clone();
+    let saved: String = {
+        let mut conn = app.state.db.conn().unwrap();
+        let saved: String =
+            resources::table.filter(resources::id.eq(&broken)).select(resources::content).first(&mut conn).unwrap();
+        let donor: String =
+            resources::table.filter(resources::id.eq(&first)).select(resources::content).first(&mut conn).unwrap();
+        diesel::update(resources::table.filter(resources::id.eq(&broken)))
+            .set(resources::content.eq(donor))
+            .execute(&mut conn)
+            .unwrap();
+        saved
+    };
+    let out = cli(&app, &["keys", "reindex", "--batch", "7"]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("resuming the rebuild under blind-index key version 2"), "{}", stdout(&out));
+    assert!(stderr(&out).contains(&format!("cannot reindex Patient/{broken}/_history/1")), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 resource(s) still use an older blind-index key"), "{}", stderr(&out));
+    assert_eq!(last_detail(&app), "keys-reindex-incomplete");
+    assert_eq!(app.state.cipher.ring().index_versions(), vec![1, 2], "the old key is kept");
+    {
+        let mut conn = app.state.db.conn().unwrap();
+        diesel::update(resources::table.filter(resources::id.eq(&broken)))
+            .set(resources::content.eq(saved))
+            .execute(&mut conn)
+            .unwrap();
+    }
+
+    // The rerun finishes the same rotation while a client keeps searching and another keeps writing: every
+    // search result stays exact throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let searcher = {
+        let (client, base, token, stop) = (app.client.clone(), base.to_owned(), front.access.clone(), stop.clone());
+        let mut want = by_family["rotham3"].clone();
+        want.sort();
+        tokio::spawn(async move {
+            let mut searches = 0;
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(family_hits(&client, &base, &token, "rotham3").await, want, "during reindex");
+                searches += 1;
+            }
+            searches
+        })
+    };
+    let writer = {
+        let (client, base, token, stop) = (app.client.clone(), base.to_owned(), front.access.clone(), stop.clone());
+        let id = by_family["rotham6"][0].clone();
+        tokio::spawn(async move {
+            let mut writes = 0;
+            let mut version = 1;
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({"resourceType":"Patient","id":id,"name":[{"family":"Rotham6","given":[format!("W{writes}")]}]});
+                let r = client
+                    .put(format!("{base}/fhir/Patient/{id}"))
+                    .bearer_auth(&token)
+                    .header("content-type", "application/fhir+json")
+                    .header("if-match", format!("W/\"{version}\""))
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                version += 1;
+                writes += 1;
+            }
+            writes
+        })
+    };
+    let out = ok(cli(&app, &["keys", "reindex", "--batch", "7"]));
+    stop.store(true, Ordering::Relaxed);
+    let (searches, writes) = (searcher.await.unwrap(), writer.await.unwrap());
+    assert!(searches > 0 && writes > 0, "searches {searches}, writes {writes}");
+    assert!(out.contains("resuming the rebuild under blind-index key version 2"), "{out}");
+    assert!(out.contains("destroyed 1 old blind-index key(s)"), "{out}");
+    assert_eq!(last_admin_detail(&app), "keys-reindexed");
+
+    let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
+    assert_eq!(status["index_keys"].as_array().unwrap().len(), 1, "the old index key is destroyed");
+    assert_eq!(status["rows_below_index_version"], 0);
+    assert_eq!(status["rows_by_index_version"]["2"], 41);
+    wait_for_index_keys(&app, &[2]).await;
+    let new_index = family_index(&app, &first);
+    assert_ne!(new_index, v1_index);
+    assert_eq!(new_index, vec![app.state.cipher.ring().blind_indexer().index("Patient", "family", "rotham3")]);
+    for (family, ids) in &by_family {
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(family_hits(&app.client, base, &front.access, family).await, want, "{family} after rotation");
+    }
+});

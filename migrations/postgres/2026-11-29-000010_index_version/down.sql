@@ -1,0 +1,2 @@
+DROP INDEX resources_index_version;
+ALTER TABLE resources DROP COLUMN index_version;
