@@ -32,6 +32,12 @@ use uuid::Uuid;
 
 /// Prefix of every stored ciphertext (see `crypto::cipher`).
 const CIPHERTEXT: &str = "cv1:";
+/// A search's parameters as received: (name, value) pairs.
+type SearchPairs = Vec<(String, String)>;
+/// How long a search link (`self`, `next`) stays usable.
+const CURSOR_TTL_SECS: i64 = 3600;
+/// The "resource type" of a sealed search cursor's associated data (no resource type has this name).
+const CURSOR_AAD: &str = "$search-cursor";
 /// Most rows a date search (decrypt-and-filter) may examine before it must be narrowed.
 const MAX_SCAN: usize = 5000;
 
@@ -953,6 +959,8 @@ impl Records {
     ) -> AppResult<Value> {
         let d = decl_of(rtype)?;
         let decision = self.decide(caller, rtype, Action::Search)?;
+        let (pairs, after) = self.open_cursor(caller, d, pairs)?;
+        let self_link = self.cursor_link(caller, d, &pairs, after.as_deref())?;
         let req = search::parse(d, &pairs, handling)?;
         // A role may search only by what it may read (else the result would reveal hidden values).
         for clause in &req.clauses {
@@ -973,7 +981,6 @@ impl Records {
             }
         }
         let query = index_query(d, &req, &self.cipher.ring().blind_indexers());
-        let after = req.cursor.as_deref().map(decode_cursor).transpose()?;
         let needs_filter = req.clauses.iter().any(|c| c.param.phi || c.param.kind == crate::fhir::ParamKind::Date);
         let page = usize::try_from(req.count).unwrap_or(20);
         let this = self.clone_parts();
@@ -1014,7 +1021,7 @@ impl Records {
                 }
             })
             .await?;
-        let self_link = format!("{}/{}?{}", self.base, d.name, encode_pairs(&pairs));
+
         let mut event = AuditEvent::new(AuditKind::Search, self.clock.now(), Outcome::Success, caller.agent())
             .with_resource(d.name, None, None)
             .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| is_known_param(d, n))
@@ -1031,18 +1038,73 @@ impl Records {
         for row in &rows {
             entries.push(self.show(d, row.view(), &decision.read_mask, req.elements.as_deref())?);
         }
-        let next = if more {
-            rows.last().map(|r| {
-                let mut p: Vec<(String, String)> =
-                    pairs.iter().filter(|(k, _)| k != search::CURSOR_PARAM).cloned().collect();
-                p.push((search::CURSOR_PARAM.to_owned(), encode_cursor(&r.id)));
-                format!("{}/{}?{}", self.base, d.name, encode_pairs(&p))
-            })
-        } else {
-            None
+        let next = match rows.last() {
+            Some(last) if more => Some(self.cursor_link(caller, d, &pairs, Some(&last.id))?),
+            _ => None,
         };
         self.audit.record(event).await?;
         Ok(bundle::searchset(entries, &self.base, &self_link, next, None))
+    }
+
+    /// A search's `self` or `next` link: `{base}/{type}?_cursor=…`, where the cursor seals the query and the keyset
+    /// position under the active data key, bound to the caller and the resource type, for [`CURSOR_TTL_SECS`].
+    /// Links never carry the searched values (which may be PHI) in clear, so proxies and access logs see none.
+    fn cursor_link(
+        &self,
+        caller: &Caller,
+        d: &ResourceDecl,
+        pairs: &[(String, String)],
+        after: Option<&str>,
+    ) -> AppResult<String> {
+        let expires = self.clock.now().unix_timestamp() + CURSOR_TTL_SECS;
+        let sealed = self
+            .cipher
+            .encrypt_json(
+                &FieldAad::new(CURSOR_AAD, &caller.principal.subject, d.name),
+                &json!({ "q": pairs, "after": after, "exp": expires }),
+            )
+            .map_err(AppError::internal)?;
+        let query = encode_pairs(&[(search::CURSOR_PARAM.to_owned(), sealed)]);
+        Ok(format!("{}/{}?{query}", self.base, d.name))
+    }
+
+    /// The query and keyset position sealed in a `_cursor` (when the request has one), else the request's own
+    /// parameters. A cursor stands alone, and one that is not this caller's, not this type's, expired or damaged
+    /// is a 400 that names no value.
+    fn open_cursor(
+        &self,
+        caller: &Caller,
+        d: &ResourceDecl,
+        pairs: Vec<(String, String)>,
+    ) -> AppResult<(SearchPairs, Option<String>)> {
+        let Some((_, sealed)) = pairs.iter().find(|(k, _)| k == search::CURSOR_PARAM) else {
+            return Ok((pairs, None));
+        };
+        if pairs.len() != 1 {
+            return Err(AppError::invalid(
+                search::CURSOR_PARAM,
+                "A paging cursor stands alone: follow the link as given, without other parameters.",
+            ));
+        }
+        let invalid =
+            || AppError::invalid(search::CURSOR_PARAM, "The paging cursor is invalid or has expired; search again.");
+        let opened = self
+            .cipher
+            .decrypt_json(&FieldAad::new(CURSOR_AAD, &caller.principal.subject, d.name), sealed)
+            .map_err(|_| invalid())?;
+        if opened["exp"].as_i64().is_none_or(|exp| self.clock.now().unix_timestamp() > exp) {
+            return Err(invalid());
+        }
+        let query: SearchPairs = serde_json::from_value(opened["q"].clone()).map_err(|_| invalid())?;
+        if query.iter().any(|(k, _)| k == search::CURSOR_PARAM) {
+            return Err(invalid());
+        }
+        let after = match &opened["after"] {
+            Value::Null => None,
+            Value::String(id) => Some(id.clone()),
+            _ => return Err(invalid()),
+        };
+        Ok((query, after))
     }
 
     /// Whether a candidate satisfies every clause, judged on the elements the caller may read.
@@ -1177,21 +1239,6 @@ fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &[BlindIndexer]) ->
         q.clauses.push((c.param.name.to_owned(), keys));
     }
     q
-}
-
-fn encode_cursor(id: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
-}
-
-fn decode_cursor(c: &str) -> AppResult<String> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(c)
-        .map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
-    let id = String::from_utf8(bytes).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
-    Uuid::parse_str(&id).map_err(|_| AppError::invalid("_cursor", "The paging cursor is invalid."))?;
-    Ok(id)
 }
 
 fn encode_pairs(pairs: &[(String, String)]) -> String {

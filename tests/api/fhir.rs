@@ -218,6 +218,74 @@ both_backends!(paging_returns_every_match_once_while_inserting, |app: TestApp| a
     assert_eq!(count["total"], 10);
 });
 
+/// The `self` and `next` links of a search Bundle.
+fn links(b: &Value) -> (String, Option<String>) {
+    let find = |rel: &str| {
+        b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == rel)
+            .map(|l| l["url"].as_str().unwrap().to_owned())
+    };
+    (find("self").unwrap(), find("next"))
+}
+
+both_backends!(search_links_seal_the_query_for_this_caller_and_expire, |app: TestApp| async move {
+    let w = app.world().await;
+    for n in 0..3 {
+        app.create(
+            &w.front,
+            json!({"resourceType":"Patient","name":[{"family":"Quillfeather","given":[format!("G{n}")]}]}),
+        )
+        .await;
+    }
+    let local = |url: &str| url.replacen("https://127.0.0.1", "https://localhost", 1);
+    let (status, first) = app.get_json(&w.front, "/fhir/Patient?family=quillfeather&_count=2").await;
+    assert_eq!(status, 200);
+    app.assert_valid(&first);
+    assert_eq!(first["entry"].as_array().unwrap().len(), 2);
+    let (self_link, next) = links(&first);
+    let next = next.expect("a next page");
+    for link in [&self_link, &next] {
+        assert!(!link.to_lowercase().contains("quillfeather") && !link.contains("family"), "{link}");
+        assert!(link.contains("/fhir/Patient?_cursor="), "{link}");
+    }
+    // The self link repeats the first page; the next link gives the rest; the same query, every match once.
+    let again: Value =
+        app.client.get(local(&self_link)).bearer_auth(&w.front.access).send().await.unwrap().json().await.unwrap();
+    let ids = |b: &Value| -> Vec<String> {
+        b["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(ids(&again), ids(&first));
+    let second: Value =
+        app.client.get(local(&next)).bearer_auth(&w.front.access).send().await.unwrap().json().await.unwrap();
+    app.assert_valid(&second);
+    assert_eq!(ids(&second).len(), 1);
+    assert!(links(&second).1.is_none());
+    assert!(!ids(&first).contains(&ids(&second)[0]));
+
+    // Another caller, another type, a damaged cursor, extra parameters: 400, naming no value.
+    let cursor = next.split("_cursor=").nth(1).unwrap().to_owned();
+    let refused = [
+        (w.doc.clone(), format!("/fhir/Patient?_cursor={cursor}")),
+        (w.front.clone(), format!("/fhir/Practitioner?_cursor={cursor}")),
+        (w.front.clone(), format!("/fhir/Patient?_cursor={}A", &cursor[..cursor.len() - 1])),
+        (w.front.clone(), format!("/fhir/Patient?_cursor={cursor}&family=other")),
+        (w.front.clone(), "/fhir/Patient?_cursor=Y2FmZQ".to_owned()),
+    ];
+    for (who, path) in refused {
+        let r = app.get(&who, &path).await;
+        assert_eq!(r.status(), 400, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("OperationOutcome") && !text.contains(&cursor[..20]), "{text}");
+    }
+    // Links expire after an hour.
+    app.clock.advance(time::Duration::minutes(61));
+    let front = app.login_as("front").await;
+    assert_eq!(app.client.get(local(&next)).bearer_auth(&front.access).send().await.unwrap().status(), 400);
+});
+
 both_backends!(metadata_lists_what_is_implemented, |app: TestApp| async move {
     let r = app.client.get(app.url("/fhir/metadata")).send().await.unwrap();
     assert_eq!(r.status(), 200);
