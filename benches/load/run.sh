@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The load benchmark of docs/benchmarks.md: the release server on a fresh PostgreSQL database, once per
-# configuration (all safeguards on; each safeguard off alone; OTLP export on; everything off), plus raw
+# configuration (all safeguards on; each safeguard off alone; OTLP export of every trace, and of one in ten;
+# everything off), plus raw
 # PostgreSQL with pgbench at the same concurrency. Configurations are interleaved within each round so that the
 # shared machine's drift spreads over all of them; the summary reports the median of the rounds.
 #
@@ -57,7 +58,7 @@ head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$WORK/password"
 # One config file per configuration; only `benchmark.disable` differs.
 disable_list() {
   case "$1" in
-    full | export-on) echo '[]' ;;
+    full | export-on | export-sampled) echo '[]' ;;
     encryption-off) echo '["encryption"]' ;;
     audit-off) echo '["audit"]' ;;
     access-off) echo '["access"]' ;;
@@ -78,6 +79,10 @@ start_server() { # config name
   local env=(env -u OTEL_EXPORTER_OTLP_ENDPOINT)
   if [ "$1" = export-on ]; then
     env=(env OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" OTEL_METRIC_EXPORT_INTERVAL=10000)
+  elif [ "$1" = export-sampled ]; then
+    # The deployment default (deploy/): every metric, one trace in ten (parent-based, so a trace is whole or absent).
+    env=(env OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" OTEL_METRIC_EXPORT_INTERVAL=10000
+      OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1)
   fi
   "${env[@]}" "$BIN" --data-dir "$DATA" --config "$WORK/$1.toml" serve --listen "127.0.0.1:$PORT" \
     >"$WORK/server-$1.log" 2>&1 &

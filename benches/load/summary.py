@@ -61,6 +61,7 @@ for name, on, off in [
     ("audit (group commit / chain lock)", "full", "audit-off"),
     ("request telemetry (span, metric, log line)", "full", "telemetry-off"),
     ("OTLP export to a collector", "export-on", "full"),
+    ("OTLP export, one trace in ten", "export-sampled", "full"),
     ("all four together", "full", "all-off"),
 ]:
     cells = []

@@ -1,9 +1,8 @@
 //! Which top-level elements each resource type has, so `fields.toml` can be validated against them, and which are
 //! mandatory (kept under `_elements`, as FHIR asks).
 //!
-//! The FHIR declarations (the `fhir` module) are the authority for elements; they plug in through
-//! [`ElementCatalog`]. [`R4Catalog`] is the R4 list of the nine types served, taken from the official
-//! `fhir.schema.json`, for the CLI and tests.
+//! The FHIR declarations (the `fhir` module) are the authority for elements; [`R4Catalog`] reads them through
+//! [`ElementCatalog`], which also lets tests plug in other catalogs.
 
 /// The resource types the policy may name (CONTRACT §5).
 pub const RESOURCE_TYPES: [&str; 9] = [
@@ -39,17 +38,59 @@ where
     }
 }
 
-/// The R4 top-level elements of the nine served types.
+/// The R4 top-level elements of the nine served types, from the FHIR resource declarations
+/// ([`crate::fhir::decl`]), with choice elements in their canonical form (`valueQuantity`, `valueString`, … →
+/// `value[x]`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct R4Catalog;
 
 impl ElementCatalog for R4Catalog {
     fn elements(&self, resource_type: &str) -> Option<Vec<String>> {
-        R4_ELEMENTS
-            .iter()
-            .find(|(t, _)| *t == resource_type)
-            .map(|(_, els)| els.iter().map(|s| (*s).to_owned()).collect())
+        crate::fhir::decl::decl(resource_type).map(|d| canonical_elements(d.elements()))
     }
+}
+
+/// R4 data types that name a choice element's type as a suffix (`onsetDateTime` is `onset[x]` as a dateTime).
+const CHOICE_TYPES: &[&str] = &[
+    "Age",
+    "Boolean",
+    "CodeableConcept",
+    "Date",
+    "DateTime",
+    "Instant",
+    "Integer",
+    "Period",
+    "Quantity",
+    "Range",
+    "Ratio",
+    "Reference",
+    "SampledData",
+    "String",
+    "Time",
+    "Timing",
+];
+
+/// `names` (without `resourceType`) with every choice element collapsed to `stem[x]`: a name is a choice when it
+/// is a stem plus a data-type suffix and at least one other name has the same stem (so `birthDate` and
+/// `referenceRange` stay as they are). Order of first appearance.
+fn canonical_elements<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let names: Vec<&str> = names.filter(|n| *n != "resourceType").collect();
+    let stems = |name: &'a str| {
+        CHOICE_TYPES
+            .iter()
+            .filter_map(move |t| name.strip_suffix(t))
+            .filter(|s| s.ends_with(|c: char| c.is_ascii_lowercase()))
+    };
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in &names {
+        let choice =
+            stems(name).find(|stem| names.iter().filter(|other| stems(other).any(|s| s == *stem)).count() >= 2);
+        let canonical = choice.map_or_else(|| (*name).to_owned(), |stem| format!("{stem}[x]"));
+        if !out.contains(&canonical) {
+            out.push(canonical);
+        }
+    }
+    out
 }
 
 /// R4 top-level elements with `min = 1`.
@@ -65,284 +106,57 @@ pub fn r4_mandatory(resource_type: &str) -> &'static [&'static str] {
     }
 }
 
-const R4_ELEMENTS: &[(&str, &[&str])] = &[
-    (
-        "Patient",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "active",
-            "name",
-            "telecom",
-            "gender",
-            "birthDate",
-            "deceased[x]",
-            "address",
-            "maritalStatus",
-            "multipleBirth[x]",
-            "photo",
-            "contact",
-            "communication",
-            "generalPractitioner",
-            "managingOrganization",
-            "link",
-        ],
-    ),
-    (
-        "Practitioner",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "active",
-            "name",
-            "telecom",
-            "address",
-            "gender",
-            "birthDate",
-            "photo",
-            "qualification",
-            "communication",
-        ],
-    ),
-    (
-        "CareTeam",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "status",
-            "category",
-            "name",
-            "subject",
-            "encounter",
-            "period",
-            "participant",
-            "reasonCode",
-            "reasonReference",
-            "managingOrganization",
-            "telecom",
-            "note",
-        ],
-    ),
-    (
-        "Encounter",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "status",
-            "statusHistory",
-            "class",
-            "classHistory",
-            "type",
-            "serviceType",
-            "priority",
-            "subject",
-            "episodeOfCare",
-            "basedOn",
-            "participant",
-            "appointment",
-            "period",
-            "length",
-            "reasonCode",
-            "reasonReference",
-            "diagnosis",
-            "account",
-            "hospitalization",
-            "location",
-            "serviceProvider",
-            "partOf",
-        ],
-    ),
-    (
-        "Observation",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "basedOn",
-            "partOf",
-            "status",
-            "category",
-            "code",
-            "subject",
-            "focus",
-            "encounter",
-            "effective[x]",
-            "issued",
-            "performer",
-            "value[x]",
-            "dataAbsentReason",
-            "interpretation",
-            "note",
-            "bodySite",
-            "method",
-            "specimen",
-            "device",
-            "referenceRange",
-            "hasMember",
-            "derivedFrom",
-            "component",
-        ],
-    ),
-    (
-        "Condition",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "clinicalStatus",
-            "verificationStatus",
-            "category",
-            "severity",
-            "code",
-            "bodySite",
-            "subject",
-            "encounter",
-            "onset[x]",
-            "abatement[x]",
-            "recordedDate",
-            "recorder",
-            "asserter",
-            "stage",
-            "evidence",
-            "note",
-        ],
-    ),
-    (
-        "AllergyIntolerance",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "clinicalStatus",
-            "verificationStatus",
-            "type",
-            "category",
-            "criticality",
-            "code",
-            "patient",
-            "encounter",
-            "onset[x]",
-            "recordedDate",
-            "recorder",
-            "asserter",
-            "lastOccurrence",
-            "note",
-            "reaction",
-        ],
-    ),
-    (
-        "MedicationRequest",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "status",
-            "statusReason",
-            "intent",
-            "category",
-            "priority",
-            "doNotPerform",
-            "reported[x]",
-            "medication[x]",
-            "subject",
-            "encounter",
-            "supportingInformation",
-            "authoredOn",
-            "requester",
-            "performer",
-            "performerType",
-            "recorder",
-            "reasonCode",
-            "reasonReference",
-            "instantiatesCanonical",
-            "instantiatesUri",
-            "basedOn",
-            "groupIdentifier",
-            "courseOfTherapyType",
-            "insurance",
-            "note",
-            "dosageInstruction",
-            "dispenseRequest",
-            "substitution",
-            "priorPrescription",
-            "detectedIssue",
-            "eventHistory",
-        ],
-    ),
-    (
-        "AuditEvent",
-        &[
-            "id",
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "type",
-            "subtype",
-            "action",
-            "period",
-            "recorded",
-            "outcome",
-            "outcomeDesc",
-            "purposeOfEvent",
-            "agent",
-            "source",
-            "entity",
-        ],
-    ),
-];
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elements(t: &str) -> Vec<String> {
+        R4Catalog.elements(t).unwrap()
+    }
+
+    #[test]
+    fn choice_elements_collapse_to_their_r4_names() {
+        let has = |t: &str, e: &str| elements(t).iter().any(|x| x == e);
+        for (t, e) in [
+            ("Patient", "deceased[x]"),
+            ("Patient", "multipleBirth[x]"),
+            ("Observation", "value[x]"),
+            ("Observation", "effective[x]"),
+            ("Condition", "onset[x]"),
+            ("Condition", "abatement[x]"),
+            ("AllergyIntolerance", "onset[x]"),
+            ("MedicationRequest", "medication[x]"),
+            ("MedicationRequest", "reported[x]"),
+        ] {
+            assert!(has(t, e), "{t}.{e}");
+        }
+        // Not choices: one name with a type-like suffix, and two elements that merely share a stem.
+        for (t, e) in [
+            ("Patient", "birthDate"),
+            ("Condition", "recordedDate"),
+            ("Observation", "referenceRange"),
+            ("MedicationRequest", "reasonReference"),
+            ("MedicationRequest", "instantiatesCanonical"),
+            ("MedicationRequest", "instantiatesUri"),
+        ] {
+            assert!(has(t, e), "{t}.{e}");
+        }
+        for t in RESOURCE_TYPES {
+            let els = elements(t);
+            assert!(els.iter().all(|e| e != "resourceType" && !e.ends_with("Quantity") && !e.ends_with("DateTime")));
+            assert!(els.contains(&"id".to_owned()) && els.contains(&"meta".to_owned()), "{t}");
+            let unique: std::collections::BTreeSet<&String> = els.iter().collect();
+            assert_eq!(unique.len(), els.len(), "{t}");
+        }
+        assert_eq!(R4Catalog.elements("Basic"), None);
+    }
+
+    #[test]
+    fn mandatory_elements_are_elements() {
+        for t in RESOURCE_TYPES {
+            for m in r4_mandatory(t) {
+                assert!(elements(t).iter().any(|e| e == m), "{t}.{m}");
+            }
+        }
+    }
+}
