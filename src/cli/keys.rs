@@ -15,7 +15,7 @@ use crate::auth::service::{from_micros, rotate_signing_key, signing_key_id};
 use crate::crypto::store::{KeyRow, master_provider};
 use crate::crypto::{CryptoError, FieldAad, FieldCipher, KeyProvider, LocalKeyProvider, MasterKey};
 use crate::error::{AppError, AppResult};
-use crate::store::schema::{crypto_keys, resource_history, resources, signing_keys};
+use crate::store::schema::{break_glass, crypto_keys, resource_history, resources, signing_keys};
 use crate::store::{AnyConnection, db_err};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -93,8 +93,9 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
             super::audit_admin(&state, &mut conn, outcome)?;
             let r = result.map_err(|e| e.to_string())?;
             println!(
-                "re-encrypted {} current and {} history row(s) to data key version {} ({} concurrent update(s) retried)",
-                r.resources, r.history, r.active, r.conflicts
+                "re-encrypted {} current and {} history row(s) and {} break-glass reason(s) to data key version {} \
+                 ({} concurrent update(s) retried)",
+                r.resources, r.history, r.grants, r.active, r.conflicts
             );
             if r.remaining > 0 {
                 for f in &r.failed {
@@ -215,7 +216,9 @@ pub fn status(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> AppResult
         .collect();
     let (current, history) = (counts(conn, false)?, counts(conn, true)?);
     let active_v = active.unwrap_or(0);
-    let below: i64 = current.iter().chain(history.iter()).filter(|(v, _)| **v < active_v).map(|(_, n)| *n).sum();
+    let grants_below = i64::try_from(grants_below(conn, active_v)?.len()).unwrap_or(i64::MAX);
+    let below: i64 = current.iter().chain(history.iter()).filter(|(v, _)| **v < active_v).map(|(_, n)| *n).sum::<i64>()
+        + grants_below;
     let by_version = |m: &BTreeMap<i32, i64>| -> Value { m.iter().map(|(v, n)| (v.to_string(), json!(n))).collect() };
     let signing: Vec<(String, i64, Option<i64>)> = signing_keys::table
         .order(signing_keys::created_at.asc())
@@ -245,6 +248,7 @@ pub fn status(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> AppResult
         "data_keys": data_keys,
         "rows_by_key_version": {"resources": by_version(&current), "resource_history": by_version(&history)},
         "rows_below_active_version": below,
+        "break_glass_reasons_below_active_version": grants_below,
         "signing_keys": signing,
         "audit_checkpoint_keys": checkpoint,
     }))
@@ -306,6 +310,8 @@ pub struct Reencrypted {
     pub active: u32,
     pub resources: u64,
     pub history: u64,
+    /// Break-glass grants whose encrypted reason was moved.
+    pub grants: u64,
     /// Current rows changed by another writer between read and update (each was read again).
     pub conflicts: u64,
     /// Rows that could not be re-encrypted (`Type/id/_history/version`).
@@ -338,14 +344,54 @@ fn below_active(conn: &mut AnyConnection, active: i32) -> AppResult<i64> {
         .count()
         .get_result(conn)
         .map_err(db_err)?;
-    Ok(current + history)
+    let grants = i64::try_from(grants_below(conn, active)?.len()).unwrap_or(i64::MAX);
+    Ok(current + history + grants)
+}
+
+/// Break-glass grants whose encrypted reason uses a data key below `active`: (id, reason ciphertext). The table
+/// is small (one row per emergency access) and has no version column, so the versions are read off the
+/// ciphertexts.
+fn grants_below(conn: &mut AnyConnection, active: i32) -> AppResult<Vec<(String, String)>> {
+    let rows: Vec<(String, String)> =
+        break_glass::table.select((break_glass::id, break_glass::reason)).load(conn).map_err(db_err)?;
+    let active = u32::try_from(active).unwrap_or(0);
+    Ok(rows.into_iter().filter(|(_, ct)| FieldCipher::version_of(ct).is_none_or(|v| v < active)).collect())
+}
+
+/// Re-encrypts the reasons of break-glass grants still under an older key. A reason changed meanwhile (it never
+/// is: grants are written once) is left for the next pass.
+fn break_glass_pass(
+    conn: &mut AnyConnection,
+    cipher: &FieldCipher,
+    active: i32,
+    bar: &indicatif::ProgressBar,
+    report: &mut Reencrypted,
+) -> AppResult<()> {
+    for (id, ct) in grants_below(conn, active)? {
+        match cipher.reencrypt(&FieldAad::new("BreakGlass", &id, "reason"), &ct) {
+            Ok(Some(fresh)) => {
+                let n = diesel::update(
+                    break_glass::table.filter(break_glass::id.eq(&id)).filter(break_glass::reason.eq(&ct)),
+                )
+                .set(break_glass::reason.eq(fresh))
+                .execute(conn)
+                .map_err(db_err)?;
+                report.grants += n as u64;
+            }
+            Ok(None) => {}
+            Err(_) => report.failed.push(format!("break-glass grant {id}")),
+        }
+        bar.inc(1);
+    }
+    Ok(())
 }
 
 /// Most passes of one run: rows written under an old key during the run are picked up by the next pass, but a
 /// writer that keeps doing so (a replica that never reloads) must not keep the command running forever.
 const MAX_PASSES: usize = 5;
 
-/// Moves every row below the cipher's active version to it, `batch` rows per transaction, with a progress bar.
+/// Moves every row below the cipher's active version to it (current and history rows, and the encrypted reasons
+/// of break-glass grants), `batch` rows per transaction, with a progress bar.
 /// Passes repeat (up to [`MAX_PASSES`]) while they make progress, so rows written under an old key during the run
 /// (by a replica that had not yet reloaded its keys) are picked up too.
 pub fn reencrypt(conn: &mut AnyConnection, cipher: &FieldCipher, batch: i64) -> AppResult<Reencrypted> {
@@ -355,11 +401,12 @@ pub fn reencrypt(conn: &mut AnyConnection, cipher: &FieldCipher, batch: i64) -> 
     let bar = super::progress(u64::try_from(below_active(conn, active)?).unwrap_or(0), "re-encrypting");
     for _ in 0..MAX_PASSES {
         report.failed.clear();
-        let before = report.resources + report.history;
+        let before = report.resources + report.history + report.grants;
         current_pass(conn, cipher, active, batch, &bar, &mut report)?;
         history_pass(conn, cipher, active, batch, &bar, &mut report)?;
+        break_glass_pass(conn, cipher, active, &bar, &mut report)?;
         report.remaining = below_active(conn, active)?;
-        if report.remaining == 0 || report.resources + report.history == before {
+        if report.remaining == 0 || report.resources + report.history + report.grants == before {
             break;
         }
         bar.inc_length(u64::try_from(report.remaining).unwrap_or(0));

@@ -198,8 +198,39 @@ both_backends!(keys_status_reports_versions_rows_and_signing_keys, |app: TestApp
     assert!(text.contains(&app.state.keys.id()), "{text}");
 });
 
+/// Stores a break-glass grant whose reason is sealed with `cipher`, as `POST /auth/break-glass` does.
+fn write_grant(app: &TestApp, cipher: &FieldCipher, patient: &str, reason: &str) -> String {
+    use carevault::store::schema::{accounts, break_glass};
+    app.add_user("grant-nurse", carevault::role::Role::Nurse, Some(&Uuid::new_v4().to_string()), None);
+    let id = Uuid::new_v4().to_string();
+    let sealed = cipher.encrypt(&FieldAad::new("BreakGlass", &id, "reason"), reason.as_bytes()).unwrap();
+    let mut conn = app.state.db.conn().unwrap();
+    let account: String =
+        accounts::table.filter(accounts::username.eq("grant-nurse")).select(accounts::id).first(&mut conn).unwrap();
+    diesel::insert_into(break_glass::table)
+        .values((
+            break_glass::id.eq(&id),
+            break_glass::account_id.eq(account),
+            break_glass::patient_id.eq(patient),
+            break_glass::reason.eq(sealed),
+            break_glass::created_at.eq(1i64),
+            break_glass::expires_at.eq(2i64),
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    id
+}
+
+/// The break-glass reason of grant `id`, as stored.
+fn grant_reason(app: &TestApp, id: &str) -> String {
+    use carevault::store::schema::break_glass;
+    let mut conn = app.state.db.conn().unwrap();
+    break_glass::table.filter(break_glass::id.eq(id)).select(break_glass::reason).first(&mut conn).unwrap()
+}
+
 both_backends!(rotate_then_reencrypt_moves_every_row, |app: TestApp| async move {
     let ids = write_patients(&app, &app.state.cipher, 130);
+    let grant = write_grant(&app, &app.state.cipher, &ids[0], "unconscious on arrival");
     let out = ok(cli(&app, &["keys", "rotate"]));
     assert!(out.contains("data key version 2 is now active"), "{out}");
     assert_eq!(last_detail(&app), "keys-rotated");
@@ -211,17 +242,27 @@ both_backends!(rotate_then_reencrypt_moves_every_row, |app: TestApp| async move 
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
-    assert_eq!(status["rows_below_active_version"], 130 + 174);
+    assert_eq!(status["rows_below_active_version"], 130 + 174 + 1);
+    assert_eq!(status["break_glass_reasons_below_active_version"], 1);
 
     let out = ok(cli(&app, &["keys", "reencrypt", "--batch", "50"]));
-    assert!(out.contains("re-encrypted 130 current and 174 history row(s) to data key version 2"), "{out}");
+    assert!(
+        out.contains(
+            "re-encrypted 130 current and 174 history row(s) and 1 break-glass reason(s) to data key version 2"
+        ),
+        "{out}"
+    );
     assert_eq!(last_detail(&app), "keys-reencrypted");
     let counters = assert_all_current(&app, &stored_cipher(&app), 2);
     assert_eq!(counters.len(), ids.len());
+    let reason = grant_reason(&app, &grant);
+    assert_eq!(FieldCipher::version_of(&reason), Some(2));
+    let opened = stored_cipher(&app).decrypt(&FieldAad::new("BreakGlass", &grant, "reason"), &reason).unwrap();
+    assert_eq!(opened.as_slice(), b"unconscious on arrival");
 
     // Resumable / idempotent: nothing left to do.
     let out = ok(cli(&app, &["keys", "reencrypt"]));
-    assert!(out.contains("re-encrypted 0 current and 0 history row(s)"), "{out}");
+    assert!(out.contains("re-encrypted 0 current and 0 history row(s) and 0 break-glass reason(s)"), "{out}");
     let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
     assert_eq!(status["rows_below_active_version"], 0);
     assert_eq!(status["rows_by_key_version"]["resources"], json!({"2": 130}));
