@@ -32,6 +32,60 @@ use uuid::Uuid;
 
 /// Prefix of every stored ciphertext (see `crypto::cipher`).
 const CIPHERTEXT: &str = "cv1:";
+/// Identifier systems stored apart from the rest of `identifier`, under their own ciphertext, so that a reader
+/// whose mask hides them (every role but billing and admin, for the SSN) never has them decrypted.
+pub const RESTRICTED_SYSTEMS: &[&str] = &[crate::access::SSN_SYSTEM];
+/// The stored element holding a resource's restricted identifiers as `[[position, identifier], …]` (position in
+/// the original `identifier` array). Not a FHIR element name (`#` cannot occur in one), so no client can send it.
+pub const RESTRICTED_IDENTIFIERS: &str = "identifier#restricted";
+
+/// Moves the identifiers of [`RESTRICTED_SYSTEMS`] out of `resource.identifier` (removing the element when
+/// nothing else is left) and returns them as the [`RESTRICTED_IDENTIFIERS`] value; `None` when there are none.
+pub fn split_restricted(resource: &mut Map<String, Value>) -> Option<Value> {
+    let Some(Value::Array(ids)) = resource.get_mut("identifier") else { return None };
+    let restricted =
+        |id: &Value| id.get("system").and_then(Value::as_str).is_some_and(|s| RESTRICTED_SYSTEMS.contains(&s));
+    if !ids.iter().any(restricted) {
+        return None;
+    }
+    let mut kept = Vec::with_capacity(ids.len());
+    let mut moved = Vec::new();
+    for (position, id) in std::mem::take(ids).into_iter().enumerate() {
+        if restricted(&id) {
+            moved.push(json!([position, id]));
+        } else {
+            kept.push(id);
+        }
+    }
+    if kept.is_empty() {
+        resource.remove("identifier");
+    } else {
+        resource.insert("identifier".into(), Value::Array(kept));
+    }
+    Some(Value::Array(moved))
+}
+
+/// The inverse of [`split_restricted`]: puts each restricted identifier back at its position.
+pub fn join_restricted(resource: &mut Map<String, Value>, restricted: Value) -> AppResult<()> {
+    let bad = || AppError::internal("malformed restricted identifiers");
+    let Value::Array(entries) = restricted else { return Err(bad()) };
+    let ids = resource.entry("identifier").or_insert_with(|| Value::Array(vec![]));
+    let ids = ids.as_array_mut().ok_or_else(bad)?;
+    for entry in entries {
+        let Value::Array(mut pair) = entry else { return Err(bad()) };
+        let (Some(id), Some(position)) = (pair.pop(), pair.first().and_then(Value::as_u64)) else { return Err(bad()) };
+        let position = usize::try_from(position).map_err(|_| bad())?.min(ids.len());
+        ids.insert(position, id);
+    }
+    Ok(())
+}
+
+/// Whether a reader under `mask` may see restricted identifiers (then they are decrypted, else never).
+fn restricted_readable(mask: &FieldMask) -> bool {
+    mask.allows("identifier")
+        && !mask.hidden_identifier_systems().iter().any(|h| RESTRICTED_SYSTEMS.contains(&h.as_str()))
+}
+
 /// A search's parameters as received: (name, value) pairs.
 type SearchPairs = Vec<(String, String)>;
 /// How long a search link (`self`, `next`) stays usable.
@@ -350,7 +404,15 @@ impl Records {
     ) -> AppResult<(String, i32)> {
         let mut out = Map::new();
         let mut min_version = i32::try_from(self.cipher.active_version()).unwrap_or(i32::MAX);
-        for (k, v) in resource {
+        let mut resource = resource.clone();
+        if let Some(restricted) = split_restricted(&mut resource) {
+            if keep.contains_key(RESTRICTED_IDENTIFIERS) {
+                // Writing identifiers the caller could not see (merge_hidden refuses this before).
+                return Err(AppError::Forbidden);
+            }
+            resource.insert(RESTRICTED_IDENTIFIERS.into(), restricted);
+        }
+        for (k, v) in &resource {
             if k == "meta" {
                 continue;
             }
@@ -386,11 +448,13 @@ impl Records {
         out.insert("resourceType".into(), Value::String(d.name.to_owned()));
         out.insert("id".into(), Value::String(id.to_owned()));
         let mut withheld = false;
+        let mut restricted = None;
         for (k, v) in stored {
             if k == "resourceType" || k == "id" {
                 continue;
             }
-            if !mask.allows(&k) {
+            let readable = if k == RESTRICTED_IDENTIFIERS { restricted_readable(mask) } else { mask.allows(&k) };
+            if !readable {
                 withheld = true;
                 continue;
             }
@@ -404,7 +468,14 @@ impl Records {
                 }
                 _ => v,
             };
-            out.insert(k, value);
+            if k == RESTRICTED_IDENTIFIERS {
+                restricted = Some(value);
+            } else {
+                out.insert(k, value);
+            }
+        }
+        if let Some(r) = restricted {
+            join_restricted(&mut out, r)?;
         }
         let when = from_micros(updated).format(&Rfc3339).map_err(AppError::internal)?;
         out.insert("meta".into(), json!({ "versionId": version.to_string(), "lastUpdated": when }));
@@ -819,6 +890,9 @@ impl Records {
                     view.remove("meta");
                     let mut keep = Map::new();
                     for (k, v) in &stored {
+                        if k == RESTRICTED_IDENTIFIERS && restricted_readable(&visible_mask) {
+                            continue; // decrypted into `identifier` above
+                        }
                         if !view.contains_key(k) {
                             view.insert(k.clone(), v.clone());
                             keep.insert(k.clone(), v.clone());
@@ -830,6 +904,9 @@ impl Records {
                         return Err(AppError::internal("merge produced a non-object"));
                     };
                     merged.insert("id".into(), Value::String(id2.clone()));
+                    if let Some(ct) = keep.get(RESTRICTED_IDENTIFIERS) {
+                        merged.insert(RESTRICTED_IDENTIFIERS.into(), ct.clone());
+                    }
                     // The merged resource (with hidden elements restored) must still be valid FHIR.
                     let mut check = merged.clone();
                     for k in keep.keys() {
@@ -1260,4 +1337,40 @@ fn values_at<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
         nodes = next;
     }
     nodes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn restricted_identifiers_split_off_and_join_back_in_place() {
+        let ssn = json!({"system": crate::access::SSN_SYSTEM, "value": "123-45-6789"});
+        let original = obj(json!({"identifier": [{"value": "A"}, ssn.clone(), {"system": "urn:x", "value": "B"}]}));
+        let mut split = original.clone();
+        let restricted = split_restricted(&mut split).unwrap();
+        assert_eq!(split["identifier"], json!([{"value": "A"}, {"system": "urn:x", "value": "B"}]));
+        assert_eq!(restricted, json!([[1, ssn.clone()]]));
+        join_restricted(&mut split, restricted).unwrap();
+        assert_eq!(split, original);
+
+        // Only restricted ones: `identifier` disappears (FHIR has no empty arrays) and comes back.
+        let only = obj(json!({"identifier": [ssn.clone()]}));
+        let mut split = only.clone();
+        let restricted = split_restricted(&mut split).unwrap();
+        assert!(split.get("identifier").is_none());
+        join_restricted(&mut split, restricted).unwrap();
+        assert_eq!(split, only);
+
+        // Nothing restricted, or no identifier array: untouched.
+        let mut plain = obj(json!({"identifier": [{"value": "A"}], "name": []}));
+        assert!(split_restricted(&mut plain).is_none());
+        assert_eq!(plain["identifier"], json!([{"value": "A"}]));
+        assert!(split_restricted(&mut obj(json!({"identifier": "cv1:1:x"}))).is_none());
+        assert!(join_restricted(&mut Map::new(), json!({"not": "pairs"})).is_err());
+    }
 }

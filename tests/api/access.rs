@@ -162,6 +162,73 @@ both_backends!(fields_outside_the_mask_are_never_decrypted, |app: TestApp| async
     assert_eq!(clinician, 7, "clinician decrypted {clinician}");
 });
 
+/// The stored (encrypted) top-level elements of a resource.
+fn stored(app: &TestApp, id: &str) -> serde_json::Map<String, Value> {
+    use carevault::store::schema::resources;
+    use diesel::prelude::*;
+    let mut conn = app.state.db.conn().unwrap();
+    let content: String =
+        resources::table.filter(resources::id.eq(id)).select(resources::content).first(&mut conn).unwrap();
+    serde_json::from_str(&content).unwrap()
+}
+
+fn set_stored(app: &TestApp, id: &str, doc: &serde_json::Map<String, Value>) {
+    use carevault::store::schema::resources;
+    use diesel::prelude::*;
+    let mut conn = app.state.db.conn().unwrap();
+    diesel::update(resources::table.filter(resources::id.eq(id)))
+        .set(resources::content.eq(Value::Object(doc.clone()).to_string()))
+        .execute(&mut conn)
+        .unwrap();
+}
+
+both_backends!(a_hidden_ssn_is_never_decrypted_even_inside_identifier, |app: TestApp| async move {
+    use carevault::crypto::FieldAad;
+    use carevault::records::service::RESTRICTED_IDENTIFIERS;
+    let w = app.world().await;
+    let alice = format!("/fhir/Patient/{}", w.alice);
+    // The SSN is stored apart: `identifier` holds the MRN only, `identifier#restricted` the SSN and its position.
+    let doc = stored(&app, &w.alice);
+    let open = |element: &str| {
+        let ct = doc[element].as_str().unwrap();
+        app.state.cipher.decrypt_json(&FieldAad::new("Patient", &w.alice, element), ct).unwrap()
+    };
+    assert_eq!(open("identifier"), json!([{"system":"urn:mrn","value":"MRN-1"}]));
+    assert_eq!(open(RESTRICTED_IDENTIFIERS), json!([[1, {"system":SSN_SYSTEM,"value":"123-45-6789"}]]));
+
+    // Damage the SSN's ciphertext: whoever may not see the SSN reads on (it is never decrypted for them); billing
+    // and the patient herself, who may, get the generic 500 (fail closed), never a record without it.
+    let mut damaged = doc.clone();
+    let ct = doc[RESTRICTED_IDENTIFIERS].as_str().unwrap();
+    let flipped = if ct.ends_with('A') { 'B' } else { 'A' };
+    damaged[RESTRICTED_IDENTIFIERS] = json!(format!("{}{flipped}", &ct[..ct.len() - 1]));
+    set_stored(&app, &w.alice, &damaged);
+    for who in [&w.front, &w.doc, &w.nurse] {
+        let (status, p) = app.get_json(who, &alice).await;
+        assert_eq!(status, 200, "{p}");
+        assert!(!has_ssn(&p) && p["identifier"][0]["value"] == "MRN-1", "{p}");
+    }
+    assert_eq!(app.get(&w.billing, &alice).await.status(), 500);
+    assert_eq!(app.get(&w.alice_user, &alice).await.status(), 500);
+
+    // A front-desk update carries the SSN over as the very same ciphertext, without opening it.
+    let mut p = app.get_json(&w.front, &alice).await.1;
+    p["telecom"] = json!([{"system":"phone","value":"555-0199"}]);
+    assert_eq!(app.put(&w.front, &alice, Some("1"), &p).await.status(), 200);
+    let after = stored(&app, &w.alice);
+    assert_eq!(after[RESTRICTED_IDENTIFIERS], damaged[RESTRICTED_IDENTIFIERS]);
+
+    // With the ciphertext repaired, billing and the patient see the SSN back in its original place.
+    let mut repaired = after.clone();
+    repaired[RESTRICTED_IDENTIFIERS] = doc[RESTRICTED_IDENTIFIERS].clone();
+    set_stored(&app, &w.alice, &repaired);
+    let (status, b) = app.get_json(&w.billing, &alice).await;
+    assert_eq!(status, 200);
+    assert_eq!(b["identifier"][1], json!({"system":SSN_SYSTEM,"value":"123-45-6789"}), "{b}");
+    assert_eq!(b["identifier"][0]["value"], "MRN-1");
+    assert!(has_ssn(&app.get_json(&w.alice_user, &alice).await.1));
+});
+
 both_backends!(break_glass_opens_one_patient_for_a_limited_time, |app: TestApp| async move {
     let w = app.world().await;
     let bob = format!("/fhir/Patient/{}", w.bob);

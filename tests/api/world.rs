@@ -138,14 +138,31 @@ impl TestApp {
             .select(resources::content)
             .first(&mut conn)
             .unwrap();
-        let mut doc: Value = serde_json::from_str(&content).unwrap();
-        let aad = FieldAad::new("Patient", patient, "identifier");
-        let mut ids = match doc.get("identifier").and_then(Value::as_str) {
-            Some(ct) => self.state.cipher.decrypt_json(&aad, ct).unwrap(),
-            None => json!([]),
-        };
-        ids.as_array_mut().unwrap().push(identifier);
-        doc["identifier"] = Value::String(self.state.cipher.encrypt_json(&aad, &ids).unwrap());
+        use carevault::records::service::{RESTRICTED_IDENTIFIERS, join_restricted, split_restricted};
+        let mut doc: serde_json::Map<String, Value> = serde_json::from_str(&content).unwrap();
+        let cipher = &self.state.cipher;
+        // The stored format: restricted identifiers (SSN) apart from the rest, each part its own ciphertext.
+        let mut plain = serde_json::Map::new();
+        for element in ["identifier", RESTRICTED_IDENTIFIERS] {
+            if let Some(Value::String(ct)) = doc.remove(element) {
+                plain.insert(
+                    element.into(),
+                    cipher.decrypt_json(&FieldAad::new("Patient", patient, element), &ct).unwrap(),
+                );
+            }
+        }
+        if let Some(restricted) = plain.remove(RESTRICTED_IDENTIFIERS) {
+            join_restricted(&mut plain, restricted).unwrap();
+        }
+        plain.entry("identifier").or_insert_with(|| json!([])).as_array_mut().unwrap().push(identifier);
+        if let Some(restricted) = split_restricted(&mut plain) {
+            plain.insert(RESTRICTED_IDENTIFIERS.into(), restricted);
+        }
+        for (element, value) in plain {
+            let ct = cipher.encrypt_json(&FieldAad::new("Patient", patient, &element), &value).unwrap();
+            doc.insert(element, Value::String(ct));
+        }
+        let doc = Value::Object(doc);
         diesel::update(
             resources::table.filter(resources::resource_type.eq("Patient")).filter(resources::id.eq(patient)),
         )
