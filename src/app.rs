@@ -75,12 +75,12 @@ impl AppState {
             Some(settings) if settings.issuer == issuer => {
                 return Err(StartError::Other("`auth.oidc.issuer` must differ from this server's issuer".into()));
             }
-            Some(settings) => {
-                Some(Arc::new(OidcService::new(settings, db.clone(), clock.clone()).map_err(|e| match e {
+            Some(settings) => Some(Arc::new(
+                OidcService::new(settings, db.clone(), clock.clone(), cipher.clone()).map_err(|e| match e {
                     crate::error::AppError::Internal(what) => StartError::Other(format!("`auth.oidc`: {what}")),
                     _ => StartError::Other("invalid `auth.oidc` settings".into()),
-                })?))
-            }
+                })?,
+            )),
             None => None,
         };
         let auth = Arc::new(

@@ -7,7 +7,9 @@
 //!   provider or one answering garbage makes login fail closed ([`AppError::Unavailable`], 503).
 //! - A login in flight lives in the database (`oidc_logins`), keyed by the SHA-256 of `state`, bound to the
 //!   browser by a random cookie (only its SHA-256 is stored), valid [`LOGIN_TTL`], consumed at most once (the
-//!   delete must hit exactly one row), so any replica can finish it and a replayed callback is refused.
+//!   delete must hit exactly one row), so any replica can finish it and a replayed callback is refused. Its PKCE
+//!   verifier and nonce are sealed with the field cipher (associated data: the state hash and the column), so a
+//!   database reader cannot finish a login with a stolen authorization code.
 //! - Signatures are checked against the provider's JWKS with the one asymmetric algorithm each key declares (or
 //!   that its type implies): RS*/PS*, ES256/ES384, EdDSA. `alg: none`, HMAC, a header `alg` other than the key's,
 //!   a missing or unknown `kid` are refused. Symmetric (`oct`) and encryption keys are never loaded.
@@ -47,6 +49,7 @@ use super::token::LEEWAY;
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError};
 use crate::crypto::store::micros;
+use crate::crypto::{FieldAad, FieldCipher};
 use crate::error::{AppError, AppResult};
 use crate::role::Role;
 use crate::store::Db;
@@ -60,6 +63,8 @@ pub const REFETCH_EVERY: Duration = Duration::seconds(30);
 pub const BINDING_COOKIE: &str = "__Host-cv_oidc";
 /// Tokens longer than this are not even parsed.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// The "resource type" in the associated data of a login's sealed PKCE verifier and nonce.
+const LOGIN_AAD: &str = "$oidc-login";
 /// Longest accepted `sub` and claim value.
 const MAX_CLAIM_LEN: usize = 255;
 /// Timeout of every request to the provider.
@@ -196,6 +201,8 @@ pub struct OidcService {
     http: openidconnect::reqwest::Client,
     clock: SharedClock,
     db: Db,
+    /// Seals the PKCE verifier and nonce of logins in flight (AAD: login, state hash, column).
+    cipher: FieldCipher,
     keys: RwLock<Arc<HashMap<String, ProviderKey>>>,
     /// When keys were last fetched (or a refetch was last tried); guards the refetch rate.
     fetched_at: tokio::sync::Mutex<Option<OffsetDateTime>>,
@@ -220,7 +227,7 @@ fn random_token() -> String {
 }
 
 impl OidcService {
-    pub fn new(settings: OidcSettings, db: Db, clock: SharedClock) -> AppResult<Self> {
+    pub fn new(settings: OidcSettings, db: Db, clock: SharedClock, cipher: FieldCipher) -> AppResult<Self> {
         let issuer_url = IssuerUrl::new(settings.issuer.clone()).map_err(|_| AppError::internal("auth.oidc.issuer"))?;
         let redirect = RedirectUrl::new(settings.redirect_url.clone())
             .map_err(|_| AppError::internal("auth.oidc.redirect_url"))?;
@@ -248,6 +255,7 @@ impl OidcService {
             http,
             clock,
             db,
+            cipher,
             keys: RwLock::new(Arc::new(HashMap::new())),
             fetched_at: tokio::sync::Mutex::new(None),
             account_prefix,
@@ -317,11 +325,17 @@ impl OidcService {
             .url();
         let binding = random_token();
         let now = self.clock.now();
+        let state_hash = sha256_hex(state.secret());
+        let seal = |column: &str, secret: &str| {
+            self.cipher
+                .encrypt(&FieldAad::new(LOGIN_AAD, &state_hash, column), secret.as_bytes())
+                .map_err(AppError::internal)
+        };
         let row = (
-            oidc_logins::state_hash.eq(sha256_hex(state.secret())),
+            oidc_logins::pkce_verifier.eq(seal("pkce_verifier", verifier.secret())?),
+            oidc_logins::nonce.eq(seal("nonce", nonce.secret())?),
+            oidc_logins::state_hash.eq(state_hash),
             oidc_logins::binding_hash.eq(sha256_hex(&binding)),
-            oidc_logins::pkce_verifier.eq(verifier.secret().clone()),
-            oidc_logins::nonce.eq(nonce.secret().clone()),
             oidc_logins::created_at.eq(micros(now)),
             oidc_logins::expires_at.eq(micros(now + LOGIN_TTL)),
         );
@@ -336,9 +350,25 @@ impl OidcService {
     }
 
     /// Consumes the login state of `state` if `binding` matches and it has not expired: (PKCE verifier, nonce).
+    /// A stored secret that does not open (tampered, or moved from another login) is no login state at all.
     async fn take_login(&self, state: &str, binding: &str) -> AppResult<Option<(String, String)>> {
         let (state_hash, binding_hash) = (sha256_hex(state), sha256_hex(binding));
         let now = micros(self.clock.now());
+        let sealed = self.take_sealed(state_hash.clone(), binding_hash, now).await?;
+        let open = |column: &str, ct: &str| {
+            let bytes = self.cipher.decrypt(&FieldAad::new(LOGIN_AAD, &state_hash, column), ct).ok()?;
+            String::from_utf8(bytes.to_vec()).ok()
+        };
+        Ok(sealed.and_then(|(v, n)| Some((open("pkce_verifier", &v)?, open("nonce", &n)?))))
+    }
+
+    /// The sealed (PKCE verifier, nonce) of a login, deleted in the same transaction (single use).
+    async fn take_sealed(
+        &self,
+        state_hash: String,
+        binding_hash: String,
+        now: i64,
+    ) -> AppResult<Option<(String, String)>> {
         self.db
             .run(move |c| {
                 c.transaction(|c| {

@@ -3,7 +3,7 @@
 //! of the real binary (every response that came back has its event).
 
 use crate::both_backends;
-use crate::helpers::{PASSWORD, Session, TestApp, client_trusting};
+use crate::helpers::{PASSWORD, Session, TestApp, client_trusting, free_port};
 use crate::world::observation;
 use carevault::store::schema::audit_events;
 use diesel::prelude::*;
@@ -465,10 +465,6 @@ mod crash {
             }
         }
         cmd
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     /// Starts `serve` and waits until it answers.

@@ -233,3 +233,17 @@ impl TestApp {
         audit_events::table.count().get_result(&mut conn).unwrap()
     }
 }
+
+/// A free TCP port on 127.0.0.1 for a server that binds it later (an OIDC provider must know carevault's
+/// redirect URI before carevault starts; a crash test restarts a server on the same port).
+pub fn free_port() -> u16 {
+    // The port is bound only later (after the provider fixture has started): take it from below the kernel's
+    // ephemeral range (32768–60999), so another test's bind to port 0 cannot take it in between.
+    use std::hash::{BuildHasher, RandomState};
+    loop {
+        let port = 20_000 + u16::try_from(RandomState::new().hash_one(0u8) % 12_000).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}

@@ -7,7 +7,7 @@
 //! test is skipped with a message) and a carevault server whose clock starts at the wall-clock time (the provider
 //! signs with the real time) and then moves only when the test says.
 
-use crate::helpers::{Backend, PgDatabase, client_trusting, policy_dir};
+use crate::helpers::{Backend, PgDatabase, client_trusting, free_port, policy_dir};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use carevault::app::{AppState, Application};
@@ -163,11 +163,6 @@ fn rand_bytes() -> [u8; 32] {
     let mut b = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut b);
     b
-}
-
-/// A port that was free a moment ago (the provider must know carevault's redirect URI before it starts).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A carevault server configured for one OIDC provider.
