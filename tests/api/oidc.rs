@@ -237,6 +237,19 @@ impl OidcApp {
         assert!(
             set_cookie.contains("HttpOnly") && set_cookie.contains("Secure") && set_cookie.contains("SameSite=Lax")
         );
+        // The login state at rest: the verifier and nonce sealed, the nonce sent to the provider nowhere in clear.
+        use carevault::store::schema::oidc_logins;
+        use diesel::prelude::*;
+        let nonce =
+            reqwest::Url::parse(&location).unwrap().query_pairs().find(|(k, _)| k == "nonce").unwrap().1.into_owned();
+        let mut conn = self.state.db.conn().unwrap();
+        let stored: Vec<(String, String)> =
+            oidc_logins::table.select((oidc_logins::pkce_verifier, oidc_logins::nonce)).load(&mut conn).unwrap();
+        assert!(!stored.is_empty());
+        for (verifier, sealed_nonce) in stored {
+            assert!(verifier.starts_with("cv1:") && sealed_nonce.starts_with("cv1:"));
+            assert!(!verifier.contains(&nonce) && !sealed_nonce.contains(&nonce));
+        }
         (location, set_cookie.split(';').next().unwrap().to_owned())
     }
 
