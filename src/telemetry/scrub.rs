@@ -78,6 +78,10 @@ pub const ALLOWED_KEYS: &[&str] = &[
     // process-level events
     "panic.location",
     "listen",
+    // key and audit maintenance: version and sequence numbers only
+    "key.active",
+    "key.index",
+    "audit.checkpoint_seq",
 ];
 
 /// True when values under `key` may be written (after scrubbing).
