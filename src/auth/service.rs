@@ -83,12 +83,14 @@ pub struct TokenResponse {
     pub refresh_token: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct CachedSession {
     live: bool,
     created_at: OffsetDateTime,
     last_seen: OffsetDateTime,
     checked_at: OffsetDateTime,
+    /// The account's login name, for the audit trail (tokens do not carry it).
+    username: Arc<str>,
 }
 
 /// Why a login failed; only for the audit trail and metrics, never sent (the client sees one generic 401).
@@ -580,15 +582,17 @@ impl AuthService {
                 self.keys().verify(token, now).map_err(|_| AppError::Unauthenticated)?
             }
         };
-        if let Some(sid) = claims.sid {
-            self.check_session(sid, now).await?;
+        let username = if let Some(sid) = claims.sid {
+            Some(self.check_session(sid, now).await?)
         } else if claims.client_id.is_some() {
             self.check_client(&claims.sub).await?;
+            None
         } else {
             return Err(AppError::Unauthenticated);
-        }
+        };
         let mut principal = claims.into_principal();
         principal.issuer = self.issuer.clone();
+        principal.username = username.map(|u| u.to_string());
         Ok(principal)
     }
 
@@ -603,8 +607,9 @@ impl AuthService {
         if disabled == Some(false) { Ok(()) } else { Err(AppError::Unauthenticated) }
     }
 
-    async fn check_session(&self, sid: Uuid, now: OffsetDateTime) -> AppResult<()> {
-        let cached = self.cache.read().unwrap_or_else(PoisonError::into_inner).get(&sid).copied();
+    /// Whether session `sid` is live at `now` (cached for [`SESSION_CACHE`]); its account's username when it is.
+    async fn check_session(&self, sid: Uuid, now: OffsetDateTime) -> AppResult<Arc<str>> {
+        let cached = self.cache.read().unwrap_or_else(PoisonError::into_inner).get(&sid).cloned();
         if let Some(c) = cached
             && now - c.checked_at < SESSION_CACHE
             && now >= c.checked_at
@@ -612,20 +617,26 @@ impl AuthService {
             if !c.live || !self.sessions.is_live(c.created_at, c.last_seen, now) {
                 return Err(AppError::Unauthenticated);
             }
-            return Ok(());
+            return Ok(c.username);
         }
         let policy = self.sessions;
         let id = sid.to_string();
         let state = self
             .db
             .run(move |c| {
-                let row: Option<(i64, i64, Option<i64>, bool)> = sessions::table
+                let row: Option<(i64, i64, Option<i64>, bool, String)> = sessions::table
                     .inner_join(accounts::table)
                     .filter(sessions::id.eq(&id))
-                    .select((sessions::created_at, sessions::last_seen, sessions::revoked_at, accounts::disabled))
+                    .select((
+                        sessions::created_at,
+                        sessions::last_seen,
+                        sessions::revoked_at,
+                        accounts::disabled,
+                        accounts::username,
+                    ))
                     .first(c)
                     .optional()?;
-                let Some((created, seen, revoked, disabled)) = row else { return Ok(None) };
+                let Some((created, seen, revoked, disabled, username)) = row else { return Ok(None) };
                 let (created, seen) = (from_micros(created), from_micros(seen));
                 let live = revoked.is_none() && !disabled && policy.is_live(created, seen, now);
                 let mut last_seen = seen;
@@ -635,15 +646,15 @@ impl AuthService {
                         .execute(c)?;
                     last_seen = now;
                 }
-                Ok(Some((live, created, last_seen)))
+                Ok(Some((live, created, last_seen, Arc::<str>::from(username))))
             })
             .await?;
-        let (live, created_at, last_seen) = state.unwrap_or((false, now, now));
+        let (live, created_at, last_seen, username) = state.unwrap_or((false, now, now, Arc::from("")));
         self.cache
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(sid, CachedSession { live, created_at, last_seen, checked_at: now });
-        if live { Ok(()) } else { Err(AppError::Unauthenticated) }
+            .insert(sid, CachedSession { live, created_at, last_seen, checked_at: now, username: username.clone() });
+        if live { Ok(username) } else { Err(AppError::Unauthenticated) }
     }
 
     /// The account id behind a token that verifies but whose account is disabled (the monitor's

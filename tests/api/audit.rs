@@ -116,6 +116,7 @@ both_backends!(every_interaction_yields_exactly_one_event, |app: TestApp| async 
     assert_eq!(status, 200);
     let e = p.one(&app, "read");
     check(&e, "read", "R", "0", &doc, "clinician");
+    assert_eq!(e["agent"]["username"], "doc", "request events name the account too");
     check_resource(&e, "Observation", Some(&obs), Some(1), Some(alice));
 
     // update
@@ -159,6 +160,7 @@ both_backends!(every_interaction_yields_exactly_one_event, |app: TestApp| async 
     assert_eq!((status, b["entry"].as_array().map(Vec::len)), (200, Some(1)));
     let e = p.one(&app, "search by name");
     check(&e, "search", "E", "0", &front, "front_desk");
+    assert_eq!(e["agent"]["username"], "front");
     assert_eq!(e["query_params"], json!(["family", "given"]));
     let p = Probe::start(&app);
     let lenient = app
@@ -185,6 +187,7 @@ both_backends!(every_interaction_yields_exactly_one_event, |app: TestApp| async 
     assert_eq!(del.status(), 204);
     let e = p.one(&app, "delete");
     check(&e, "delete", "D", "0", &doc, "clinician");
+    assert_eq!(e["agent"]["username"], "doc");
     check_resource(&e, "Observation", Some(&obs), Some(3), Some(alice));
 
     // $access-report (the patient's own)
@@ -192,6 +195,7 @@ both_backends!(every_interaction_yields_exactly_one_event, |app: TestApp| async 
     assert_eq!(app.get(&w.alice_user, &format!("/fhir/Patient/{alice}/$access-report")).await.status(), 200);
     let e = p.one(&app, "$access-report");
     check(&e, "access-report", "E", "0", &patient_user, "patient");
+    assert_eq!(e["agent"]["username"], "alice");
     check_resource(&e, "Patient", Some(alice), None, Some(alice));
     assert_eq!(e["purpose_of_use"], "PATRQT");
 
