@@ -90,18 +90,30 @@ fn replace_index(
         return Ok(());
     }
     let mut seen = std::collections::BTreeSet::new();
-    // MultiConnection has no batch insert; the rows go in one transaction all the same.
-    for (p, v) in index.iter().filter(|(p, v)| seen.insert((p.clone(), v.clone()))) {
-        diesel::insert_into(search_index::table)
-            .values((
-                search_index::resource_type.eq(rtype),
-                search_index::id.eq(id),
-                search_index::param.eq(p),
-                search_index::value.eq(v),
-            ))
-            .execute(conn)?;
+    let rows: Vec<IndexRow<'_>> = index
+        .iter()
+        .filter(|(p, v)| seen.insert((p.as_str(), v.as_str())))
+        .map(|(param, value)| IndexRow { resource_type: rtype, id, param, value })
+        .collect();
+    // One multi-row INSERT (one round trip), through the concrete connection: diesel's MultiConnection has no
+    // batch insert. 200 rows × 4 parameters stays far below either backend's bind-parameter limit.
+    for chunk in rows.chunks(200) {
+        match conn {
+            AnyConnection::Postgresql(c) => diesel::insert_into(search_index::table).values(chunk).execute(c)?,
+            AnyConnection::Sqlite(c) => diesel::insert_into(search_index::table).values(chunk).execute(c)?,
+        };
     }
     Ok(())
+}
+
+/// One row of `search_index`.
+#[derive(Insertable)]
+#[diesel(table_name = search_index)]
+struct IndexRow<'a> {
+    resource_type: &'a str,
+    id: &'a str,
+    param: &'a str,
+    value: &'a str,
 }
 
 fn replace_extras(conn: &mut AnyConnection, row: &Row, extras: &WriteExtras) -> QueryResult<()> {
