@@ -128,16 +128,28 @@ pub fn rotate(conn: &mut AnyConnection, provider: &dyn KeyProvider, now: OffsetD
     conn.transaction(|conn| {
         let ring = load(conn, provider).map_err(AppError::internal)?;
         let (next, wrapped) = ring.rotate(provider).map_err(AppError::internal)?;
-        diesel::update(crypto_keys::table.filter(crypto_keys::purpose.eq("data")))
-            .set(crypto_keys::state.eq("retired"))
-            .execute(conn)
-            .map_err(db_err)?;
-        diesel::insert_into(crypto_keys::table)
-            .values(row(&wrapped, "active", &provider.id(), now))
-            .execute(conn)
-            .map_err(db_err)?;
+        install_active(conn, &wrapped, provider, now)?;
         Ok(next.active_version())
     })
+}
+
+/// Stores `wrapped` as the active key of its purpose and marks every other key of that purpose `retired`, in
+/// the caller's transaction.
+fn install_active(
+    conn: &mut AnyConnection,
+    wrapped: &WrappedKey,
+    provider: &dyn KeyProvider,
+    now: OffsetDateTime,
+) -> AppResult<()> {
+    diesel::update(crypto_keys::table.filter(crypto_keys::purpose.eq(wrapped.purpose.as_str())))
+        .set(crypto_keys::state.eq("retired"))
+        .execute(conn)
+        .map_err(db_err)?;
+    diesel::insert_into(crypto_keys::table)
+        .values(row(wrapped, "active", &provider.id(), now))
+        .execute(conn)
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// `keys rotate-master`: rewraps every stored key under a new master key (data untouched).
@@ -225,21 +237,14 @@ pub fn begin_index_rotation(
         if rows.len() > 1 {
             return Ok(IndexRotation {
                 version: newest_version,
-                created_at: from_micros(newest.created_at),
+                created_at: crate::auth::service::from_micros(newest.created_at),
                 new_key: false,
             });
         }
         let version =
             newest_version.checked_add(1).ok_or_else(|| AppError::internal("index key versions exhausted"))?;
         let wrapped = KeyRing::new_index_key(provider, version).map_err(AppError::internal)?;
-        diesel::update(crypto_keys::table.filter(crypto_keys::purpose.eq("index")))
-            .set(crypto_keys::state.eq("retired"))
-            .execute(conn)
-            .map_err(db_err)?;
-        diesel::insert_into(crypto_keys::table)
-            .values(row(&wrapped, "active", &provider.id(), now))
-            .execute(conn)
-            .map_err(db_err)?;
+        install_active(conn, &wrapped, provider, now)?;
         Ok(IndexRotation { version, created_at: now, new_key: true })
     })
 }
@@ -261,10 +266,6 @@ pub fn finish_index_rotation(conn: &mut AnyConnection, version: u32) -> AppResul
         .execute(conn)
         .map_err(db_err)
     })
-}
-
-fn from_micros(m: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// The cipher the server uses, built from the stored ring.
