@@ -94,13 +94,17 @@ impl AppState {
                 .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
         );
         let base = format!("{}/fhir", config.base_url());
+        #[cfg(feature = "benchmark")]
         let bench = config.benchmark.switches();
+        // The benchmark's alternate implementations, chosen here and compiled only with the `benchmark` feature.
+        #[cfg(feature = "benchmark")]
         let audit = if bench.audit_off { audit.benchmark_off() } else { audit };
-        let records = Arc::new(
+        let records =
             Records::new(db.clone(), cipher.clone(), access.clone(), validator()?, audit.clone(), clock.clone(), base)
-                .with_alerts(Arc::new(config.clone()))
-                .with_benchmark_switches(bench),
-        );
+                .with_config(Arc::new(config.clone()));
+        #[cfg(feature = "benchmark")]
+        let records = records.with_benchmark_switches(bench);
+        let records = Arc::new(records);
         let monitor = crate::monitor::Monitor::new();
         let limits =
             Arc::new(crate::api::limit::RateLimit::new(config.limits.requests_per_second, config.limits.burst));

@@ -277,8 +277,9 @@ pub struct BenchmarkSwitches {
 }
 
 impl BenchmarkConfig {
+    /// The switches asked for; always all off in a build without the `benchmark` feature.
     pub fn switches(&self) -> BenchmarkSwitches {
-        let off = |s| self.disable.contains(&s);
+        let off = |s| cfg!(feature = "benchmark") && self.disable.contains(&s);
         BenchmarkSwitches {
             encryption_off: off(Safeguard::Encryption),
             audit_off: off(Safeguard::Audit),
@@ -366,6 +367,12 @@ impl Config {
         }
         if self.limits.requests_per_second == 0 {
             return Err(ConfigError::Invalid("`limits.requests_per_second` must be positive".into()));
+        }
+        if !self.benchmark.disable.is_empty() && !cfg!(feature = "benchmark") {
+            return Err(ConfigError::Refused {
+                setting: "benchmark.disable",
+                why: "this build has no benchmark switches (only builds with the `benchmark` feature do)",
+            });
         }
         self.database()?;
         if let Some(oidc) = &self.auth.oidc {
@@ -581,9 +588,15 @@ mod tests {
     fn benchmark_switches_default_off_and_are_refused_in_production() {
         let c = Config::from_toml("", &over()).unwrap();
         assert_eq!(c.benchmark.switches(), BenchmarkSwitches::default());
-        let c = Config::from_toml("[benchmark]\ndisable = [\"audit\", \"encryption\"]\n", &over()).unwrap();
-        let s = c.benchmark.switches();
-        assert!(s.audit_off && s.encryption_off && !s.access_off && !s.telemetry_off);
+        let asked = Config::from_toml("[benchmark]\ndisable = [\"audit\", \"encryption\"]\n", &over());
+        if cfg!(feature = "benchmark") {
+            let s = asked.unwrap().benchmark.switches();
+            assert!(s.audit_off && s.encryption_off && !s.access_off && !s.telemetry_off);
+        } else {
+            // A build without the feature has no switch to turn: the request is refused, naming the setting.
+            let e = asked.unwrap_err();
+            assert!(e.to_string().contains("benchmark.disable"), "{e}");
+        }
         assert!(Config::from_toml("[benchmark]\ndisable = [\"tls\"]\n", &over()).is_err());
         let dir = tempfile::tempdir().unwrap();
         let prod = format!(

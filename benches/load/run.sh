@@ -21,15 +21,21 @@ PATIENTS="${PATIENTS:-200}"
 PORT="${PORT:-18443}"
 SINK_PORT="${SINK_PORT:-14318}"
 CONFIGS="${CONFIGS:-full encryption-off audit-off access-off telemetry-off export-on all-off}"
+# BASELINE_BIN=/path/to/an/older/carevault adds the configuration `baseline`: that binary, every safeguard on,
+# interleaved with the others (before/after comparisons in one run; docs/benchmarks.md).
+BASELINE_BIN="${BASELINE_BIN:-}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="${OUT:-$ROOT/benches/load/results}"
 
 echo "::: build (release, once)"
-cargo build --release --locked --bin carevault --example load --example audit_verify
+cargo build --release --locked --features benchmark --bin carevault --example load --example audit_verify
 WORK="$(mktemp -d)"
 # Private copies: a later build in a shared target directory must not swap the binary mid-run.
 cp "$TARGET/release/carevault" "$TARGET/release/examples/load" "$TARGET/release/examples/audit_verify" "$WORK/"
 BIN="$WORK/carevault"
+if [ -n "$BASELINE_BIN" ]; then
+  cp "$BASELINE_BIN" "$WORK/baseline"
+fi
 LOAD="$WORK/load"
 VERIFY="$WORK/audit_verify"
 DB="carevault_bench_$$"
@@ -58,7 +64,7 @@ head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$WORK/password"
 # One config file per configuration; only `benchmark.disable` differs.
 disable_list() {
   case "$1" in
-    full | export-on | export-sampled) echo '[]' ;;
+    full | export-on | export-sampled | baseline) echo '[]' ;;
     encryption-off) echo '["encryption"]' ;;
     audit-off) echo '["audit"]' ;;
     access-off) echo '["access"]' ;;
@@ -84,7 +90,11 @@ start_server() { # config name
     env=(env OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" OTEL_METRIC_EXPORT_INTERVAL=10000
       OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1)
   fi
-  "${env[@]}" "$BIN" --data-dir "$DATA" --config "$WORK/$1.toml" serve --listen "127.0.0.1:$PORT" \
+  local bin="$BIN"
+  if [ "$1" = baseline ]; then
+    bin="$WORK/baseline"
+  fi
+  "${env[@]}" "$bin" --data-dir "$DATA" --config "$WORK/$1.toml" serve --listen "127.0.0.1:$PORT" \
     >"$WORK/server-$1.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 100); do

@@ -230,7 +230,10 @@ pub async fn revoke(state: web::Data<AppState>, req: HttpRequest, body: web::Byt
     let Some(token) = form.token.filter(|t| !t.is_empty() && t.len() <= 8192) else {
         return Ok(oauth_error(actix_web::http::StatusCode::BAD_REQUEST, "invalid_request"));
     };
-    state.auth.revoke_token(&token).await?;
+    // RFC 7009: 200 whether or not the token was known; only a revocation that ended a session is an event.
+    if state.auth.revoke_token(&token).await?.is_none() {
+        return Ok(HttpResponse::Ok().finish());
+    }
     let ip = client_ip(&req);
     let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
     let event =

@@ -3,11 +3,10 @@
 
 use crate::api::auth::client_ip;
 use crate::app::AppState;
-use crate::audit::AuditKind;
 use crate::auth::principal::Principal;
 use crate::error::{AppError, AppResult, FHIR_JSON};
 use crate::fhir::search::Handling;
-use crate::records::{Caller, Shown};
+use crate::records::{Caller, Done, Interaction, Operation, Shown};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::Value;
@@ -17,16 +16,18 @@ fn caller(req: &HttpRequest, principal: Principal) -> Caller {
     Caller { principal, ip: client_ip(req) }
 }
 
-/// Refused and failed interactions are audited too (who, which type, the outcome; nothing the client sent).
-async fn audited<T>(state: &AppState, c: &Caller, kind: AuditKind, rtype: &str, r: AppResult<T>) -> AppResult<T> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let status = actix_web::ResponseError::status_code(&e).as_u16();
-            let event = state.records.failure_event(c, kind, rtype, status);
-            state.records.auditor().record(event).await?;
-            Err(e)
-        }
+/// Runs one operation through the records service (which decides, scopes, decrypts, shapes and audits it, on
+/// success and on failure alike).
+async fn execute(state: &AppState, req: &HttpRequest, p: Principal, interaction: Interaction) -> AppResult<Done> {
+    state.records.execute(Operation::new(caller(req, p), interaction)).await
+}
+
+/// The FHIR body of an operation's result.
+fn rendered(status: actix_web::http::StatusCode, done: Done) -> AppResult<HttpResponse> {
+    match done {
+        Done::Resource(shown) | Done::Created(shown) => Ok(with_version(fhir_json(status, &shown.resource), &shown)),
+        Done::Bundle(body) | Done::Document(body) => Ok(fhir_json(status, &body)),
+        Done::Deleted => Ok(HttpResponse::NoContent().finish()),
     }
 }
 
@@ -96,14 +97,8 @@ pub async fn read(
 ) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
     let elements = elements_param(&req)?;
-    if rtype == "AuditEvent" {
-        let body = crate::records::audit_api::read(&state, &caller(&req, p), &id).await?;
-        return Ok(fhir_json(actix_web::http::StatusCode::OK, &body));
-    }
-    let c = caller(&req, p);
-    let shown =
-        audited(&state, &c, AuditKind::Read, &rtype, state.records.read(&c, &rtype, &id, elements).await).await?;
-    Ok(with_version(fhir_json(actix_web::http::StatusCode::OK, &shown.resource), &shown))
+    let done = execute(&state, &req, p, Interaction::Read { rtype, id, elements }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 fn elements_param(req: &HttpRequest) -> AppResult<Option<Vec<String>>> {
@@ -126,10 +121,9 @@ pub async fn vread(
     p: Principal,
     path: web::Path<(String, String, String)>,
 ) -> AppResult<HttpResponse> {
-    let (rtype, id, vid) = path.into_inner();
-    let c = caller(&req, p);
-    let shown = audited(&state, &c, AuditKind::Vread, &rtype, state.records.vread(&c, &rtype, &id, &vid).await).await?;
-    Ok(with_version(fhir_json(actix_web::http::StatusCode::OK, &shown.resource), &shown))
+    let (rtype, id, version) = path.into_inner();
+    let done = execute(&state, &req, p, Interaction::Vread { rtype, id, version }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 pub async fn history(
@@ -139,9 +133,8 @@ pub async fn history(
     path: web::Path<(String, String)>,
 ) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
-    let c = caller(&req, p);
-    let body = audited(&state, &c, AuditKind::History, &rtype, state.records.history(&c, &rtype, &id).await).await?;
-    Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
+    let done = execute(&state, &req, p, Interaction::History { rtype, id }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 pub async fn create(
@@ -153,8 +146,10 @@ pub async fn create(
 ) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     check_json(&req)?;
-    let c = caller(&req, p);
-    let shown = audited(&state, &c, AuditKind::Create, &rtype, state.records.create(&c, &rtype, &body).await).await?;
+    let Done::Created(shown) = execute(&state, &req, p, Interaction::Create { rtype: rtype.clone(), body }).await?
+    else {
+        return Err(AppError::internal("create answered without a resource"));
+    };
     let id = shown.resource.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
     let location = format!("/fhir/{rtype}/{id}/_history/{}", shown.version_id);
     let resp = if wants_minimal(&req) {
@@ -182,10 +177,11 @@ pub async fn update(
     if expected.is_none() {
         return Err(AppError::PreconditionRequired);
     }
-    let c = caller(&req, p);
-    let shown =
-        audited(&state, &c, AuditKind::Update, &rtype, state.records.update(&c, &rtype, &id, expected, &body).await)
-            .await?;
+    let Done::Resource(shown) =
+        execute(&state, &req, p, Interaction::Update { rtype, id, if_match: expected, body }).await?
+    else {
+        return Err(AppError::internal("update answered without a resource"));
+    };
     let resp = if wants_minimal(&req) {
         HttpResponse::Ok().finish()
     } else {
@@ -201,9 +197,8 @@ pub async fn delete(
     path: web::Path<(String, String)>,
 ) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
-    let c = caller(&req, p);
-    audited(&state, &c, AuditKind::Delete, &rtype, state.records.delete(&c, &rtype, &id).await).await?;
-    Ok(HttpResponse::NoContent().finish())
+    let done = execute(&state, &req, p, Interaction::Delete { rtype, id }).await?;
+    rendered(actix_web::http::StatusCode::NO_CONTENT, done)
 }
 
 pub async fn search_get(
@@ -241,16 +236,11 @@ async fn search(
     req: &HttpRequest,
     p: Principal,
     rtype: &str,
-    pairs: Vec<(String, String)>,
+    params: Vec<(String, String)>,
 ) -> AppResult<HttpResponse> {
-    let c = caller(req, p);
-    let body = if rtype == "AuditEvent" {
-        crate::records::audit_api::search(state, &c, pairs, handling(req)).await
-    } else {
-        state.records.search(&c, rtype, pairs, handling(req)).await
-    };
-    let body = audited(state, &c, AuditKind::Search, rtype, body).await?;
-    Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
+    let interaction = Interaction::Search { rtype: rtype.to_owned(), params, handling: handling(req) };
+    let done = execute(state, req, p, interaction).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 pub async fn everything(
@@ -259,11 +249,8 @@ pub async fn everything(
     p: Principal,
     path: web::Path<String>,
 ) -> AppResult<HttpResponse> {
-    let c = caller(&req, p);
-    let body =
-        audited(&state, &c, AuditKind::Everything, "Patient", state.records.everything(&c, &path.into_inner()).await)
-            .await?;
-    Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
+    let done = execute(&state, &req, p, Interaction::Everything { patient: path.into_inner() }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 pub async fn access_report(
@@ -272,8 +259,8 @@ pub async fn access_report(
     p: Principal,
     path: web::Path<String>,
 ) -> AppResult<HttpResponse> {
-    let body = crate::records::audit_api::access_report(&state, &caller(&req, p), &path.into_inner()).await?;
-    Ok(fhir_json(actix_web::http::StatusCode::OK, &body))
+    let done = execute(&state, &req, p, Interaction::AccessReport { patient: path.into_inner() }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 #[derive(serde::Deserialize)]
@@ -290,8 +277,19 @@ pub async fn break_glass(
     p: Principal,
     body: web::Bytes,
 ) -> AppResult<HttpResponse> {
-    let body: BreakGlassBody = serde_json::from_slice(&body)
-        .map_err(|_| AppError::invalid("patient", "The body must name the patient and a reason."))?;
-    let grant = crate::records::audit_api::break_glass(&state, &caller(&req, p), &body.patient, &body.reason).await?;
-    Ok(HttpResponse::Created().json(grant))
+    // A body that does not parse is still a (refused) break-glass attempt: it is audited like any other.
+    let (patient, reason) = match serde_json::from_slice::<BreakGlassBody>(&body) {
+        Ok(b) => (b.patient, b.reason),
+        Err(_) => (String::new(), String::new()),
+    };
+    let bad_body = patient.is_empty();
+    let done = execute(&state, &req, p, Interaction::BreakGlass { patient, reason }).await;
+    match done {
+        Err(AppError::Invalid { .. }) if bad_body => {
+            Err(AppError::invalid("patient", "The body must name the patient and a reason."))
+        }
+        Err(e) => Err(e),
+        Ok(Done::Document(grant)) => Ok(HttpResponse::Created().json(grant)),
+        Ok(_) => Err(AppError::internal("break-glass answered without a grant")),
+    }
 }

@@ -239,7 +239,12 @@ pub struct AuditEvent {
     pub action: Action,
     pub outcome: Outcome,
     pub agent: Agent,
+    /// The one patient the event is about, when it is about exactly one.
     pub patient: Option<Uuid>,
+    /// Every patient the response disclosed, sorted, when there were two or more (then `patient` is `None`).
+    /// Absent from the canonical form when empty, so events that name one patient or none keep their bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patients: Vec<Uuid>,
     pub resource_type: Option<String>,
     pub resource_id: Option<Uuid>,
     pub resource_version: Option<i64>,
@@ -268,6 +273,7 @@ impl AuditEvent {
             outcome,
             agent,
             patient: None,
+            patients: Vec::new(),
             resource_type: None,
             resource_id: None,
             resource_version: None,
@@ -284,7 +290,39 @@ impl AuditEvent {
 
     pub fn with_patient(mut self, patient: Uuid) -> Self {
         self.patient = Some(patient);
+        self.patients.clear();
         self
+    }
+
+    /// Names every patient the response disclosed: one goes to `patient`, two or more to `patients` (sorted,
+    /// without duplicates); none leaves both empty.
+    pub fn with_patients(mut self, patients: impl IntoIterator<Item = Uuid>) -> Self {
+        let mut all: Vec<Uuid> = patients.into_iter().collect();
+        all.sort_unstable();
+        all.dedup();
+        match all.as_slice() {
+            [] => {
+                self.patient = None;
+                self.patients.clear();
+            }
+            [one] => {
+                self.patient = Some(*one);
+                self.patients.clear();
+            }
+            _ => {
+                self.patient = None;
+                self.patients = all;
+            }
+        }
+        self
+    }
+
+    /// Every patient this event names (the one `patient`, or the `patients` a response disclosed).
+    pub fn disclosed(&self) -> &[Uuid] {
+        match &self.patient {
+            Some(p) => std::slice::from_ref(p),
+            None => &self.patients,
+        }
     }
 
     /// The resource acted on; `id` is absent for searches and creates that failed.
@@ -322,7 +360,8 @@ impl AuditEvent {
     /// The bytes the hash chain covers.
     ///
     /// Format (version 1, pinned by the golden test): the compact `serde_json` serialization of this struct,
-    /// fields in declaration order, every field present (`null` when absent), after normalizing:
+    /// fields in declaration order, every field present (`null` when absent) except `patients`, which appears only when non-empty (so
+    /// events naming at most one patient have the bytes they had before it existed), after normalizing:
     /// `recorded` in UTC, truncated to whole microseconds (what both databases store), as RFC 3339
     /// (`2026-01-02T03:04:05.123456Z`, fraction omitted when zero); `query_params` sorted and deduplicated.
     /// Enums are their fixed string codes, UUIDs lower-case hyphenated, integers decimal; no floats, no maps.

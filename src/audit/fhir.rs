@@ -164,7 +164,7 @@ fn agents(event: &AuditEvent, server_id: &str, purpose: Option<Value>) -> Vec<Va
 
 fn entities(event: &AuditEvent) -> Vec<Value> {
     let mut entities = Vec::new();
-    if let Some(patient) = event.patient {
+    for patient in event.disclosed() {
         entities.push(json!({
             "what": { "reference": format!("Patient/{patient}") },
             "type": coding(ENTITY_TYPE, "1", "Person"),

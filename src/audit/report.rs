@@ -15,7 +15,7 @@
 //!     "outcome"      valueCode      FHIR audit-event-outcome (0 success, 4 refused, 8/12 server failure)
 //! ```
 //!
-//! Accesses are the events whose `patient` is this patient, oldest first. Addresses, client ids and account
+//! Accesses are the events that name this patient (alone, or among the patients a search disclosed), oldest first. Addresses, client ids and account
 //! ids are left out: the patient learns who and why, not the server's internals.
 
 use super::event::AuditEvent;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 /// Builds the access report for `patient` from `events` (any superset of its events; others are skipped).
 /// `display` maps an agent's `user` (account id or subject) to a display name.
 pub fn access_report(patient: Uuid, events: &[AuditEvent], display: &dyn Fn(&str) -> Option<String>) -> Value {
-    let mut mine: Vec<&AuditEvent> = events.iter().filter(|e| e.patient == Some(patient)).collect();
+    let mut mine: Vec<&AuditEvent> = events.iter().filter(|e| e.disclosed().contains(&patient)).collect();
     mine.sort_by_key(|e| (e.recorded, e.id));
     let mut parameters = vec![
         json!({ "name": "patient", "valueReference": { "reference": format!("Patient/{patient}") } }),

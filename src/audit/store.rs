@@ -10,7 +10,7 @@ use super::chain::{ChainLink, Verifier, hash_from_hex, to_hex};
 use super::event::AuditEvent;
 use crate::crypto::store::micros;
 use crate::error::{AppError, AppResult};
-use crate::store::schema::{audit_events, audit_head};
+use crate::store::schema::{audit_events, audit_head, audit_patients};
 use crate::store::{AnyConnection, Db};
 use diesel::prelude::*;
 use tokio::sync::{mpsc, oneshot};
@@ -40,6 +40,7 @@ pub fn append_locked(
 ) -> AppResult<Option<ChainLink>> {
     let mut prev = head;
     let mut rows = Vec::with_capacity(events.len());
+    let mut named = Vec::new();
     for e in events {
         let canonical = e.canonical_bytes().map_err(AppError::internal)?;
         let link = ChainLink::next(prev.as_ref(), &canonical);
@@ -48,12 +49,18 @@ pub fn append_locked(
             id: e.id.to_string(),
             recorded: micros(e.recorded),
             kind: e.kind.as_str().to_owned(),
+            action: e.action.as_str(),
             agent: e.agent.user.clone(),
             patient_id: e.patient.map(|p| p.to_string()),
             body: String::from_utf8(canonical).map_err(AppError::internal)?,
             prev_hash: to_hex(&link.prev_hash),
             hash: to_hex(&link.hash),
         });
+        named.extend(e.disclosed().iter().map(|p| PatientRow {
+            patient_id: p.to_string(),
+            seq: link.seq,
+            recorded: micros(e.recorded),
+        }));
         prev = Some(link);
     }
     // One multi-row INSERT per batch (the group commit's round trips), through the concrete connection, since
@@ -62,6 +69,12 @@ pub fn append_locked(
         match conn {
             AnyConnection::Postgresql(c) => diesel::insert_into(audit_events::table).values(chunk).execute(c)?,
             AnyConnection::Sqlite(c) => diesel::insert_into(audit_events::table).values(chunk).execute(c)?,
+        };
+    }
+    for chunk in named.chunks(500) {
+        match conn {
+            AnyConnection::Postgresql(c) => diesel::insert_into(audit_patients::table).values(chunk).execute(c)?,
+            AnyConnection::Sqlite(c) => diesel::insert_into(audit_patients::table).values(chunk).execute(c)?,
         };
     }
     if let Some(last) = prev {
@@ -80,11 +93,21 @@ struct EventRow {
     id: String,
     recorded: i64,
     kind: String,
+    action: &'static str,
     agent: Option<String>,
     patient_id: Option<String>,
     body: String,
     prev_hash: String,
     hash: String,
+}
+
+/// One row of `audit_patients`: a patient an event names.
+#[derive(Insertable)]
+#[diesel(table_name = audit_patients)]
+struct PatientRow {
+    patient_id: String,
+    seq: i64,
+    recorded: i64,
 }
 
 /// Appends events in their own transaction.
@@ -101,7 +124,8 @@ type Job = (AuditEvent, oneshot::Sender<AppResult<()>>);
 #[derive(Debug, Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<Job>,
-    /// Benchmark only (`benchmark.disable = ["audit"]`, refused in production): record nothing.
+    /// Benchmark builds only (`benchmark.disable = ["audit"]`, refused in production): record nothing.
+    #[cfg(feature = "benchmark")]
     off: bool,
 }
 
@@ -135,18 +159,31 @@ impl Auditor {
                 }
             })
             .map_or_else(|_| tracing::error!("cannot start the audit appender"), |_| ());
-        Auditor { tx, off: false }
+        Auditor {
+            tx,
+            #[cfg(feature = "benchmark")]
+            off: false,
+        }
     }
 
     /// Benchmark only: an auditor that records nothing, to measure what auditing costs. The configuration
     /// refuses this in the production profile.
+    #[cfg(feature = "benchmark")]
     pub fn benchmark_off(self) -> Auditor {
         Auditor { off: true, ..self }
     }
 
     /// [`lock_head`] for a write's own transaction (no lock, `None`, when switched off for a benchmark).
     pub fn lock_head(&self, conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
-        if self.off { Ok(None) } else { lock_head(conn) }
+        if self.off() { Ok(None) } else { lock_head(conn) }
+    }
+
+    /// Whether a benchmark switched auditing off (never, in a build without the `benchmark` feature).
+    fn off(&self) -> bool {
+        #[cfg(feature = "benchmark")]
+        return self.off;
+        #[cfg(not(feature = "benchmark"))]
+        false
     }
 
     /// A write takes the chain lock as late as it can, so concurrent writes overlap except for the append: on
@@ -178,12 +215,12 @@ impl Auditor {
         head: Option<ChainLink>,
         events: &[AuditEvent],
     ) -> AppResult<Option<ChainLink>> {
-        if self.off { Ok(head) } else { append_locked(conn, head, events) }
+        if self.off() { Ok(head) } else { append_locked(conn, head, events) }
     }
 
     /// Records one event and returns once it is committed. Fails closed (503) when it cannot be.
     pub async fn record(&self, event: AuditEvent) -> AppResult<()> {
-        if self.off {
+        if self.off() {
             return Ok(());
         }
         use tracing::Instrument;
@@ -279,11 +316,15 @@ fn read_head(conn: &mut AnyConnection) -> AppResult<Option<(i64, super::Hash)>> 
     Ok((seq != 0).then(|| (seq, hash_from_hex(&hash).unwrap_or([0; 32]))))
 }
 
-/// Events about one patient, oldest first, since `since` (Unix micros).
+/// Events that name one patient (alone or among the patients a response disclosed), oldest first, since
+/// `since` (Unix micros).
 pub fn for_patient(conn: &mut AnyConnection, patient: &str, since: i64) -> AppResult<Vec<AuditEvent>> {
+    let named = audit_patients::table
+        .filter(audit_patients::patient_id.eq(patient.to_owned()))
+        .filter(audit_patients::recorded.ge(since))
+        .select(audit_patients::seq);
     let bodies: Vec<String> = audit_events::table
-        .filter(audit_events::patient_id.eq(patient))
-        .filter(audit_events::recorded.ge(since))
+        .filter(audit_events::seq.eq_any(named))
         .order(audit_events::seq.asc())
         .select(audit_events::body)
         .load(conn)?;

@@ -539,7 +539,9 @@ impl AuthService {
     }
 
     /// RFC 7009: a refresh token ends its session; an access token of ours ends its session too.
-    pub async fn revoke_token(&self, token: &str) -> AppResult<()> {
+    /// Ends the session a refresh or access token belongs to; returns the session it ended (`None` for a token
+    /// that is unknown, malformed or not ours, which changes nothing).
+    pub async fn revoke_token(&self, token: &str) -> AppResult<Option<Uuid>> {
         let hash = hex(&hash_refresh_token(token));
         let sid: Option<String> = self
             .db
@@ -558,7 +560,7 @@ impl AuthService {
         if let Some(sid) = sid {
             self.end_session(sid).await?;
         }
-        Ok(())
+        Ok(sid)
     }
 
     fn forget(&self, session: Uuid) {

@@ -13,9 +13,9 @@
 use super::Cli;
 use crate::auth::service::{from_micros, rotate_signing_key, signing_key_id};
 use crate::crypto::store::{KeyRow, master_provider};
-use crate::crypto::{CryptoError, FieldAad, FieldCipher, KeyProvider, LocalKeyProvider, MasterKey};
+use crate::crypto::{KeyProvider, LocalKeyProvider, MasterKey};
 use crate::error::{AppError, AppResult};
-use crate::store::schema::{break_glass, crypto_keys, resource_history, resources, signing_keys};
+use crate::store::schema::{crypto_keys, signing_keys};
 use crate::store::{AnyConnection, db_err};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -85,7 +85,9 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
             // The newest stored ring (another process may have rotated since this one opened).
             let ring = crate::crypto::store::load(&mut conn, state.keys.as_ref()).map_err(|e| e.to_string())?;
             state.cipher.replace_ring(ring);
-            let result = reencrypt(&mut conn, &state.cipher, *batch);
+            let bar = super::progress(0, "re-encrypting");
+            let result = crate::records::maintenance::reencrypt(&mut conn, &state.cipher, *batch, &bar);
+            bar.finish_and_clear();
             let outcome = match &result {
                 Ok(r) if r.remaining == 0 => "keys-reencrypted",
                 _ => "keys-reencrypt-incomplete",
@@ -93,9 +95,9 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
             super::audit_admin(&state, &mut conn, outcome)?;
             let r = result.map_err(|e| e.to_string())?;
             println!(
-                "re-encrypted {} current and {} history row(s) and {} break-glass reason(s) to data key version {} \
-                 ({} concurrent update(s) retried)",
-                r.resources, r.history, r.grants, r.active, r.conflicts
+                "re-encrypted {} current and {} history row(s), {} break-glass reason(s) and {} alert note(s) to data \
+                 key version {} ({} concurrent update(s) retried)",
+                r.resources, r.history, r.grants, r.notes, r.active, r.conflicts
             );
             if r.remaining > 0 {
                 for f in &r.failed {
@@ -141,9 +143,9 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
         std::thread::sleep(wait);
     }
     let version = i32::try_from(rotation.version).map_err(|_| "index key version out of range".to_owned())?;
-    let total = crate::records::reindex::below(conn, version).map_err(|e| e.to_string())?;
+    let total = crate::records::maintenance::below(conn, version).map_err(|e| e.to_string())?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "reindexing");
-    let result = crate::records::reindex::reindex(&state.records, conn, batch, &|n| {
+    let result = crate::records::maintenance::reindex(&state.records, conn, batch, &|n| {
         if bar.position() + n > bar.length().unwrap_or(0) {
             bar.inc_length(n);
         }
@@ -151,7 +153,9 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
     });
     bar.finish_and_clear();
     let destroyed = match &result {
-        Ok(r) if r.remaining == 0 && r.failed.is_empty() => finish_index_rotation(conn, r.index_version).ok(),
+        Ok(r) if r.remaining == 0 && r.failed.is_empty() => {
+            finish_index_rotation(conn, r.index_version, crate::records::maintenance::below).ok()
+        }
         _ => None,
     };
     super::audit_admin(state, conn, if destroyed.is_some() { "keys-reindexed" } else { "keys-reindex-incomplete" })?;
@@ -169,7 +173,7 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
         eprintln!("cannot reindex {f}");
     }
     // Counted again: a server that had not reloaded may have written under the old key after the last pass.
-    let remaining = crate::records::reindex::below(conn, version).map_err(|e| e.to_string())?;
+    let remaining = crate::records::maintenance::below(conn, version).map_err(|e| e.to_string())?;
     Err(format!(
         "{remaining} resource(s) still use an older blind-index key, which is kept; fix the rows named above (if \
          any), then run `keys reindex` again to finish this rotation"
@@ -178,23 +182,6 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
 
 fn rfc3339(micros: i64) -> String {
     from_micros(micros).format(&Rfc3339).unwrap_or_default()
-}
-
-/// Rows per `key_version` of one table.
-fn counts(conn: &mut AnyConnection, history: bool) -> AppResult<BTreeMap<i32, i64>> {
-    let rows: Vec<(i32, i64)> = if history {
-        resource_history::table
-            .group_by(resource_history::key_version)
-            .select((resource_history::key_version, diesel::dsl::count_star()))
-            .load(conn)
-    } else {
-        resources::table
-            .group_by(resources::key_version)
-            .select((resources::key_version, diesel::dsl::count_star()))
-            .load(conn)
-    }
-    .map_err(db_err)?;
-    Ok(rows.into_iter().collect())
 }
 
 /// The non-secret state of every key, as JSON (the `--json` output).
@@ -207,18 +194,22 @@ pub fn status(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> AppResult
         .filter(|k| k.purpose == "index")
         .map(|k| json!({"version": k.version, "state": k.state, "master_key_id": k.master_id, "created": rfc3339(k.created_at)}))
         .collect();
-    let by_index: BTreeMap<i32, i64> = crate::records::store::rows_by_index_version(conn)?.into_iter().collect();
+    let by_index: BTreeMap<i32, i64> = crate::records::maintenance::rows_by_index_version(conn)?.into_iter().collect();
     let below_index: i64 = by_index.iter().filter(|(v, _)| Some(**v) < index).map(|(_, n)| *n).sum();
     let data_keys: Vec<Value> = keys
         .iter()
         .filter(|k| k.purpose == "data")
         .map(|k| json!({"version": k.version, "state": k.state, "master_key_id": k.master_id, "created": rfc3339(k.created_at)}))
         .collect();
-    let (current, history) = (counts(conn, false)?, counts(conn, true)?);
+    let (current, history) = (
+        crate::records::maintenance::key_version_counts(conn, false)?,
+        crate::records::maintenance::key_version_counts(conn, true)?,
+    );
     let active_v = active.unwrap_or(0);
-    let grants_below = i64::try_from(grants_below(conn, active_v)?.len()).unwrap_or(i64::MAX);
+    let (grants_below, notes_below) = crate::records::maintenance::sealed_text_below(conn, active_v)?;
     let below: i64 = current.iter().chain(history.iter()).filter(|(v, _)| **v < active_v).map(|(_, n)| *n).sum::<i64>()
-        + grants_below;
+        + grants_below
+        + notes_below;
     let by_version = |m: &BTreeMap<i32, i64>| -> Value { m.iter().map(|(v, n)| (v.to_string(), json!(n))).collect() };
     let signing: Vec<(String, i64, Option<i64>)> = signing_keys::table
         .order(signing_keys::created_at.asc())
@@ -249,6 +240,7 @@ pub fn status(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> AppResult
         "rows_by_key_version": {"resources": by_version(&current), "resource_history": by_version(&history)},
         "rows_below_active_version": below,
         "break_glass_reasons_below_active_version": grants_below,
+        "alert_notes_below_active_version": notes_below,
         "signing_keys": signing,
         "audit_checkpoint_keys": checkpoint,
     }))
@@ -301,277 +293,6 @@ fn print_status(s: &Value) {
     }
     if s["keys_wrapped_by_other_master_keys"].as_u64().is_some_and(|n| n > 0) {
         println!("WARNING: some keys are wrapped by another master key; see docs/key-rotation.md");
-    }
-}
-
-/// What a `reencrypt` run did.
-#[derive(Debug, Default)]
-pub struct Reencrypted {
-    pub active: u32,
-    pub resources: u64,
-    pub history: u64,
-    /// Break-glass grants whose encrypted reason was moved.
-    pub grants: u64,
-    /// Current rows changed by another writer between read and update (each was read again).
-    pub conflicts: u64,
-    /// Rows that could not be re-encrypted (`Type/id/_history/version`).
-    pub failed: Vec<String>,
-    /// Rows still below the active version at the end.
-    pub remaining: i64,
-}
-
-/// Re-encrypts each top-level element whose value is a `cv1:` ciphertext (AAD: type, id, element name) under the
-/// active key. Anything that does not decrypt fails the whole row (nothing partial is written).
-pub fn reencrypt_content(cipher: &FieldCipher, rtype: &str, id: &str, content: &str) -> Result<String, CryptoError> {
-    let mut doc: Value = serde_json::from_str(content).map_err(|_| CryptoError::Malformed)?;
-    let obj = doc.as_object_mut().ok_or(CryptoError::Malformed)?;
-    for (element, value) in obj.iter_mut() {
-        if let Value::String(ct) = value
-            && ct.starts_with("cv1:")
-            && let Some(fresh) = cipher.reencrypt(&FieldAad::new(rtype, id, element), ct)?
-        {
-            *value = Value::String(fresh);
-        }
-    }
-    serde_json::to_string(&doc).map_err(|_| CryptoError::Encrypt)
-}
-
-fn below_active(conn: &mut AnyConnection, active: i32) -> AppResult<i64> {
-    let current: i64 =
-        resources::table.filter(resources::key_version.lt(active)).count().get_result(conn).map_err(db_err)?;
-    let history: i64 = resource_history::table
-        .filter(resource_history::key_version.lt(active))
-        .count()
-        .get_result(conn)
-        .map_err(db_err)?;
-    let grants = i64::try_from(grants_below(conn, active)?.len()).unwrap_or(i64::MAX);
-    Ok(current + history + grants)
-}
-
-/// Break-glass grants whose encrypted reason uses a data key below `active`: (id, reason ciphertext). The table
-/// is small (one row per emergency access) and has no version column, so the versions are read off the
-/// ciphertexts.
-fn grants_below(conn: &mut AnyConnection, active: i32) -> AppResult<Vec<(String, String)>> {
-    let rows: Vec<(String, String)> =
-        break_glass::table.select((break_glass::id, break_glass::reason)).load(conn).map_err(db_err)?;
-    let active = u32::try_from(active).unwrap_or(0);
-    Ok(rows.into_iter().filter(|(_, ct)| FieldCipher::version_of(ct).is_none_or(|v| v < active)).collect())
-}
-
-/// Re-encrypts the reasons of break-glass grants still under an older key. A reason changed meanwhile (it never
-/// is: grants are written once) is left for the next pass.
-fn break_glass_pass(
-    conn: &mut AnyConnection,
-    cipher: &FieldCipher,
-    active: i32,
-    bar: &indicatif::ProgressBar,
-    report: &mut Reencrypted,
-) -> AppResult<()> {
-    for (id, ct) in grants_below(conn, active)? {
-        match cipher.reencrypt(&FieldAad::new("BreakGlass", &id, "reason"), &ct) {
-            Ok(Some(fresh)) => {
-                let n = diesel::update(
-                    break_glass::table.filter(break_glass::id.eq(&id)).filter(break_glass::reason.eq(&ct)),
-                )
-                .set(break_glass::reason.eq(fresh))
-                .execute(conn)
-                .map_err(db_err)?;
-                report.grants += n as u64;
-            }
-            Ok(None) => {}
-            Err(_) => report.failed.push(format!("break-glass grant {id}")),
-        }
-        bar.inc(1);
-    }
-    Ok(())
-}
-
-/// Most passes of one run: rows written under an old key during the run are picked up by the next pass, but a
-/// writer that keeps doing so (a replica that never reloads) must not keep the command running forever.
-const MAX_PASSES: usize = 5;
-
-/// Moves every row below the cipher's active version to it (current and history rows, and the encrypted reasons
-/// of break-glass grants), `batch` rows per transaction, with a progress bar.
-/// Passes repeat (up to [`MAX_PASSES`]) while they make progress, so rows written under an old key during the run
-/// (by a replica that had not yet reloaded its keys) are picked up too.
-pub fn reencrypt(conn: &mut AnyConnection, cipher: &FieldCipher, batch: i64) -> AppResult<Reencrypted> {
-    let active_u = cipher.active_version();
-    let active = i32::try_from(active_u).map_err(|_| AppError::internal("key version out of range"))?;
-    let mut report = Reencrypted { active: active_u, ..Default::default() };
-    let bar = super::progress(u64::try_from(below_active(conn, active)?).unwrap_or(0), "re-encrypting");
-    for _ in 0..MAX_PASSES {
-        report.failed.clear();
-        let before = report.resources + report.history + report.grants;
-        current_pass(conn, cipher, active, batch, &bar, &mut report)?;
-        history_pass(conn, cipher, active, batch, &bar, &mut report)?;
-        break_glass_pass(conn, cipher, active, &bar, &mut report)?;
-        report.remaining = below_active(conn, active)?;
-        if report.remaining == 0 || report.resources + report.history + report.grants == before {
-            break;
-        }
-        bar.inc_length(u64::try_from(report.remaining).unwrap_or(0));
-    }
-    bar.finish_and_clear();
-    Ok(report)
-}
-
-type CurrentRow = (String, String, i64, String);
-
-fn current_pass(
-    conn: &mut AnyConnection,
-    cipher: &FieldCipher,
-    active: i32,
-    batch: i64,
-    bar: &indicatif::ProgressBar,
-    report: &mut Reencrypted,
-) -> AppResult<()> {
-    use resources::dsl as r;
-    let mut cursor = (String::new(), String::new());
-    loop {
-        let rows: Vec<CurrentRow> = r::resources
-            .filter(r::key_version.lt(active))
-            .filter(r::resource_type.gt(&cursor.0).or(r::resource_type.eq(&cursor.0).and(r::id.gt(&cursor.1))))
-            .order((r::resource_type.asc(), r::id.asc()))
-            .limit(batch)
-            .select((r::resource_type, r::id, r::version_id, r::content))
-            .load(conn)
-            .map_err(db_err)?;
-        let Some(last) = rows.last() else { return Ok(()) };
-        cursor = (last.0.clone(), last.1.clone());
-        let mut ready = Vec::with_capacity(rows.len());
-        for (rtype, id, version, content) in rows {
-            match reencrypt_content(cipher, &rtype, &id, &content) {
-                Ok(fresh) => ready.push((rtype, id, version, fresh)),
-                Err(_) => report.failed.push(format!("{rtype}/{id}/_history/{version}")),
-            }
-        }
-        // One transaction per batch; a row whose version moved on is retried on its own afterwards.
-        let conflicted = conn.transaction(|c| {
-            let mut conflicted = Vec::new();
-            for (rtype, id, version, fresh) in &ready {
-                let n = diesel::update(
-                    r::resources
-                        .filter(r::resource_type.eq(rtype))
-                        .filter(r::id.eq(id))
-                        .filter(r::version_id.eq(version)),
-                )
-                .set((r::content.eq(fresh), r::key_version.eq(active)))
-                .execute(c)?;
-                if n == 1 {
-                    report.resources += 1;
-                } else {
-                    conflicted.push((rtype.clone(), id.clone()));
-                }
-            }
-            Ok::<_, diesel::result::Error>(conflicted)
-        });
-        let conflicted = conflicted.map_err(db_err)?;
-        report.conflicts += conflicted.len() as u64;
-        for (rtype, id) in conflicted {
-            retry_current(conn, cipher, active, &rtype, &id, report)?;
-        }
-        bar.inc(ready.len() as u64);
-    }
-}
-
-/// Re-reads one current row changed by another writer and tries again, until it is current or moved.
-fn retry_current(
-    conn: &mut AnyConnection,
-    cipher: &FieldCipher,
-    active: i32,
-    rtype: &str,
-    id: &str,
-    report: &mut Reencrypted,
-) -> AppResult<()> {
-    use resources::dsl as r;
-    for _ in 0..20 {
-        let row: Option<(i64, i32, String)> = r::resources
-            .filter(r::resource_type.eq(rtype))
-            .filter(r::id.eq(id))
-            .select((r::version_id, r::key_version, r::content))
-            .first(conn)
-            .optional()
-            .map_err(db_err)?;
-        let Some((version, key_version, content)) = row else { return Ok(()) };
-        if key_version >= active {
-            return Ok(());
-        }
-        let Ok(fresh) = reencrypt_content(cipher, rtype, id, &content) else {
-            report.failed.push(format!("{rtype}/{id}/_history/{version}"));
-            return Ok(());
-        };
-        let n = diesel::update(
-            r::resources.filter(r::resource_type.eq(rtype)).filter(r::id.eq(id)).filter(r::version_id.eq(version)),
-        )
-        .set((r::content.eq(fresh), r::key_version.eq(active)))
-        .execute(conn)
-        .map_err(db_err)?;
-        if n == 1 {
-            report.resources += 1;
-            return Ok(());
-        }
-        report.conflicts += 1;
-    }
-    // Still contended: left for the next pass (or run).
-    Ok(())
-}
-
-type HistoryKey = (String, String, i64);
-
-fn history_pass(
-    conn: &mut AnyConnection,
-    cipher: &FieldCipher,
-    active: i32,
-    batch: i64,
-    bar: &indicatif::ProgressBar,
-    report: &mut Reencrypted,
-) -> AppResult<()> {
-    use resource_history::dsl as h;
-    let mut cursor: HistoryKey = (String::new(), String::new(), 0);
-    loop {
-        let (ct, ci, cv) = cursor.clone();
-        let rows: Vec<(String, String, i64, String)> = h::resource_history
-            .filter(h::key_version.lt(active))
-            .filter(
-                h::resource_type
-                    .gt(ct.clone())
-                    .or(h::resource_type.eq(ct.clone()).and(h::id.gt(ci.clone())))
-                    .or(h::resource_type.eq(ct).and(h::id.eq(ci)).and(h::version_id.gt(cv))),
-            )
-            .order((h::resource_type.asc(), h::id.asc(), h::version_id.asc()))
-            .limit(batch)
-            .select((h::resource_type, h::id, h::version_id, h::content))
-            .load(conn)
-            .map_err(db_err)?;
-        let Some(last) = rows.last() else { return Ok(()) };
-        cursor = (last.0.clone(), last.1.clone(), last.2);
-        let mut ready = Vec::with_capacity(rows.len());
-        for (rtype, id, version, content) in rows {
-            match reencrypt_content(cipher, &rtype, &id, &content) {
-                Ok(fresh) => ready.push((rtype, id, version, fresh)),
-                Err(_) => report.failed.push(format!("{rtype}/{id}/_history/{version}")),
-            }
-        }
-        // History rows are immutable (only this command rewrites them, with the same plaintext): plain updates.
-        let moved = conn
-            .transaction(|c| {
-                let mut moved = 0u64;
-                for (rtype, id, version, fresh) in &ready {
-                    moved += diesel::update(
-                        h::resource_history
-                            .filter(h::resource_type.eq(rtype))
-                            .filter(h::id.eq(id))
-                            .filter(h::version_id.eq(version))
-                            .filter(h::key_version.lt(active)),
-                    )
-                    .set((h::content.eq(fresh), h::key_version.eq(active)))
-                    .execute(c)? as u64;
-                }
-                Ok::<_, diesel::result::Error>(moved)
-            })
-            .map_err(db_err)?;
-        report.history += moved;
-        bar.inc(ready.len() as u64);
     }
 }
 

@@ -250,13 +250,16 @@ pub fn begin_index_rotation(
 }
 
 /// `keys reindex`, last step: destroys the index keys older than `version` once no current resource uses them.
-/// Returns how many were destroyed; refuses (nothing changed) while rows still use an older key.
-pub fn finish_index_rotation(conn: &mut AnyConnection, version: u32) -> AppResult<usize> {
-    use crate::store::schema::resources;
+/// Returns how many were destroyed; refuses (nothing changed) while `rows_below` (which counts the current rows
+/// indexed under a key older than the version it is given, in this transaction) finds any.
+pub fn finish_index_rotation(
+    conn: &mut AnyConnection,
+    version: u32,
+    rows_below: impl FnOnce(&mut AnyConnection, i32) -> AppResult<i64>,
+) -> AppResult<usize> {
     let version = i32::try_from(version).map_err(AppError::internal)?;
     conn.transaction(|conn| {
-        let left: i64 =
-            resources::table.filter(resources::index_version.lt(version)).count().get_result(conn).map_err(db_err)?;
+        let left = rows_below(conn, version)?;
         if left > 0 {
             return Err(AppError::internal("rows still use an older index key"));
         }

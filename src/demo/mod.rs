@@ -15,7 +15,7 @@ use crate::auth::principal::Principal;
 use crate::auth::service::{AccountError, NewAccount, create_account};
 use crate::config::{Config, Profile};
 use crate::error::{AppError, AppResult};
-use crate::records::{Caller, Records};
+use crate::records::{Caller, Done, Interaction, Operation, Records};
 use crate::role::Role;
 use crate::store::schema::accounts;
 use diesel::prelude::*;
@@ -121,7 +121,11 @@ fn caller(state: &AppState, subject: String, username: &str, role: Role, practit
 /// Creates a resource through the records service and returns its id.
 async fn create(records: &Records, caller: &Caller, resource: Value) -> AppResult<String> {
     let rtype = resource["resourceType"].as_str().unwrap_or_default().to_owned();
-    let shown = records.create(caller, &rtype, resource.to_string().as_bytes()).await?;
+    let body = bytes::Bytes::from(resource.to_string());
+    let op = Operation::new(caller.clone(), Interaction::Create { rtype, body });
+    let Done::Created(shown) = records.execute(op).await? else {
+        return Err(AppError::internal("create answered without a resource"));
+    };
     shown.resource["id"].as_str().map(str::to_owned).ok_or_else(|| AppError::internal("created resource has no id"))
 }
 

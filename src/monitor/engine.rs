@@ -183,9 +183,7 @@ pub fn count_in_window(
         let Ok(e) = serde_json::from_str::<AuditEvent>(&body) else { continue };
         if (rule.subject)(&e).as_ref() == Some(subject) {
             events += 1;
-            if let Some(p) = e.patient {
-                patients.insert(p);
-            }
+            patients.extend(e.disclosed().iter().copied());
         }
     }
     Ok(match rule.counting {

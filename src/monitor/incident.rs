@@ -13,7 +13,7 @@ use crate::auth::service::{Account, find_account, revoke_account_sessions};
 use crate::crypto::store::micros;
 use crate::error::AppResult;
 use crate::store::AnyConnection;
-use crate::store::schema::{accounts, audit_events, break_glass, resources};
+use crate::store::schema::{accounts, audit_events, audit_patients};
 use diesel::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,9 +122,13 @@ pub fn touched(
     since: OffsetDateTime,
     until: OffsetDateTime,
 ) -> AppResult<Vec<PatientAccess>> {
+    let named = audit_patients::table
+        .filter(audit_patients::recorded.ge(micros(since)))
+        .filter(audit_patients::recorded.lt(micros(until)))
+        .select(audit_patients::seq);
     let bodies: Vec<String> = audit_events::table
         .filter(audit_events::agent.eq(account_id))
-        .filter(audit_events::patient_id.is_not_null())
+        .filter(audit_events::seq.eq_any(named))
         .filter(audit_events::recorded.ge(micros(since)))
         .filter(audit_events::recorded.lt(micros(until)))
         .order(audit_events::seq.asc())
@@ -133,25 +137,26 @@ pub fn touched(
     let mut by_patient: BTreeMap<Uuid, PatientAccess> = BTreeMap::new();
     for body in bodies {
         let e: AuditEvent = serde_json::from_str(&body).map_err(crate::error::AppError::internal)?;
-        let Some(patient) = e.patient else { continue };
         if !e.kind.is_rest() || e.outcome != Outcome::Success {
             continue;
         }
         let at = super::rfc3339(micros(e.recorded));
-        let entry = by_patient.entry(patient).or_insert_with(|| PatientAccess {
-            patient: patient.to_string(),
-            accesses: 0,
-            first: at.clone(),
-            last: at.clone(),
-            interactions: BTreeMap::new(),
-            resource_types: BTreeSet::new(),
-            search_params: BTreeSet::new(),
-        });
-        entry.accesses += 1;
-        entry.last = at;
-        *entry.interactions.entry(e.kind.as_str().to_owned()).or_default() += 1;
-        entry.resource_types.extend(e.resource_type);
-        entry.search_params.extend(e.query_params);
+        for &patient in e.disclosed() {
+            let entry = by_patient.entry(patient).or_insert_with(|| PatientAccess {
+                patient: patient.to_string(),
+                accesses: 0,
+                first: at.clone(),
+                last: at.clone(),
+                interactions: BTreeMap::new(),
+                resource_types: BTreeSet::new(),
+                search_params: BTreeSet::new(),
+            });
+            entry.accesses += 1;
+            entry.last = at.clone();
+            *entry.interactions.entry(e.kind.as_str().to_owned()).or_default() += 1;
+            entry.resource_types.extend(e.resource_type.clone());
+            entry.search_params.extend(e.query_params.iter().cloned());
+        }
     }
     Ok(by_patient.into_values().collect())
 }
@@ -205,19 +210,9 @@ pub fn report(
         let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
         let mut events = Vec::with_capacity(patients.len() + 1);
         for p in &patients {
-            let content: Option<String> = resources::table
-                .filter(resources::resource_type.eq("Patient"))
-                .filter(resources::id.eq(&p.patient))
-                .select(resources::content)
-                .first(c)
-                .optional()?;
-            let ciphertext = content
-                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-                .and_then(|v| v.get("address").and_then(|a| a.as_str()).map(str::to_owned));
-            let found = match ciphertext {
-                Some(ct) => {
-                    let aad = crate::crypto::FieldAad::new("Patient", &p.patient, "address");
-                    let state_code = state.cipher.decrypt_json(&aad, &ct).ok().as_ref().and_then(state_of);
+            let found = match crate::records::maintenance::patient_address(&state.records, c, &p.patient)? {
+                Some(address) => {
+                    let state_code = state_of(&address);
                     if let Ok(pid) = Uuid::parse_str(&p.patient) {
                         events.push(
                             AuditEvent::new(AuditKind::Export, now, Outcome::Success, operator.clone())
@@ -330,14 +325,7 @@ pub fn contain(
             .set(accounts::disabled.eq(true))
             .execute(c)?;
         let sessions = revoke_account_sessions(c, &account.id, now)?;
-        let grants = diesel::update(
-            break_glass::table
-                .filter(break_glass::account_id.eq(&account.id))
-                .filter(break_glass::revoked_at.is_null())
-                .filter(break_glass::expires_at.gt(micros(now))),
-        )
-        .set(break_glass::revoked_at.eq(Some(micros(now))))
-        .execute(c)?;
+        let grants = crate::records::maintenance::revoke_grants(c, &account.id, micros(now))?;
         let event = AuditEvent::new(AuditKind::Admin, now, Outcome::Success, operator).with_detail("incident-contain");
         append_locked(c, head, &[event])?;
         Ok(Some(Contained { account: account.id, username: account.username, sessions, break_glass_grants: grants }))

@@ -145,7 +145,7 @@ fn failed_login_address(e: &AuditEvent) -> Option<Subject> {
 }
 
 fn patient_access(e: &AuditEvent) -> Option<Subject> {
-    (REST.contains(&e.kind) && e.patient.is_some()).then(|| account(e)).flatten()
+    (REST.contains(&e.kind) && !e.disclosed().is_empty()).then(|| account(e)).flatten()
 }
 
 fn break_glass(e: &AuditEvent) -> Option<Subject> {

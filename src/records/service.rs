@@ -5,9 +5,11 @@
 //! an audit event made durable before the response leaves (reads: group commit; writes: in the data
 //! transaction). Out of scope answers 404 exactly like a missing id.
 
+use super::execute::Disclosure;
+use super::operation::Shown;
 use super::store::{self, IndexValues, Row, ScopeFilter, WriteExtras};
 use crate::access::{AccessControl, Action, Decision, FieldMask, Scope};
-use crate::audit::{Agent, AuditEvent, AuditKind, Outcome, purpose};
+use crate::audit::{Agent, Outcome, purpose};
 use crate::auth::principal::Principal;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -19,7 +21,6 @@ use crate::fhir::search::{self, Handling, IndexValue, SearchRequest};
 use crate::fhir::{FhirValidator, PatientLink, ResourceDecl, decl};
 use crate::monitor::{Subject as AlertSubject, rules};
 use crate::role::Role;
-use crate::store::schema::break_glass;
 use crate::store::{AnyConnection, Db};
 use diesel::prelude::*;
 use serde_json::{Map, Value, json};
@@ -103,7 +104,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn agent(&self) -> Agent {
+    pub(super) fn agent(&self) -> Agent {
         let p = &self.principal;
         let mut agent = Agent::user(p.subject.clone(), p.username.clone(), p.roles.first().copied());
         if let Some(c) = &p.client_id {
@@ -116,7 +117,7 @@ impl Caller {
     }
 
     /// The purpose of use the caller's role implies (break-glass access overrides it with BTG).
-    fn purpose(&self) -> &'static str {
+    pub(super) fn purpose(&self) -> &'static str {
         match self.principal.roles.first() {
             Some(Role::Clinician | Role::Nurse) => purpose::TREAT,
             Some(Role::Billing) => purpose::HPAYMT,
@@ -126,14 +127,6 @@ impl Caller {
             Some(Role::Admin) | None => purpose::HSYSADMIN,
         }
     }
-}
-
-/// A resource as returned to a caller, with its version facts for headers.
-#[derive(Debug, Clone)]
-pub struct Shown {
-    pub resource: Value,
-    pub version_id: i64,
-    pub last_updated: OffsetDateTime,
 }
 
 /// One stored version, as the decoder needs it.
@@ -157,9 +150,9 @@ impl store::HistoryRow {
     }
 }
 
-/// What an audit event is about: the resource type, id and version, and the patient.
-struct Subject<'a> {
-    rtype: &'static str,
+/// What a write stored, for its audit event.
+struct Written<'a> {
+    d: &'a ResourceDecl,
     id: &'a str,
     version: i64,
     patient: Option<&'a str>,
@@ -172,22 +165,25 @@ struct Reach {
 }
 
 pub struct Records {
-    db: Db,
-    cipher: FieldCipher,
+    pub(super) db: Db,
+    pub(super) cipher: FieldCipher,
     access: Arc<AccessControl>,
     validator: Arc<FhirValidator>,
-    audit: crate::audit::store::Auditor,
-    clock: SharedClock,
-    base: String,
-    /// Alert settings; without them a decrypt failure is only logged (see [`Records::with_alerts`]).
-    alert_config: Option<Arc<Config>>,
+    pub(super) audit: crate::audit::store::Auditor,
+    pub(super) clock: SharedClock,
+    pub(super) base: String,
+    /// The server's settings (alerts, break-glass length); without them a decrypt failure is only logged and
+    /// break-glass grants last 60 minutes (see [`Records::with_config`]).
+    pub(super) config: Option<Arc<Config>>,
     /// When (Unix micros) this process last asked for a decrypt-failure alert; shared by every handle.
     decrypt_alarm: Arc<AtomicI64>,
-    /// Benchmark only (refused in production): see [`Records::with_benchmark_switches`].
+    /// Benchmark builds only: see [`Records::with_benchmark_switches`].
+    #[cfg(feature = "benchmark")]
     bench: Bench,
 }
 
 /// The safeguards a benchmark switched off here: encryption, and access (as a prebuilt permit-all decision).
+#[cfg(feature = "benchmark")]
 #[derive(Debug, Clone, Default)]
 struct Bench {
     encryption_off: bool,
@@ -202,10 +198,6 @@ impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Records").finish_non_exhaustive()
     }
-}
-
-pub fn to_micros(t: OffsetDateTime) -> i64 {
-    micros(t)
 }
 
 fn from_micros(m: i64) -> OffsetDateTime {
@@ -246,8 +238,9 @@ impl Records {
             audit,
             clock,
             base,
-            alert_config: None,
+            config: None,
             decrypt_alarm,
+            #[cfg(feature = "benchmark")]
             bench: Bench::default(),
         }
     }
@@ -255,6 +248,7 @@ impl Records {
     /// Benchmark only (the configuration refuses this in production): `encryption_off` stores PHI elements as
     /// plaintext JSON (reads pass non-ciphertext through); `access_off` replaces every decision with permit-all
     /// (scope all, every element). The audit switch lives in the [`Auditor`](crate::audit::store::Auditor).
+    #[cfg(feature = "benchmark")]
     pub fn with_benchmark_switches(mut self, s: crate::config::BenchmarkSwitches) -> Self {
         let everything = Arc::new(FieldMask::everything());
         self.bench = Bench {
@@ -271,16 +265,18 @@ impl Records {
     }
 
     /// The access decision (permit-all when a benchmark switched access control off).
-    fn decision(&self, roles: &[Role], rtype: &str, action: Action) -> Decision {
-        match &self.bench.permit_all {
-            Some(d) => d.clone(),
-            None => self.access.decide(roles, rtype, action),
+    pub(super) fn decision(&self, roles: &[Role], rtype: &str, action: Action) -> Decision {
+        #[cfg(feature = "benchmark")]
+        if let Some(d) = &self.bench.permit_all {
+            return d.clone();
         }
+        self.access.decide(roles, rtype, action)
     }
 
-    /// Raises the `decrypt-failure` alert (with these alert settings) when a stored element fails to decrypt.
-    pub fn with_alerts(mut self, config: Arc<Config>) -> Self {
-        self.alert_config = Some(config);
+    /// The server's settings: the `decrypt-failure` alert is raised with them when a stored element fails to
+    /// decrypt, and break-glass grants last `access.break_glass_minutes`.
+    pub fn with_config(mut self, config: Arc<Config>) -> Self {
+        self.config = Some(config);
         self
     }
 
@@ -294,7 +290,7 @@ impl Records {
         {
             return;
         }
-        let (Ok(runtime), Some(config)) = (tokio::runtime::Handle::try_current(), self.alert_config.clone()) else {
+        let (Ok(runtime), Some(config)) = (tokio::runtime::Handle::try_current(), self.config.clone()) else {
             tracing::error!("cannot raise the decrypt-failure alert here (no runtime or no alert settings)");
             return;
         };
@@ -320,11 +316,6 @@ impl Records {
         &self.base
     }
 
-    fn decide(&self, caller: &Caller, rtype: &str, action: Action) -> AppResult<Decision> {
-        let d = self.decision(&caller.principal.roles, rtype, action);
-        if d.allowed { Ok(d) } else { Err(AppError::Forbidden) }
-    }
-
     /// Turns the decision's scope into SQL, reading care teams and break-glass grants now (a change takes
     /// effect on the next request). A care-team role without a linked Practitioner reaches nothing.
     fn resolve_scope(&self, conn: &mut AnyConnection, caller: &Caller, d: &Decision) -> AppResult<Reach> {
@@ -337,13 +328,7 @@ impl Records {
             },
             Some(Scope::CareTeam) => match p.practitioner {
                 Some(pr) => {
-                    let now = micros(self.clock.now());
-                    let grants: Vec<String> = break_glass::table
-                        .filter(break_glass::account_id.eq(&p.subject))
-                        .filter(break_glass::expires_at.gt(now))
-                        .filter(break_glass::revoked_at.is_null())
-                        .select(break_glass::patient_id)
-                        .load(conn)?;
+                    let grants = store::active_grants(conn, &p.subject, micros(self.clock.now()))?;
                     Reach {
                         filter: ScopeFilter::CareTeam {
                             practitioner_id: pr.to_string(),
@@ -382,11 +367,29 @@ impl Records {
         reach: &Reach,
         patient: Option<&str>,
     ) -> AppResult<&'static str> {
-        if let (Some(patient), Some(pr)) = (patient, caller.principal.practitioner)
-            && reach.break_glass.iter().any(|g| g == patient)
-            && !store::in_care_team(conn, &pr.to_string(), patient)?
-        {
-            return Ok(purpose::BTG);
+        self.purpose_for_all(conn, caller, reach, std::iter::once(patient))
+    }
+
+    /// BTG when any of the patients a response discloses is reached only through a break-glass grant (the
+    /// break-glass rule must see every such access); otherwise the purpose the caller's role implies.
+    fn purpose_for_all<'a>(
+        &self,
+        conn: &mut AnyConnection,
+        caller: &Caller,
+        reach: &Reach,
+        patients: impl IntoIterator<Item = Option<&'a str>>,
+    ) -> AppResult<&'static str> {
+        let Some(pr) = caller.principal.practitioner else { return Ok(caller.purpose()) };
+        if reach.break_glass.is_empty() {
+            return Ok(caller.purpose());
+        }
+        let granted: std::collections::BTreeSet<&str> =
+            patients.into_iter().flatten().filter(|p| reach.break_glass.iter().any(|g| g == p)).collect();
+        let practitioner = pr.to_string();
+        for patient in granted {
+            if !store::in_care_team(conn, &practitioner, patient)? {
+                return Ok(purpose::BTG);
+            }
         }
         Ok(caller.purpose())
     }
@@ -417,6 +420,7 @@ impl Records {
                 continue;
             }
             if d.is_phi(k) {
+                #[cfg(feature = "benchmark")]
                 if self.bench.encryption_off {
                     out.insert(k.clone(), v.clone());
                     continue;
@@ -480,6 +484,11 @@ impl Records {
         let when = from_micros(updated).format(&Rfc3339).map_err(AppError::internal)?;
         out.insert("meta".into(), json!({ "versionId": version.to_string(), "lastUpdated": when }));
         Ok((out, withheld))
+    }
+
+    /// The current row decoded under `mask` (operator jobs: see `maintenance`).
+    pub(super) fn decode_row(&self, d: &ResourceDecl, row: &Row, mask: &FieldMask) -> AppResult<Map<String, Value>> {
+        self.decode(d, row.view(), mask).map(|(obj, _)| obj)
     }
 
     /// decode + shape (mask ∩ `_elements`), tagging SUBSETTED when anything was removed.
@@ -617,12 +626,15 @@ impl Records {
 
     // ---- interactions -------------------------------------------------------------------------------------
 
-    pub async fn create(&self, caller: &Caller, rtype: &str, body: &[u8]) -> AppResult<Shown> {
+    pub(super) async fn create(
+        &self,
+        caller: &Caller,
+        decision: Decision,
+        rtype: &str,
+        body: &[u8],
+        trail: &mut Disclosure,
+    ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
-        if d.read_only {
-            return Err(AppError::MethodNotAllowed);
-        }
-        let decision = self.decide(caller, rtype, Action::Create)?;
         let mut obj = self.parse_body(rtype, body)?;
         let mut incoming = Value::Object(obj.clone());
         decision.merge_hidden(None, &mut incoming)?;
@@ -640,7 +652,8 @@ impl Records {
         let this = self.clone_parts();
         let caller2 = caller.clone();
         let id2 = id.clone();
-        let version = self
+        let mut seed = trail.clone();
+        let (version, seed) = self
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
@@ -660,19 +673,14 @@ impl Records {
                         index_version,
                     };
                     store::insert(conn, &row, &WriteExtras { index, care })?;
-                    let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
-                    let event = this.write_event(
-                        &caller2,
-                        AuditKind::Create,
-                        Subject { rtype: d.name, id: &id2, version: 1, patient: patient.as_deref() },
-                        purpose,
-                    );
-                    let head = this.audit.lock_late(conn, early)?;
-                    this.audit.append_locked(conn, head, &[event])?;
-                    Ok(1i64)
+                    let written = Written { d, id: &id2, version: 1, patient: patient.as_deref() };
+                    this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;
+                    Ok((1i64, seed))
                 })
             })
             .await?;
+        *trail = seed;
+        trail.durable();
         let shown = self.shape_plain(
             d,
             &id,
@@ -684,15 +692,25 @@ impl Records {
         Ok(shown)
     }
 
-    fn write_event(&self, caller: &Caller, kind: AuditKind, on: Subject<'_>, purpose: &'static str) -> AuditEvent {
-        let Subject { rtype, id, version, patient } = on;
-        let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::Success, caller.agent())
-            .with_resource(rtype, Uuid::parse_str(id).ok(), Some(version))
-            .with_purpose(purpose);
-        if let Some(p) = patient.and_then(|p| Uuid::parse_str(p).ok()) {
-            e = e.with_patient(p);
-        }
-        e
+    /// Appends the event of a committed-to write inside its transaction (taking the chain lock as late as the
+    /// backend allows): the resource written, its patient, and the purpose (BTG when only a grant reached it).
+    #[allow(clippy::too_many_arguments)]
+    fn audit_write(
+        &self,
+        conn: &mut AnyConnection,
+        early: Option<Option<crate::audit::ChainLink>>,
+        seed: &mut Disclosure,
+        caller: &Caller,
+        reach: &Reach,
+        written: Written<'_>,
+        now: OffsetDateTime,
+    ) -> AppResult<()> {
+        seed.resource(written.d, written.id, written.version);
+        seed.patient(written.patient);
+        seed.purpose(self.purpose_for(conn, caller, reach, written.patient)?);
+        let head = self.audit.lock_late(conn, early)?;
+        self.audit.append_locked(conn, head, &[seed.event(caller, Outcome::Success, now)])?;
+        Ok(())
     }
 
     /// The body returned by create and update: shaped by the caller's *read* mask (no decryption needed).
@@ -736,45 +754,49 @@ impl Records {
             audit: self.audit.clone(),
             clock: self.clock.clone(),
             base: self.base.clone(),
-            alert_config: self.alert_config.clone(),
+            config: self.config.clone(),
             decrypt_alarm: self.decrypt_alarm.clone(),
+            #[cfg(feature = "benchmark")]
             bench: self.bench.clone(),
         })
     }
 
-    pub async fn read(
+    pub(super) async fn read(
         &self,
         caller: &Caller,
+        decision: Decision,
         rtype: &str,
         id: &str,
-        elements: Option<Vec<String>>,
+        elements: Option<&[String]>,
+        trail: &mut Disclosure,
     ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
         parse_id(id)?;
-        let decision = self.decide(caller, rtype, Action::Read)?;
         let this = self.clone_parts();
-        let (caller2, id2) = (caller.clone(), id.to_owned());
-        let (row, purpose) = self.db.run(move |conn| this.reach_row(conn, &caller2, &decision, d.name, &id2)).await?;
+        let (caller2, id2, dec2) = (caller.clone(), id.to_owned(), decision.clone());
+        let (row, purpose) = self.db.run(move |conn| this.reach_row(conn, &caller2, &dec2, d.name, &id2)).await?;
+        trail.resource(d, id, row.version_id);
+        trail.purpose(purpose);
         if row.deleted {
             return Err(AppError::Gone);
         }
-        let decision = self.decision(&caller.principal.roles, rtype, Action::Read);
-        let resource = self.show(d, row.view(), &decision.read_mask, elements.as_deref())?;
-        let event = self.write_event(
-            caller,
-            AuditKind::Read,
-            Subject { rtype: d.name, id, version: row.version_id, patient: row.patient_id.as_deref() },
-            purpose,
-        );
-        self.audit.record(event).await?;
+        let resource = self.show(d, row.view(), &decision.read_mask, elements)?;
+        trail.patient(row.patient_id.as_deref());
         Ok(Shown { resource, version_id: row.version_id, last_updated: from_micros(row.last_updated) })
     }
 
-    pub async fn vread(&self, caller: &Caller, rtype: &str, id: &str, vid: &str) -> AppResult<Shown> {
+    pub(super) async fn vread(
+        &self,
+        caller: &Caller,
+        decision: Decision,
+        rtype: &str,
+        id: &str,
+        vid: &str,
+        trail: &mut Disclosure,
+    ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
         parse_id(id)?;
         let vid: i64 = vid.parse().map_err(|_| AppError::NotFound)?;
-        let decision = self.decide(caller, rtype, Action::Vread)?;
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let dec2 = decision.clone();
@@ -786,24 +808,26 @@ impl Records {
                 Ok((current, version, purpose))
             })
             .await?;
+        trail.resource(d, id, version.version_id);
+        trail.purpose(purpose);
         if version.deleted {
             return Err(AppError::Gone);
         }
         let resource = self.show(d, version.view(), &decision.read_mask, None)?;
-        let event = self.write_event(
-            caller,
-            AuditKind::Vread,
-            Subject { rtype: d.name, id, version: version.version_id, patient: current.patient_id.as_deref() },
-            purpose,
-        );
-        self.audit.record(event).await?;
+        trail.patient(current.patient_id.as_deref());
         Ok(Shown { resource, version_id: version.version_id, last_updated: from_micros(version.last_updated) })
     }
 
-    pub async fn history(&self, caller: &Caller, rtype: &str, id: &str) -> AppResult<Value> {
+    pub(super) async fn history(
+        &self,
+        caller: &Caller,
+        decision: Decision,
+        rtype: &str,
+        id: &str,
+        trail: &mut Disclosure,
+    ) -> AppResult<Value> {
         let d = decl_of(rtype)?;
         parse_id(id)?;
-        let decision = self.decide(caller, rtype, Action::History)?;
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let dec2 = decision.clone();
@@ -837,30 +861,25 @@ impl Records {
         let total = u64::try_from(entries.len()).unwrap_or(0);
         let self_link = format!("{}/{}/{}/_history", self.base, d.name, id);
         let out = bundle::history(entries, &self.base, &self_link, None, Some(total));
-        let event = self.write_event(
-            caller,
-            AuditKind::History,
-            Subject { rtype: d.name, id, version: current.version_id, patient: current.patient_id.as_deref() },
-            purpose,
-        );
-        self.audit.record(event).await?;
+        trail.resource(d, id, current.version_id);
+        trail.purpose(purpose);
+        trail.patient(current.patient_id.as_deref());
         Ok(out)
     }
 
-    pub async fn update(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn update(
         &self,
         caller: &Caller,
+        decision: Decision,
         rtype: &str,
         id: &str,
         if_match: Option<i64>,
         body: &[u8],
+        trail: &mut Disclosure,
     ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
-        if d.read_only {
-            return Err(AppError::MethodNotAllowed);
-        }
         parse_id(id)?;
-        let decision = self.decide(caller, rtype, Action::Update)?;
         let mut obj = self.parse_body(rtype, body)?;
         let expected = if_match.ok_or(AppError::PreconditionRequired)?;
         let now = self.clock.now();
@@ -868,7 +887,8 @@ impl Records {
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let read2 = read_decision.clone();
-        let (version, out_obj) = self
+        let mut seed = trail.clone();
+        let (version, out_obj, seed) = self
             .db
             .run(move |conn| {
                 conn.transaction(|conn| {
@@ -958,43 +978,44 @@ impl Records {
                         index_version,
                     };
                     store::replace(conn, &row, expected, &WriteExtras { index, care })?;
-                    let purpose = this.purpose_for(conn, &caller2, &reach, patient.as_deref())?;
-                    let event = this.write_event(
-                        &caller2,
-                        AuditKind::Update,
-                        Subject { rtype: d.name, id: &id2, version, patient: patient.as_deref() },
-                        purpose,
-                    );
-                    let head = this.audit.lock_late(conn, early)?;
-                    this.audit.append_locked(conn, head, &[event])?;
+                    let written = Written { d, id: &id2, version, patient: patient.as_deref() };
+                    this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;
                     for k in keep.keys() {
                         merged.remove(k);
                     }
-                    Ok((version, merged))
+                    Ok((version, merged, seed))
                 })
             })
             .await?;
+        *trail = seed;
+        trail.durable();
         self.shape_plain(d, id, version, micros(now), out_obj, &read_decision)
     }
 
-    pub async fn delete(&self, caller: &Caller, rtype: &str, id: &str) -> AppResult<()> {
+    pub(super) async fn delete(
+        &self,
+        caller: &Caller,
+        decision: Decision,
+        rtype: &str,
+        id: &str,
+        trail: &mut Disclosure,
+    ) -> AppResult<()> {
         let d = decl_of(rtype)?;
-        if d.read_only {
-            return Err(AppError::MethodNotAllowed);
-        }
         parse_id(id)?;
-        let decision = self.decide(caller, rtype, Action::Delete)?;
         let now = self.clock.now();
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
-        self.db
+        let mut seed = trail.clone();
+        let seed = self
+            .db
             .run(move |conn| {
                 conn.transaction(|conn| {
                     let early = this.audit.lock_early(conn)?;
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
                     if current.deleted {
-                        return Ok(());
+                        // Deleting a deleted resource changes nothing; execute() records the no-op.
+                        return Ok(None);
                     }
                     let version = current.version_id + 1;
                     let row = Row {
@@ -1010,32 +1031,31 @@ impl Records {
                     };
                     let care = (d.name == "CareTeam").then(Vec::new);
                     store::replace(conn, &row, current.version_id, &WriteExtras { index: vec![], care })?;
-                    let purpose = this.purpose_for(conn, &caller2, &reach, current.patient_id.as_deref())?;
-                    let event = this.write_event(
-                        &caller2,
-                        AuditKind::Delete,
-                        Subject { rtype: d.name, id: &id2, version, patient: current.patient_id.as_deref() },
-                        purpose,
-                    );
-                    let head = this.audit.lock_late(conn, early)?;
-                    this.audit.append_locked(conn, head, &[event])?;
-                    Ok(())
+                    let written = Written { d, id: &id2, version, patient: current.patient_id.as_deref() };
+                    this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;
+                    Ok(Some(seed))
                 })
             })
-            .await
+            .await?;
+        if let Some(seed) = seed {
+            *trail = seed;
+            trail.durable();
+        }
+        Ok(())
     }
 
     /// Search: index clauses in SQL within scope; exact matching (and dates) by decrypt-and-filter on the
     /// candidates, using only elements the caller may read. Keyset paging over ids; never OFFSET.
-    pub async fn search(
+    pub(super) async fn search(
         &self,
         caller: &Caller,
+        decision: Decision,
         rtype: &str,
         pairs: Vec<(String, String)>,
         handling: Handling,
+        trail: &mut Disclosure,
     ) -> AppResult<Value> {
         let d = decl_of(rtype)?;
-        let decision = self.decide(caller, rtype, Action::Search)?;
         let (pairs, after) = self.open_cursor(caller, d, pairs)?;
         let self_link = self.cursor_link(caller, d, &pairs, after.as_deref())?;
         let req = search::parse(d, &pairs, handling)?;
@@ -1064,50 +1084,22 @@ impl Records {
         let caller2 = caller.clone();
         let dec2 = decision.clone();
         let req2 = req.clone();
-        let (rows, more) = self
+        let (rows, more, purpose) = self
             .db
             .run(move |conn| {
                 let reach = this.resolve_scope(conn, &caller2, &dec2)?;
-                let mut out = Vec::new();
-                let mut cursor = after;
-                let mut scanned = 0usize;
-                let want = if req2.summary_count { usize::MAX } else { page };
-                loop {
-                    let batch = store::search(conn, d.name, &query, &reach.filter, cursor.as_deref(), 200)?;
-                    let exhausted = batch.len() < 200;
-                    for row in batch {
-                        cursor = Some(row.id.clone());
-                        scanned += 1;
-                        if needs_filter && !this.matches(d, &row, &dec2.read_mask, &req2)? {
-                            continue;
-                        }
-                        if out.len() == want {
-                            return Ok((out, true));
-                        }
-                        out.push(row);
-                    }
-                    if exhausted {
-                        return Ok((out, false));
-                    }
-                    if needs_filter && scanned > MAX_SCAN {
-                        return Err(AppError::invalid(
-                            "search",
-                            "The search is too broad to filter; narrow it (for example by patient).",
-                        ));
-                    }
-                }
+                let (rows, more) = this.scan(conn, d, &query, &reach, &dec2, &req2, after, page, needs_filter)?;
+                let purpose =
+                    this.purpose_for_all(conn, &caller2, &reach, rows.iter().map(|r| r.patient_id.as_deref()))?;
+                Ok((rows, more, purpose))
             })
             .await?;
-
-        let mut event = AuditEvent::new(AuditKind::Search, self.clock.now(), Outcome::Success, caller.agent())
-            .with_resource(d.name, None, None)
-            .with_query_params(pairs.iter().map(|(k, _)| k.as_str()), |n| is_known_param(d, n))
-            .with_purpose(caller.purpose());
+        trail.purpose(purpose);
+        // The patient a search names is disclosed by its answer, even an empty one (what that patient has or not).
         if let Some(p) = single_patient(&req) {
-            event = event.with_patient(p);
+            trail.patient_id(p);
         }
         if req.summary_count {
-            self.audit.record(event).await?;
             let total = u64::try_from(rows.len()).unwrap_or(0);
             return Ok(bundle::searchset(vec![], &self.base, &self_link, None, Some(total)));
         }
@@ -1115,12 +1107,59 @@ impl Records {
         for row in &rows {
             entries.push(self.show(d, row.view(), &decision.read_mask, req.elements.as_deref())?);
         }
+        for row in &rows {
+            trail.patient(row.patient_id.as_deref());
+        }
         let next = match rows.last() {
             Some(last) if more => Some(self.cursor_link(caller, d, &pairs, Some(&last.id))?),
             _ => None,
         };
-        self.audit.record(event).await?;
         Ok(bundle::searchset(entries, &self.base, &self_link, next, None))
+    }
+
+    /// The rows of one search page within the caller's reach: index clauses in SQL, then (for PHI parameters and
+    /// dates) decrypt-and-filter on the candidates. Returns the page and whether more rows match.
+    #[allow(clippy::too_many_arguments)]
+    fn scan(
+        &self,
+        conn: &mut AnyConnection,
+        d: &'static ResourceDecl,
+        query: &store::IndexQuery,
+        reach: &Reach,
+        decision: &Decision,
+        req: &SearchRequest,
+        after: Option<String>,
+        page: usize,
+        needs_filter: bool,
+    ) -> AppResult<(Vec<Row>, bool)> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        let mut scanned = 0usize;
+        let want = if req.summary_count { usize::MAX } else { page };
+        loop {
+            let batch = store::search(conn, d.name, query, &reach.filter, cursor.as_deref(), 200)?;
+            let exhausted = batch.len() < 200;
+            for row in batch {
+                cursor = Some(row.id.clone());
+                scanned += 1;
+                if needs_filter && !self.matches(d, &row, &decision.read_mask, req)? {
+                    continue;
+                }
+                if out.len() == want {
+                    return Ok((out, true));
+                }
+                out.push(row);
+            }
+            if exhausted {
+                return Ok((out, false));
+            }
+            if needs_filter && scanned > MAX_SCAN {
+                return Err(AppError::invalid(
+                    "search",
+                    "The search is too broad to filter; narrow it (for example by patient).",
+                ));
+            }
+        }
     }
 
     /// A search's `self` or `next` link: `{base}/{type}?_cursor=…`, where the cursor seals the query and the keyset
@@ -1197,9 +1236,14 @@ impl Records {
     }
 
     /// `Patient/{id}/$everything`: the patient's compartment, each type shaped for the caller.
-    pub async fn everything(&self, caller: &Caller, id: &str) -> AppResult<Value> {
+    pub(super) async fn everything(
+        &self,
+        caller: &Caller,
+        decision: Decision,
+        id: &str,
+        trail: &mut Disclosure,
+    ) -> AppResult<Value> {
         parse_id(id)?;
-        let decision = self.decide(caller, "Patient", Action::Everything)?;
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let roles = caller.principal.roles.clone();
@@ -1236,35 +1280,10 @@ impl Records {
             entries.push(self.show(d, row.view(), &dec.read_mask, None)?);
         }
         let self_link = format!("{}/Patient/{}/$everything", self.base, id);
-        let mut event = AuditEvent::new(AuditKind::Everything, self.clock.now(), Outcome::Success, caller.agent())
-            .with_resource("Patient", Uuid::parse_str(id).ok(), None)
-            .with_purpose(purpose);
-        if let Ok(p) = Uuid::parse_str(id) {
-            event = event.with_patient(p);
-        }
-        self.audit.record(event).await?;
+        trail.purpose(purpose);
+        trail.patient(Some(id));
         let total = u64::try_from(entries.len()).unwrap_or(0);
         Ok(bundle::searchset(entries, &self.base, &self_link, None, Some(total)))
-    }
-
-    /// Whether the caller may reach this patient right now (for break-glass and access reports).
-    pub async fn patient_exists(&self, id: &str) -> AppResult<bool> {
-        let id = parse_id(id)?.to_string();
-        self.db.run(move |c| Ok(store::current_unscoped(c, "Patient", &id)?.is_some_and(|r| !r.deleted))).await
-    }
-
-    /// The audit event of a refused or failed interaction (no resource content, just who, what type, outcome).
-    pub fn failure_event(&self, caller: &Caller, kind: AuditKind, rtype: &str, status: u16) -> AuditEvent {
-        let mut e = AuditEvent::new(kind, self.clock.now(), Outcome::from_http_status(status), caller.agent())
-            .with_purpose(caller.purpose());
-        if let Some(d) = decl::decl(rtype) {
-            e = e.with_resource(d.name, None, None);
-        }
-        e
-    }
-
-    pub fn auditor(&self) -> &crate::audit::store::Auditor {
-        &self.audit
     }
 }
 

@@ -3,7 +3,7 @@
 //! see rows the caller may not.
 
 use crate::error::{AppError, AppResult};
-use crate::store::schema::{care_relationships, resource_history, resources, search_index};
+use crate::store::schema::{break_glass, care_relationships, resource_history, resources, search_index};
 use crate::store::{AnyConnection, db_err};
 use diesel::prelude::*;
 
@@ -317,13 +317,6 @@ pub fn search(
     q.order(resources::id.asc()).limit(limit).load(conn).map_err(db_err)
 }
 
-/// How many live rows match (for `_summary=count` and `Bundle.total`).
-pub fn count(conn: &mut AnyConnection, rtype: &str, query: &IndexQuery, scope: &ScopeFilter) -> AppResult<i64> {
-    let ids: Vec<String> =
-        base_search(rtype, query, scope).load::<Row>(conn).map_err(db_err)?.into_iter().map(|r| r.id).collect();
-    i64::try_from(ids.len()).map_err(AppError::internal)
-}
-
 fn base_search<'a>(rtype: &str, query: &IndexQuery, scope: &ScopeFilter) -> BoxedRows<'a> {
     let mut q = resources::table
         .filter(resources::resource_type.eq(rtype.to_owned()))
@@ -348,16 +341,6 @@ fn base_search<'a>(rtype: &str, query: &IndexQuery, scope: &ScopeFilter) -> Boxe
     q
 }
 
-/// The patients a practitioner reaches through active care teams.
-pub fn care_team_patients(conn: &mut AnyConnection, practitioner_id: &str) -> AppResult<Vec<String>> {
-    care_relationships::table
-        .filter(care_relationships::practitioner_id.eq(practitioner_id))
-        .select(care_relationships::patient_id)
-        .distinct()
-        .load(conn)
-        .map_err(db_err)
-}
-
 /// Whether a practitioner is in an active care team of the patient.
 pub fn in_care_team(conn: &mut AnyConnection, practitioner_id: &str, patient_id: &str) -> AppResult<bool> {
     let n: i64 = care_relationships::table
@@ -380,4 +363,45 @@ pub fn compartment(conn: &mut AnyConnection, rtype: &str, patient_id: &str, limi
         .select(Row::as_select())
         .load(conn)
         .map_err(db_err)
+}
+
+/// A break-glass grant as stored (`reason` is the sealed free text).
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = break_glass)]
+pub struct Grant {
+    pub id: String,
+    pub account_id: String,
+    pub patient_id: String,
+    pub reason: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+pub fn grant_break_glass(conn: &mut AnyConnection, grant: &Grant) -> AppResult<()> {
+    diesel::insert_into(break_glass::table).values(grant).execute(conn).map_err(db_err)?;
+    Ok(())
+}
+
+/// The patients an account holds an unexpired, unrevoked break-glass grant for at `now` (Unix micros).
+pub fn active_grants(conn: &mut AnyConnection, account_id: &str, now: i64) -> AppResult<Vec<String>> {
+    break_glass::table
+        .filter(break_glass::account_id.eq(account_id))
+        .filter(break_glass::expires_at.gt(now))
+        .filter(break_glass::revoked_at.is_null())
+        .select(break_glass::patient_id)
+        .load(conn)
+        .map_err(db_err)
+}
+
+/// Revokes every open break-glass grant of an account at `now` (incident containment); returns how many.
+pub fn revoke_grants(conn: &mut AnyConnection, account_id: &str, now: i64) -> AppResult<usize> {
+    diesel::update(
+        break_glass::table
+            .filter(break_glass::account_id.eq(account_id))
+            .filter(break_glass::revoked_at.is_null())
+            .filter(break_glass::expires_at.gt(now)),
+    )
+    .set(break_glass::revoked_at.eq(Some(now)))
+    .execute(conn)
+    .map_err(db_err)
 }

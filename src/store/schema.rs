@@ -130,6 +130,15 @@ diesel::table! {
         body -> Text,
         prev_hash -> Text,
         hash -> Text,
+        action -> Text,
+    }
+}
+
+diesel::table! {
+    audit_patients (patient_id, seq) {
+        patient_id -> Text,
+        seq -> BigInt,
+        recorded -> BigInt,
     }
 }
 
@@ -202,6 +211,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     login_failures,
     break_glass,
     audit_events,
+    audit_patients,
     audit_head,
     audit_checkpoints,
     audit_signing_keys,

@@ -184,7 +184,7 @@ fn set_stored(app: &TestApp, id: &str, doc: &serde_json::Map<String, Value>) {
 
 both_backends!(a_hidden_ssn_is_never_decrypted_even_inside_identifier, |app: TestApp| async move {
     use carevault::crypto::FieldAad;
-    use carevault::records::service::RESTRICTED_IDENTIFIERS;
+    use carevault::records::RESTRICTED_IDENTIFIERS;
     let w = app.world().await;
     let alice = format!("/fhir/Patient/{}", w.alice);
     // The SSN is stored apart: `identifier` holds the MRN only, `identifier#restricted` the SSN and its position.

@@ -7,7 +7,7 @@ use carevault::audit::chain::{hash_from_hex, to_hex};
 use carevault::audit::{Agent, AuditEvent, AuditKind, ChainLink, Outcome};
 use carevault::config::DatabaseTarget;
 use carevault::crypto::{FieldAad, FieldCipher, MasterKey};
-use carevault::records::store::{Row, WriteExtras, insert, replace};
+use carevault::records::fault_injection::{Row, WriteExtras, insert, replace};
 use carevault::store::schema::{audit_events, audit_head, resource_history, resources};
 use diesel::prelude::*;
 use secrecy::ExposeSecret;
@@ -248,7 +248,7 @@ both_backends!(rotate_then_reencrypt_moves_every_row, |app: TestApp| async move 
     let out = ok(cli(&app, &["keys", "reencrypt", "--batch", "50"]));
     assert!(
         out.contains(
-            "re-encrypted 130 current and 174 history row(s) and 1 break-glass reason(s) to data key version 2"
+            "re-encrypted 130 current and 174 history row(s), 1 break-glass reason(s) and 0 alert note(s) to data key version 2"
         ),
         "{out}"
     );
@@ -262,7 +262,10 @@ both_backends!(rotate_then_reencrypt_moves_every_row, |app: TestApp| async move 
 
     // Resumable / idempotent: nothing left to do.
     let out = ok(cli(&app, &["keys", "reencrypt"]));
-    assert!(out.contains("re-encrypted 0 current and 0 history row(s) and 0 break-glass reason(s)"), "{out}");
+    assert!(
+        out.contains("re-encrypted 0 current and 0 history row(s), 0 break-glass reason(s) and 0 alert note(s)"),
+        "{out}"
+    );
     let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
     assert_eq!(status["rows_below_active_version"], 0);
     assert_eq!(status["rows_by_key_version"]["resources"], json!({"2": 130}));
@@ -763,7 +766,11 @@ both_backends!(index_key_rotation_keeps_searches_exact_and_resumes, |app: TestAp
     }
     {
         let mut conn = app.state.db.conn().unwrap();
-        assert!(carevault::crypto::store::finish_index_rotation(&mut conn, 2).is_err(), "old rows still use v1");
+        assert!(
+            carevault::crypto::store::finish_index_rotation(&mut conn, 2, carevault::records::maintenance::below)
+                .is_err(),
+            "old rows still use v1"
+        );
     }
     let status: Value = serde_json::from_str(&ok(cli(&app, &["keys", "status", "--json"]))).unwrap();
     assert_eq!(status["index_key_version"], 2);

@@ -147,6 +147,31 @@ pub fn policy_dir() -> PathBuf {
 }
 
 /// Defines one test per backend: `NAME::sqlite` and `NAME::postgres`.
+/// One test per backend with extra configuration.
+#[macro_export]
+macro_rules! both_backends_with {
+    ($name:ident, $toml:expr, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let app = $crate::helpers::TestApp::spawn_with($crate::helpers::Backend::Sqlite, $toml)
+                    .await
+                    .expect("sqlite");
+                ($body)(app).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(app) = $crate::helpers::TestApp::spawn_with($crate::helpers::Backend::Postgres, $toml).await
+                {
+                    ($body)(app).await;
+                }
+            }
+        }
+    };
+}
+
 #[macro_export]
 macro_rules! both_backends {
     ($name:ident, $body:expr) => {

@@ -11,6 +11,7 @@ mod audit;
 mod auth;
 mod cli;
 mod demo;
+mod disclosure;
 mod encryption;
 mod fhir;
 mod foundation;

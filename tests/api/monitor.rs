@@ -3,8 +3,8 @@
 //! an outage, `incident contain` cuts an account off and `incident report` lists exactly what was touched.
 //! No canary value reaches an alert, the webhook body or the alert's audit record.
 
-use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
+use crate::{both_backends, both_backends_with};
 use carevault::audit::{Agent, AuditEvent, AuditKind, Outcome, purpose};
 use carevault::clock::Clock;
 use carevault::monitor::{self, Alert, AlertFilter, Subject, rules};
@@ -16,27 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 use time::Duration;
 use uuid::Uuid;
-
-/// One test per backend with extra configuration.
-macro_rules! both_backends_with {
-    ($name:ident, $toml:expr, $body:expr) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let app = TestApp::spawn_with(Backend::Sqlite, $toml).await.expect("sqlite");
-                ($body)(app).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                if let Some(app) = TestApp::spawn_with(Backend::Postgres, $toml).await {
-                    ($body)(app).await;
-                }
-            }
-        }
-    };
-}
 
 const SMALL: &str = "[monitor]\nfailed_logins_threshold = 4\nbulk_access_patients = 5\nbulk_access_window_secs = 600\n";
 
@@ -296,12 +275,16 @@ both_backends!(alerts_api_roles_filters_and_ack, |app: TestApp| async move {
     let mut conn = app.state.db.conn().unwrap();
     let stored = monitor::find(&mut conn, &a.id).unwrap().unwrap();
     assert!(stored.ack_note.unwrap().starts_with("cv1:"), "note encrypted at rest");
-    let acks: i64 = audit_events::table
+    let acks: Vec<String> = audit_events::table
         .filter(audit_events::body.like("%alert-acknowledged%"))
-        .count()
-        .get_result(&mut conn)
+        .select(audit_events::body)
+        .load(&mut conn)
         .unwrap();
-    assert_eq!(acks, 1);
+    let outcomes: Vec<Value> =
+        acks.iter().map(|b| serde_json::from_str::<Value>(b).unwrap()["outcome"].clone()).collect();
+    // One acknowledgement; the repeated one (409) and the two unknown ids (404) are audited as failures.
+    assert_eq!(outcomes.iter().filter(|o| *o == "0").count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| *o == "4").count(), 3, "{outcomes:?}");
     // Acknowledged: the same failure raises a new alert.
     drop(conn);
     assert!(raise(rules::DECRYPT_FAILURE, Subject::System("field-cipher")).await.unwrap().is_some());

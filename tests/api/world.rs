@@ -138,7 +138,7 @@ impl TestApp {
             .select(resources::content)
             .first(&mut conn)
             .unwrap();
-        use carevault::records::service::{RESTRICTED_IDENTIFIERS, join_restricted, split_restricted};
+        use carevault::records::{RESTRICTED_IDENTIFIERS, join_restricted, split_restricted};
         let mut doc: serde_json::Map<String, Value> = serde_json::from_str(&content).unwrap();
         let cipher = &self.state.cipher;
         // The stored format: restricted identifiers (SSN) apart from the rest, each part its own ciphertext.
