@@ -193,7 +193,7 @@ pub fn purge(
     event: AuditEvent,
     now: OffsetDateTime,
 ) -> AppResult<Option<i64>> {
-    use crate::store::schema::audit_events;
+    use crate::store::schema::{audit_events, audit_patients};
     conn.transaction(|c| {
         let head = lock_head(c)?;
         let boundary: Option<(i64, String)> = audit_events::table
@@ -225,6 +225,7 @@ pub fn purge(
                 .map_err(db_err)?;
         }
         diesel::delete(audit_events::table.filter(audit_events::seq.le(seq))).execute(c).map_err(db_err)?;
+        diesel::delete(audit_patients::table.filter(audit_patients::seq.le(seq))).execute(c).map_err(db_err)?;
         append_locked(c, head, &[event])?;
         Ok(Some(seq))
     })
