@@ -263,7 +263,7 @@ const LAST_UPDATED: SearchParamDecl = p("_lastUpdated", Date, &["meta.lastUpdate
 const PATIENT: &[&str] = &["Patient"];
 
 /// The declarations, in a fixed order. A `const` so that [`NAMES`] is computed at compile time.
-const DECLS: [ResourceDecl; COUNT] = [
+const DECLS: &[ResourceDecl] = &[
     ResourceDecl {
         name: "Patient",
         plain: &["resourceType", "id"],
@@ -488,9 +488,9 @@ const DECLS: [ResourceDecl; COUNT] = [
 ];
 
 /// How many types are served.
-pub const COUNT: usize = 9;
+pub const COUNT: usize = DECLS.len();
 
-static ALL: [ResourceDecl; COUNT] = DECLS;
+static ALL: &[ResourceDecl] = DECLS;
 
 /// The names of the served types, in the order of [`all`]; computed at compile time from the declarations.
 pub const NAMES: [&str; COUNT] = {
@@ -510,5 +510,5 @@ pub fn decl(name: &str) -> Option<&'static ResourceDecl> {
 
 /// Every served type, in a fixed order: the only list of them.
 pub fn all() -> &'static [ResourceDecl] {
-    &ALL
+    ALL
 }
