@@ -49,8 +49,11 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
 
     for role in Role::ALL {
         grant(role, "Practitioner", &RF, Scope::All);
+        grant(role, "Organization", &RF, Scope::All);
     }
     grant(Admin, "Practitioner", &[Create, Update], Scope::All);
+    grant(Admin, "Organization", &[Create, Update], Scope::All);
+    grant(FrontDesk, "Organization", &[Create, Update], Scope::All);
 
     grant(FrontDesk, "Patient", &crud, Scope::All);
     grant(FrontDesk, "CareTeam", &crud, Scope::All);

@@ -485,6 +485,21 @@ const DECLS: &[ResourceDecl] = &[
         required: &["recorded"],
         hook: None,
     },
+    ResourceDecl {
+        name: "Organization",
+        plain: &["resourceType", "id"],
+        search: &[
+            ID,
+            LAST_UPDATED,
+            p("identifier", Token, &["identifier"], true),
+            p("name", Str, &["name", "alias"], true),
+        ],
+        patient_link: PatientLink::None,
+        references: &[("partOf", &["Organization"])],
+        read_only: false,
+        required: &[],
+        hook: None,
+    },
 ];
 
 /// How many types are served.
