@@ -1,21 +1,17 @@
 //! Which top-level elements each resource type has, so `fields.toml` can be validated against them, and which are
 //! mandatory (kept under `_elements`, as FHIR asks).
 //!
-//! The FHIR declarations (the `fhir` module) are the authority for elements; [`R4Catalog`] reads them through
+//! Everything here derives from the FHIR declarations ([`crate::fhir::decl::all`], the only list of served
+//! types) and the official schema they read their elements from; [`R4Catalog`] serves them through
 //! [`ElementCatalog`], which also lets tests plug in other catalogs.
 
-/// The resource types the policy may name (CONTRACT §5).
-pub const RESOURCE_TYPES: [&str; 9] = [
-    "Patient",
-    "Practitioner",
-    "CareTeam",
-    "Encounter",
-    "Observation",
-    "Condition",
-    "AllergyIntolerance",
-    "MedicationRequest",
-    "AuditEvent",
-];
+use std::sync::OnceLock;
+
+use crate::fhir::decl;
+
+/// The resource types the policy may name: exactly the served types, in the order of `fhir::decl::all()`
+/// (computed from the declarations at compile time).
+pub const RESOURCE_TYPES: [&str; decl::COUNT] = decl::NAMES;
 
 /// Knows the top-level elements of each resource type.
 pub trait ElementCatalog: Send + Sync {
@@ -38,72 +34,26 @@ where
     }
 }
 
-/// The R4 top-level elements of the nine served types, from the FHIR resource declarations
-/// ([`crate::fhir::decl`]), with choice elements in their canonical form (`valueQuantity`, `valueString`, … →
-/// `value[x]`).
+/// The R4 top-level elements of the served types, as the embedded official schema defines them, with choice
+/// elements in their canonical form (`valueQuantity`, `valueString`, … → `value[x]`). Knows no type when the
+/// schema cannot be read (the policy then fails to load: fail closed).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct R4Catalog;
 
 impl ElementCatalog for R4Catalog {
     fn elements(&self, resource_type: &str) -> Option<Vec<String>> {
-        crate::fhir::decl::decl(resource_type).map(|d| canonical_elements(d.elements()))
+        let d = decl::decl(resource_type)?;
+        d.schema()?;
+        Some(d.canonical_elements().into_iter().map(str::to_owned).collect())
     }
 }
 
-/// R4 data types that name a choice element's type as a suffix (`onsetDateTime` is `onset[x]` as a dateTime).
-const CHOICE_TYPES: &[&str] = &[
-    "Age",
-    "Boolean",
-    "CodeableConcept",
-    "Date",
-    "DateTime",
-    "Instant",
-    "Integer",
-    "Period",
-    "Quantity",
-    "Range",
-    "Ratio",
-    "Reference",
-    "SampledData",
-    "String",
-    "Time",
-    "Timing",
-];
-
-/// `names` (without `resourceType`) with every choice element collapsed to `stem[x]`: a name is a choice when it
-/// is a stem plus a data-type suffix and at least one other name has the same stem (so `birthDate` and
-/// `referenceRange` stay as they are). Order of first appearance.
-fn canonical_elements<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
-    let names: Vec<&str> = names.filter(|n| *n != "resourceType").collect();
-    let stems = |name: &'a str| {
-        CHOICE_TYPES
-            .iter()
-            .filter_map(move |t| name.strip_suffix(t))
-            .filter(|s| s.ends_with(|c: char| c.is_ascii_lowercase()))
-    };
-    let mut out: Vec<String> = Vec::with_capacity(names.len());
-    for name in &names {
-        let choice =
-            stems(name).find(|stem| names.iter().filter(|other| stems(other).any(|s| s == *stem)).count() >= 2);
-        let canonical = choice.map_or_else(|| (*name).to_owned(), |stem| format!("{stem}[x]"));
-        if !out.contains(&canonical) {
-            out.push(canonical);
-        }
-    }
-    out
-}
-
-/// R4 top-level elements with `min = 1`.
+/// R4 top-level elements with `min = 1` of a served type ([`decl::ResourceDecl::mandatory`]: the schema's
+/// `required` plus the declared 1..1 primitives and choices); empty for any other type.
 pub fn r4_mandatory(resource_type: &str) -> &'static [&'static str] {
-    match resource_type {
-        "Encounter" => &["status", "class"],
-        "Observation" => &["status", "code"],
-        "Condition" => &["subject"],
-        "AllergyIntolerance" => &["patient"],
-        "MedicationRequest" => &["status", "intent", "medication[x]", "subject"],
-        "AuditEvent" => &["type", "recorded", "agent", "source"],
-        _ => &[],
-    }
+    static MANDATORY: OnceLock<Vec<Vec<&'static str>>> = OnceLock::new();
+    let all = MANDATORY.get_or_init(|| decl::all().iter().map(decl::ResourceDecl::mandatory).collect());
+    decl::all().iter().position(|d| d.name == resource_type).and_then(|i| all.get(i)).map_or(&[], Vec::as_slice)
 }
 
 #[cfg(test)]
@@ -149,6 +99,28 @@ mod tests {
             assert_eq!(unique.len(), els.len(), "{t}");
         }
         assert_eq!(R4Catalog.elements("Basic"), None);
+    }
+
+    #[test]
+    fn types_and_mandatory_elements_derive_from_the_declarations() {
+        assert_eq!(RESOURCE_TYPES.to_vec(), decl::all().iter().map(|d| d.name).collect::<Vec<_>>());
+        // The table this replaced (R4 `min = 1`, kept by hand for the first nine types): the derivation from the
+        // schema's `required` and the declared primitives and choices reproduces it exactly.
+        for (t, want) in [
+            ("Patient", &[][..]),
+            ("Practitioner", &[]),
+            ("CareTeam", &[]),
+            ("Encounter", &["status", "class"]),
+            ("Observation", &["status", "code"]),
+            ("Condition", &["subject"]),
+            ("AllergyIntolerance", &["patient"]),
+            ("MedicationRequest", &["status", "intent", "medication[x]", "subject"]),
+            ("AuditEvent", &["type", "recorded", "agent", "source"]),
+        ] {
+            let got: std::collections::BTreeSet<&str> = r4_mandatory(t).iter().copied().collect();
+            assert_eq!(got, want.iter().copied().collect(), "{t}");
+        }
+        assert!(r4_mandatory("Basic").is_empty());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +49,11 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
 
     for role in Role::ALL {
         grant(role, "Practitioner", &RF, Scope::All);
+        grant(role, "Organization", &RF, Scope::All);
     }
     grant(Admin, "Practitioner", &[Create, Update], Scope::All);
+    grant(Admin, "Organization", &[Create, Update], Scope::All);
+    grant(FrontDesk, "Organization", &[Create, Update], Scope::All);
 
     grant(FrontDesk, "Patient", &crud, Scope::All);
     grant(FrontDesk, "CareTeam", &crud, Scope::All);
@@ -110,9 +113,60 @@ fn matrix_every_role_type_action() {
             }
         }
     }
-    assert_eq!(checked, 7 * 9 * 9);
+    assert_eq!(checked, Role::ALL.len() * crate::fhir::decl::all().len() * Action::ALL.len());
     assert!(wrong.is_empty(), "policy differs from CONTRACT §4:\n{}", wrong.join("\n"));
     assert!(!set.decide_role(Role::Admin, "Bundle", Action::Read).allowed);
+}
+
+/// The catalog check, driven by the declarations: every role has a field rule for every served type it may
+/// read or write, naming only elements of that type, and the loader refuses the policy when one is missing.
+#[test]
+fn every_role_has_field_rules_for_every_type_it_may_read() {
+    let set = real();
+    let fields = source(FIELDS_FILE);
+    let file: BTreeMap<String, BTreeMap<String, FieldRuleText>> = toml::from_str(&fields).unwrap();
+    let mut required_sections = 0;
+    let mut refused = BTreeSet::new();
+    for role in Role::ALL {
+        for d in crate::fhir::decl::all() {
+            let may = |kind: fn(Action) -> bool| {
+                Action::ALL.into_iter().any(|a| kind(a) && set.decide_role(role, d.name, a).allowed)
+            };
+            let (may_read, may_write) = (may(Action::reads), may(Action::writes));
+            let section = file.get(role.as_str()).and_then(|t| t.get(d.name));
+            assert_eq!(section.is_some(), may_read || may_write, "[{role}.{}]", d.name);
+            let Some(rule) = section else { continue };
+            required_sections += 1;
+            let known = R4Catalog.elements(d.name).unwrap();
+            for e in rule.read.iter().chain(&rule.write).filter(|e| *e != "*") {
+                assert!(known.contains(e), "[{role}.{}] names {e}", d.name);
+            }
+            if may_read {
+                let mask = set.decide_role(role, d.name, Action::Read).read_mask;
+                assert!(!rule.read.is_empty() && !mask.is_nothing(), "[{role}.{}]", d.name);
+                assert!(mask.allows("id") && mask.allows("meta"), "[{role}.{}]", d.name);
+            }
+            // Without the section, the policy does not load (checked for one role per type: each load costs
+            // about a second in a debug build).
+            if !refused.insert(d.name) {
+                continue;
+            }
+            let mut without: toml::Table = toml::from_str(&fields).unwrap();
+            without.get_mut(role.as_str()).and_then(toml::Value::as_table_mut).unwrap().remove(d.name);
+            let err = load_with(FIELDS_FILE, &toml::to_string(&without).unwrap()).err().unwrap().to_string();
+            assert!(err.contains(&format!("[{role}.{}] is missing", d.name)), "{err}");
+        }
+    }
+    assert_eq!(required_sections, file.values().map(BTreeMap::len).sum::<usize>());
+    assert_eq!(refused.len(), crate::fhir::decl::all().len());
+}
+
+#[derive(serde::Deserialize)]
+struct FieldRuleText {
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
 }
 
 #[test]

@@ -1,11 +1,23 @@
-//! The one declaration of each resource type carevault serves: which top-level elements are PHI (encrypted
-//! element by element) and which are plain, the search parameters with their kinds and paths, how the type
-//! links to a patient (its compartment), and whether clients may write it.
+//! The one declaration of each resource type carevault serves. A declaration says only what is carevault's
+//! choice: which top-level elements are stored in plaintext (each justified in `docs/plaintext-elements.md`;
+//! everything else is PHI, encrypted element by element), the search parameters with their kinds and paths,
+//! how the type links to a patient (its compartment), which references it may hold, whether clients may write
+//! it, the 1..1 elements the schema cannot require, and an optional write hook.
 //!
-//! Guarantees (checked by tests against the official schema): `phi` and `plain` together list every
-//! top-level element of the type, without overlap; an element not listed in `plain` is treated as PHI
-//! ([`ResourceDecl::is_phi`] fails closed); every search parameter whose path starts in a PHI element is
-//! blind-indexed (`phi: true`), except references (random resource ids, which identify no one).
+//! What FHIR itself defines is read from the embedded official schema ([`super::schema`]), never repeated
+//! here: the type's elements ([`ResourceDecl::elements`]), its choice elements (`value[x]`,
+//! [`ResourceDecl::canonical_elements`]) and the minimum cardinality the schema expresses
+//! ([`ResourceDecl::mandatory`]). Fail closed: an element the schema has and the declaration does not list as
+//! plain is PHI ([`ResourceDecl::is_phi`] is true for any name not in `plain`).
+//!
+//! [`all`] is the only list of served types: the access catalog (`access::RESOURCE_TYPES`, the mandatory
+//! elements), the CapabilityStatement, the docs tables and the tests derive from it or are checked against it.
+//! [`check`] verifies every declaration against the schema; the validator runs it at startup, so a
+//! declaration naming an element the schema does not have stops the server from starting.
+
+use serde_json::Value;
+
+use super::schema::{self, ResourceSchema};
 
 /// The kind of a search parameter, as FHIR names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,34 +64,98 @@ pub enum PatientLink {
     None,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// A per-type side effect of a write, run by the records service inside the write's transaction.
+#[derive(Clone, Copy)]
+pub enum WriteHook {
+    /// The resource defines care relationships `(patient id, practitioner id)`: on create and update they
+    /// replace the ones the resource defined before; a delete clears them (see
+    /// [`ResourceDecl::care_relationships`]).
+    CareRelationships(fn(&Value) -> Vec<(String, String)>),
+}
+
+impl std::fmt::Debug for WriteHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CareRelationships(_) => f.write_str("CareRelationships"),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct ResourceDecl {
     pub name: &'static str,
-    /// Top-level elements that are PHI: each is encrypted on its own, bound to type, id and element name.
-    pub phi: &'static [&'static str],
-    /// Top-level elements stored in plaintext, each justified in `docs/plaintext-elements.md`.
+    /// Top-level elements stored in plaintext, each justified in `docs/plaintext-elements.md` (a test checks
+    /// the document lists exactly these). Every other element of the type is PHI.
     pub plain: &'static [&'static str],
     pub search: &'static [SearchParamDecl],
     pub patient_link: PatientLink,
-    /// Reference elements (dotted paths) and the resource types they may point to, for integrity checks.
+    /// Reference elements (dotted paths) and the resource types they may point to, for integrity checks. The
+    /// schema cannot supply these: it types every reference as `Reference`, without target types.
     pub references: &'static [(&'static str, &'static [&'static str])],
     /// Written by the server only: clients may read and search, never create, update or delete.
     pub read_only: bool,
-    /// Elements of cardinality 1..1 that the JSON schema cannot require (primitives: the value or its `_x`
-    /// extension sibling may carry them). Checked by the validator.
+    /// Primitive and choice elements of minimum cardinality 1, by R4 name (`status`, `medication[x]`): the
+    /// JSON schema's `required` cannot express them (a primitive may be given by its `_x` extension sibling
+    /// alone; a choice by any of its variants), so they are declared here, from the R4 definitions. Checked by
+    /// the validator; [`check`] refuses any that is not a primitive or choice element of the type.
     pub required: &'static [&'static str],
+    /// A side effect of writes of this type, if any.
+    pub hook: Option<WriteHook>,
 }
 
 impl ResourceDecl {
-    /// Every top-level element of the type (PHI first, then plain).
+    /// What the embedded schema defines for this type (`None` only if the schema were unreadable).
+    pub fn schema(&self) -> Option<&'static ResourceSchema> {
+        schema::resource(self.name)
+    }
+
+    /// Every top-level element of the type by JSON name (`valueQuantity`, `resourceType`), from the schema.
     pub fn elements(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.phi.iter().chain(self.plain.iter()).copied()
+        self.schema().into_iter().flat_map(|s| s.elements.iter()).map(|e| e.name.as_str())
+    }
+
+    /// The top-level elements that are PHI: every element of the schema not declared plain.
+    pub fn phi_elements(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.elements().filter(|e| self.is_phi(e))
     }
 
     /// Whether a top-level element (or its `_x` extension sibling) is PHI. Unknown names are PHI.
     pub fn is_phi(&self, element: &str) -> bool {
         let base = element.strip_prefix('_').unwrap_or(element);
         !self.plain.contains(&base)
+    }
+
+    /// The R4 names of the type's top-level elements (choice elements once, as `value[x]`), without
+    /// `resourceType`, sorted by JSON name: the names `policies/fields.toml` uses.
+    pub fn canonical_elements(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        for e in self.schema().into_iter().flat_map(|s| s.elements.iter()) {
+            if e.name != "resourceType" && !out.contains(&e.canonical.as_str()) {
+                out.push(e.canonical.as_str());
+            }
+        }
+        out
+    }
+
+    /// The R4 names of the top-level elements of minimum cardinality 1: the schema's `required` (complex
+    /// elements) and the declared [`required`](Self::required) (primitives and choices), sorted by JSON name.
+    pub fn mandatory(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        for e in self.schema().into_iter().flat_map(|s| s.elements.iter()) {
+            let canonical = e.canonical.as_str();
+            let min_one = (e.required && e.name != "resourceType") || self.required.contains(&canonical);
+            if min_one && !out.contains(&canonical) {
+                out.push(canonical);
+            }
+        }
+        out
+    }
+
+    /// The JSON names of the elements a declared R4 name stands for: the variants of `medication[x]`, or the
+    /// one element.
+    pub fn variants<'a>(&'a self, canonical: &'a str) -> impl Iterator<Item = &'static str> + 'a {
+        let elements = self.schema().into_iter().flat_map(|s| s.elements.iter());
+        elements.filter(move |e| e.canonical == canonical).map(|e| e.name.as_str())
     }
 
     /// The id of the Patient whose compartment this resource belongs to. Fails closed: a type linked to a
@@ -106,6 +182,70 @@ impl ResourceDecl {
     pub fn param(&self, name: &str) -> Option<&'static SearchParamDecl> {
         self.search.iter().find(|p| p.name == name)
     }
+
+    /// The care relationships `(patient id, practitioner id)` this version of a resource defines, for a type
+    /// declared with [`WriteHook::CareRelationships`]; `None` for every other type. The records service
+    /// stores them with the write (replacing the previous version's); on delete it stores an empty list for
+    /// every type where [`has_care_relationships`](Self::has_care_relationships) holds.
+    pub fn care_relationships(&self, resource: &Value) -> Option<Vec<(String, String)>> {
+        let Some(WriteHook::CareRelationships(pairs)) = self.hook else { return None };
+        Some(pairs(resource))
+    }
+
+    /// Whether writes of this type maintain care relationships.
+    pub fn has_care_relationships(&self) -> bool {
+        matches!(self.hook, Some(WriteHook::CareRelationships(_)))
+    }
+
+    /// Checks the declaration against the schema's definition of the type: every name it uses is an element
+    /// the schema defines. The message names the declaration and the offending name.
+    pub fn check(&self) -> Result<(), String> {
+        let schema = self.schema().ok_or_else(|| format!("the FHIR schema does not define {}", self.name))?;
+        let fail = |what: &str, name: &str| Err(format!("{}: {what} {name} is not an element of the type", self.name));
+        let top = |path: &str| path.split('.').next().unwrap_or(path).to_owned();
+        for plain in self.plain {
+            if schema.element(plain).is_none() {
+                return fail("plain element", plain);
+            }
+        }
+        for required in self.required {
+            let variants: Vec<_> = schema.named(required).collect();
+            let expressible = variants.iter().any(|e| e.required || !(e.primitive || e.is_choice()));
+            if variants.is_empty() || expressible {
+                return fail("required (a primitive or choice the schema cannot require)", required);
+            }
+        }
+        for p in self.search {
+            for path in p.paths {
+                if schema.element(&top(path)).is_none() {
+                    return fail(&format!("search parameter {} path", p.name), path);
+                }
+            }
+        }
+        for (path, _) in self.references {
+            if schema.element(&top(path)).is_none() {
+                return fail("reference", path);
+            }
+        }
+        if let PatientLink::Element(e) = self.patient_link
+            && schema.element(e).is_none()
+        {
+            return fail("patient link", e);
+        }
+        Ok(())
+    }
+}
+
+/// Checks every declaration against the embedded schema ([`ResourceDecl::check`]), and that no type is
+/// declared twice.
+pub fn check() -> Result<(), String> {
+    for (i, d) in all().iter().enumerate() {
+        if all()[..i].iter().any(|o| o.name == d.name) {
+            return Err(format!("{} is declared twice", d.name));
+        }
+        d.check()?;
+    }
+    Ok(())
 }
 
 const fn p(name: &'static str, kind: ParamKind, paths: &'static [&'static str], phi: bool) -> SearchParamDecl {
@@ -122,36 +262,10 @@ const ID: SearchParamDecl = p("_id", Token, &["id"], false);
 const LAST_UPDATED: SearchParamDecl = p("_lastUpdated", Date, &["meta.lastUpdated"], false);
 const PATIENT: &[&str] = &["Patient"];
 
-static ALL: [ResourceDecl; 9] = [
+/// The declarations, in a fixed order. A `const` so that [`NAMES`] is computed at compile time.
+const DECLS: &[ResourceDecl] = &[
     ResourceDecl {
         name: "Patient",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "active",
-            "name",
-            "telecom",
-            "gender",
-            "birthDate",
-            "deceasedBoolean",
-            "deceasedDateTime",
-            "address",
-            "maritalStatus",
-            "multipleBirthBoolean",
-            "multipleBirthInteger",
-            "photo",
-            "contact",
-            "communication",
-            "generalPractitioner",
-            "managingOrganization",
-            "link",
-        ],
         plain: &["resourceType", "id"],
         search: &[
             ID,
@@ -167,28 +281,10 @@ static ALL: [ResourceDecl; 9] = [
         references: &[("generalPractitioner", &["Practitioner"]), ("link.other", PATIENT)],
         read_only: false,
         required: &[],
+        hook: None,
     },
     ResourceDecl {
         name: "Practitioner",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "active",
-            "name",
-            "telecom",
-            "address",
-            "gender",
-            "birthDate",
-            "photo",
-            "qualification",
-            "communication",
-        ],
         plain: &["resourceType", "id"],
         search: &[
             ID,
@@ -202,30 +298,10 @@ static ALL: [ResourceDecl; 9] = [
         references: &[],
         read_only: false,
         required: &[],
+        hook: None,
     },
     ResourceDecl {
         name: "CareTeam",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "category",
-            "name",
-            "subject",
-            "encounter",
-            "period",
-            "participant",
-            "reasonCode",
-            "reasonReference",
-            "managingOrganization",
-            "telecom",
-            "note",
-        ],
         plain: &["resourceType", "id", "status"],
         search: &[
             ID,
@@ -245,40 +321,10 @@ static ALL: [ResourceDecl; 9] = [
         ],
         read_only: false,
         required: &[],
+        hook: Some(WriteHook::CareRelationships(super::reference::care_pairs)),
     },
     ResourceDecl {
         name: "Encounter",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "statusHistory",
-            "class",
-            "classHistory",
-            "type",
-            "serviceType",
-            "priority",
-            "subject",
-            "episodeOfCare",
-            "basedOn",
-            "participant",
-            "appointment",
-            "period",
-            "length",
-            "reasonCode",
-            "reasonReference",
-            "diagnosis",
-            "account",
-            "hospitalization",
-            "location",
-            "serviceProvider",
-            "partOf",
-        ],
         plain: &["resourceType", "id", "status"],
         search: &[
             ID,
@@ -300,54 +346,10 @@ static ALL: [ResourceDecl; 9] = [
         ],
         read_only: false,
         required: &["status"],
+        hook: None,
     },
     ResourceDecl {
         name: "Observation",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "basedOn",
-            "partOf",
-            "category",
-            "code",
-            "subject",
-            "focus",
-            "encounter",
-            "effectiveDateTime",
-            "effectivePeriod",
-            "effectiveTiming",
-            "effectiveInstant",
-            "issued",
-            "performer",
-            "valueQuantity",
-            "valueCodeableConcept",
-            "valueString",
-            "valueBoolean",
-            "valueInteger",
-            "valueRange",
-            "valueRatio",
-            "valueSampledData",
-            "valueTime",
-            "valueDateTime",
-            "valuePeriod",
-            "dataAbsentReason",
-            "interpretation",
-            "note",
-            "bodySite",
-            "method",
-            "specimen",
-            "device",
-            "referenceRange",
-            "hasMember",
-            "derivedFrom",
-            "component",
-        ],
         plain: &["resourceType", "id", "status"],
         search: &[
             ID,
@@ -370,43 +372,10 @@ static ALL: [ResourceDecl; 9] = [
         ],
         read_only: false,
         required: &["status"],
+        hook: None,
     },
     ResourceDecl {
         name: "Condition",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "clinicalStatus",
-            "verificationStatus",
-            "category",
-            "severity",
-            "code",
-            "bodySite",
-            "subject",
-            "encounter",
-            "onsetDateTime",
-            "onsetAge",
-            "onsetPeriod",
-            "onsetRange",
-            "onsetString",
-            "abatementDateTime",
-            "abatementAge",
-            "abatementPeriod",
-            "abatementRange",
-            "abatementString",
-            "recordedDate",
-            "recorder",
-            "asserter",
-            "stage",
-            "evidence",
-            "note",
-        ],
         plain: &["resourceType", "id"],
         search: &[
             ID,
@@ -431,38 +400,10 @@ static ALL: [ResourceDecl; 9] = [
         ],
         read_only: false,
         required: &[],
+        hook: None,
     },
     ResourceDecl {
         name: "AllergyIntolerance",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "clinicalStatus",
-            "verificationStatus",
-            "type",
-            "category",
-            "criticality",
-            "code",
-            "patient",
-            "encounter",
-            "onsetDateTime",
-            "onsetAge",
-            "onsetPeriod",
-            "onsetRange",
-            "onsetString",
-            "recordedDate",
-            "recorder",
-            "asserter",
-            "lastOccurrence",
-            "note",
-            "reaction",
-        ],
         plain: &["resourceType", "id"],
         search: &[
             ID,
@@ -485,50 +426,10 @@ static ALL: [ResourceDecl; 9] = [
         ],
         read_only: false,
         required: &[],
+        hook: None,
     },
     ResourceDecl {
         name: "MedicationRequest",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "identifier",
-            "statusReason",
-            "category",
-            "priority",
-            "doNotPerform",
-            "reportedBoolean",
-            "reportedReference",
-            "medicationCodeableConcept",
-            "medicationReference",
-            "subject",
-            "encounter",
-            "supportingInformation",
-            "authoredOn",
-            "requester",
-            "performer",
-            "performerType",
-            "recorder",
-            "reasonCode",
-            "reasonReference",
-            "instantiatesCanonical",
-            "instantiatesUri",
-            "basedOn",
-            "groupIdentifier",
-            "courseOfTherapyType",
-            "insurance",
-            "note",
-            "dosageInstruction",
-            "dispenseRequest",
-            "substitution",
-            "priorPrescription",
-            "detectedIssue",
-            "eventHistory",
-        ],
         plain: &["resourceType", "id", "status", "intent"],
         search: &[
             ID,
@@ -552,20 +453,11 @@ static ALL: [ResourceDecl; 9] = [
             ("recorder", &["Practitioner"]),
         ],
         read_only: false,
-        required: &["status", "intent"],
+        required: &["status", "intent", "medication[x]"],
+        hook: None,
     },
     ResourceDecl {
         name: "AuditEvent",
-        phi: &[
-            "meta",
-            "implicitRules",
-            "language",
-            "text",
-            "contained",
-            "extension",
-            "modifierExtension",
-            "outcomeDesc",
-        ],
         plain: &[
             "resourceType",
             "id",
@@ -591,15 +483,47 @@ static ALL: [ResourceDecl; 9] = [
         references: &[("entity.what", &["Patient"]), ("agent.who", &["Practitioner", "Patient"])],
         read_only: true,
         required: &["recorded"],
+        hook: None,
+    },
+    ResourceDecl {
+        name: "Organization",
+        plain: &["resourceType", "id"],
+        search: &[
+            ID,
+            LAST_UPDATED,
+            p("identifier", Token, &["identifier"], true),
+            p("name", Str, &["name", "alias"], true),
+        ],
+        patient_link: PatientLink::None,
+        references: &[("partOf", &["Organization"])],
+        read_only: false,
+        required: &[],
+        hook: None,
     },
 ];
+
+/// How many types are served.
+pub const COUNT: usize = DECLS.len();
+
+static ALL: &[ResourceDecl] = DECLS;
+
+/// The names of the served types, in the order of [`all`]; computed at compile time from the declarations.
+pub const NAMES: [&str; COUNT] = {
+    let mut names = [""; COUNT];
+    let mut i = 0;
+    while i < COUNT {
+        names[i] = DECLS[i].name;
+        i += 1;
+    }
+    names
+};
 
 /// The declaration of a served type, by its exact FHIR name.
 pub fn decl(name: &str) -> Option<&'static ResourceDecl> {
     ALL.iter().find(|d| d.name == name)
 }
 
-/// Every served type, in a fixed order.
+/// Every served type, in a fixed order: the only list of them.
 pub fn all() -> &'static [ResourceDecl] {
-    &ALL
+    ALL
 }

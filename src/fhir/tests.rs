@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::bundle::{HistoryEntry, HistoryMethod, history, searchset};
 use super::capability::capability_statement;
-use super::decl::{ParamKind, PatientLink, all, decl};
+use super::decl::{ParamKind, PatientLink, ResourceDecl, WriteHook, all, check, decl};
 use super::search::extract_index;
 use super::validate::FhirValidator;
 
@@ -46,14 +46,221 @@ fn schema_elements(ty: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The elements of every declared type are the schema's, read independently of `schema.rs`; what the
+/// declaration does not list as plain is PHI.
 #[test]
-fn phi_and_plain_partition_the_schema_elements() {
+fn elements_come_from_the_schema_and_unclassified_ones_are_phi() {
+    check().unwrap();
     for d in all() {
-        let declared: BTreeSet<String> = d.elements().map(str::to_owned).collect();
-        assert_eq!(declared.len(), d.phi.len() + d.plain.len(), "{} lists an element twice", d.name);
-        assert_eq!(declared, schema_elements(d.name), "{}", d.name);
-        assert!(d.is_phi("_birthDate") && d.is_phi("madeUp") && !d.is_phi("id"));
+        let elements: BTreeSet<String> = d.elements().map(str::to_owned).collect();
+        assert_eq!(elements, schema_elements(d.name), "{}", d.name);
+        let plain: BTreeSet<&str> = d.plain.iter().copied().collect();
+        assert_eq!(plain.len(), d.plain.len(), "{} lists a plain element twice", d.name);
+        assert!(plain.iter().all(|p| elements.contains(*p)), "{}", d.name);
+        let phi: BTreeSet<&str> = d.phi_elements().collect();
+        assert_eq!(phi.len() + plain.len(), elements.len(), "{}", d.name);
+        assert!(phi.is_disjoint(&plain) && phi.contains("meta") && phi.contains("extension"), "{}", d.name);
+        assert!(d.is_phi("_birthDate") && d.is_phi("madeUp") && !d.is_phi("id") && !d.is_phi("resourceType"));
     }
+}
+
+fn bare(name: &'static str, plain: &'static [&'static str], required: &'static [&'static str]) -> ResourceDecl {
+    ResourceDecl {
+        name,
+        plain,
+        search: &[],
+        patient_link: PatientLink::None,
+        references: &[],
+        read_only: false,
+        required,
+        hook: None,
+    }
+}
+
+/// Fail closed: an element a declaration does not classify is PHI, and a declaration naming something the
+/// schema does not define is refused (the validator runs the same check at startup).
+#[test]
+fn declarations_fail_closed_and_are_checked_against_the_schema() {
+    let d = bare("Observation", &["resourceType", "id"], &["status"]);
+    d.check().unwrap();
+    let phi: Vec<&str> = d.phi_elements().collect();
+    for e in ["status", "code", "valueQuantity", "valueString", "subject", "meta"] {
+        assert!(phi.contains(&e) && d.is_phi(e), "{e}");
+    }
+    assert!(bare("Observation", &["resourceType", "id", "statuz"], &[]).check().unwrap_err().contains("statuz"));
+    // `code` and `subject` are expressible (complex; the schema requires `code`); `valueString` is a variant.
+    for bad in ["code", "subject", "category", "valueString", "nope"] {
+        let leaked: &'static [&'static str] = Vec::leak(vec![bad]);
+        assert!(bare("Observation", &[], leaked).check().unwrap_err().contains(bad), "{bad}");
+    }
+    bare("Observation", &[], &["status", "value[x]"]).check().unwrap();
+    assert!(bare("Medication2", &[], &[]).check().is_err());
+    let search = &[super::decl::SearchParamDecl {
+        name: "x",
+        kind: ParamKind::Token,
+        paths: &["codee.coding"],
+        phi: true,
+        targets: &[],
+    }];
+    let with_search = ResourceDecl { search, ..bare("Observation", &[], &[]) };
+    assert!(with_search.check().unwrap_err().contains("codee.coding"));
+    let with_link = ResourceDecl { patient_link: PatientLink::Element("patient"), ..bare("Observation", &[], &[]) };
+    assert!(with_link.check().is_err());
+}
+
+/// The schema model reads choice elements from the schema's structure, not from a list of type names.
+#[test]
+fn choice_elements_are_read_from_the_schema() {
+    let s = super::schema::schema().unwrap();
+    assert_eq!(s.len(), 146);
+    let variants = |ty: &str, c: &str| -> Vec<String> {
+        s.resource(ty).unwrap().named(c).map(|e| e.name.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(variants("Observation", "value[x]").len(), 11);
+    assert_eq!(variants("MedicationRequest", "medication[x]"), ["medicationCodeableConcept", "medicationReference"]);
+    assert_eq!(variants("MedicationRequest", "reported[x]"), ["reportedBoolean", "reportedReference"]);
+    assert_eq!(variants("Patient", "deceased[x]"), ["deceasedBoolean", "deceasedDateTime"]);
+    assert_eq!(variants("ServiceRequest", "quantity[x]").len(), 3);
+    // Look like choices by name, are not: a `$ref` to a primitive is a plain element; arrays are never choices.
+    for (ty, e) in [
+        ("Patient", "birthDate"),
+        ("PaymentReconciliation", "paymentDate"),
+        ("PaymentReconciliation", "paymentIdentifier"),
+        ("Task", "instantiatesCanonical"),
+        ("Task", "instantiatesUri"),
+        ("MedicationRequest", "instantiatesCanonical"),
+        ("MedicationRequest", "groupIdentifier"),
+        ("Observation", "referenceRange"),
+    ] {
+        let el = s.resource(ty).unwrap().element(e).unwrap();
+        assert!(!el.is_choice(), "{ty}.{e}");
+    }
+    // Every variant is a non-array element; a choice has at least two; variant names are distinct.
+    for ty in ["Observation", "Condition", "MedicationRequest", "Patient", "ServiceRequest", "Task"] {
+        let r = s.resource(ty).unwrap();
+        for e in r.elements.iter().filter(|e| e.is_choice()) {
+            assert!(!e.array && r.named(&e.canonical).count() >= 2, "{ty}.{}", e.name);
+        }
+    }
+}
+
+/// The 1..1 elements declared by hand (the schema cannot express them) are in every official example of
+/// the type: a wrong declaration (an optional element declared required) fails here.
+#[test]
+fn declared_required_elements_are_in_every_official_example() {
+    for (file, example) in fixtures() {
+        let Some(d) = decl(example["resourceType"].as_str().unwrap()) else { continue };
+        for r in d.required {
+            assert!(
+                d.variants(r).any(|v| example.get(v).is_some() || example.get(format!("_{v}")).is_some()),
+                "{file}: {r}"
+            );
+        }
+    }
+    assert_eq!(decl("MedicationRequest").unwrap().required, ["status", "intent", "medication[x]"]);
+    let mr = json!({"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+        "subject": {"reference": "Patient/p"}});
+    let err = validator().validate("MedicationRequest", &mr).unwrap_err();
+    assert!(format!("{err:?}").contains("MedicationRequest.medication[x]"), "{err:?}");
+    let mut ok = mr;
+    ok["medicationReference"] = json!({"reference": "Medication/m"});
+    validator().validate("MedicationRequest", &ok).unwrap();
+}
+
+/// Each served type has official examples in tests/fixtures/fhir (copied from the R4 publication), so the
+/// example-driven tests cover a new type as soon as it is declared.
+#[test]
+fn every_declared_type_has_examples() {
+    let files = fixtures();
+    for d in all() {
+        assert!(
+            files.iter().any(|(_, v)| v["resourceType"] == d.name),
+            "no example of {} in tests/fixtures/fhir",
+            d.name
+        );
+    }
+}
+
+/// The CareTeam write hook is declared, and no other type has one.
+#[test]
+fn care_relationships_are_the_care_team_hook() {
+    let p = "8f1c6e3a-4f6b-4a51-9d8e-0c9a3f1b2d7e";
+    let pr = "0b7d9c2e-1a3f-4e5d-8c6b-9a0f1e2d3c4b";
+    let team = json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": format!("Patient/{p}")},
+        "participant": [{"member": {"reference": format!("Practitioner/{pr}")}}]});
+    let care_team = decl("CareTeam").unwrap();
+    assert!(care_team.has_care_relationships());
+    assert_eq!(care_team.care_relationships(&team), Some(vec![(p.to_owned(), pr.to_owned())]));
+    for d in all().iter().filter(|d| d.name != "CareTeam") {
+        assert!(!d.has_care_relationships() && d.care_relationships(&team).is_none(), "{}", d.name);
+    }
+}
+
+/// Lines of a Markdown table (`| a | b |`) between the heading `heading` and the next heading, as cells.
+fn table_rows(doc: &str, heading: &str) -> Vec<Vec<String>> {
+    let start = doc.find(heading).unwrap_or_else(|| panic!("no {heading}"));
+    doc[start + heading.len()..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with('|') && !l.starts_with("| ---"))
+        .skip(1)
+        .map(|l| l.trim().trim_matches('|').split(" | ").map(|c| c.trim().to_owned()).collect())
+        .collect()
+}
+
+fn doc(name: &str) -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs").join(name)).unwrap()
+}
+
+/// docs/fhir-model.md's table of served types is exactly what the declarations say.
+#[test]
+fn the_docs_table_of_types_matches_the_declarations() {
+    let rows = table_rows(&doc("fhir-model.md"), "## Served resource types");
+    let expected: Vec<Vec<String>> = all()
+        .iter()
+        .map(|d| {
+            let link = match d.patient_link {
+                PatientLink::Itself => "itself".to_owned(),
+                PatientLink::Element(e) => format!("`{e}`"),
+                PatientLink::None => "none".to_owned(),
+            };
+            let search: Vec<String> = d.search.iter().map(|p| format!("`{}`", p.name)).collect();
+            let mandatory: Vec<String> = d.mandatory().iter().map(|m| format!("`{m}`")).collect();
+            vec![
+                d.name.to_owned(),
+                if d.read_only { "server only".to_owned() } else { "clients".to_owned() },
+                link,
+                search.join(", "),
+                if mandatory.is_empty() { "none".to_owned() } else { mandatory.join(", ") },
+                match d.hook {
+                    Some(WriteHook::CareRelationships(_)) => "care relationships".to_owned(),
+                    None => "none".to_owned(),
+                },
+            ]
+        })
+        .collect();
+    let show =
+        |rows: &[Vec<String>]| rows.iter().map(|r| format!("| {} |", r.join(" | "))).collect::<Vec<_>>().join("\n");
+    assert_eq!(show(&rows), show(&expected), "docs/fhir-model.md: the table should read:\n{}", show(&expected));
+}
+
+/// docs/plaintext-elements.md justifies exactly the plain elements the declarations list.
+#[test]
+fn every_plain_element_is_justified_in_the_docs() {
+    let mut documented = BTreeSet::new();
+    for row in table_rows(&doc("plaintext-elements.md"), "# Elements stored in plaintext") {
+        let types: Vec<&str> =
+            if row[0] == "every type" { all().iter().map(|d| d.name).collect() } else { row[0].split(", ").collect() };
+        for ty in types {
+            for e in row[1].split(", ") {
+                assert!(documented.insert((ty.to_owned(), e.trim_matches('`').to_owned())), "{ty}.{e} twice");
+            }
+        }
+    }
+    let declared: BTreeSet<(String, String)> =
+        all().iter().flat_map(|d| d.plain.iter().map(|e| (d.name.to_owned(), (*e).to_owned()))).collect();
+    assert_eq!(documented, declared);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! types, required bindings (gender, status...) and rejects unknown elements. On top of it this module checks
 //! what the schema cannot: `resourceType` matching the URL, nesting depth and size limits (before the schema
 //! runs), real calendar dates (`2023-02-30` passes the schema's pattern), 1..1 primitives declared in
-//! [`ResourceDecl::required`](super::decl::ResourceDecl), and no client-set `meta.security`.
+//! [`ResourceDecl::required`](super::decl::ResourceDecl::required) (primitives and choices), and no client-set
+//! `meta.security`.
 //!
 //! Server-owned elements: `id`, `meta.versionId` and `meta.lastUpdated` are overwritten by the caller with
 //! [`stamp`]; a client's values for them are accepted and ignored. `meta.security` from a client is rejected.
@@ -24,8 +25,7 @@ use time::format_description::well_known::Rfc3339;
 use super::decl;
 use crate::error::{AppError, AppResult};
 
-/// The official FHIR R4 (4.0.1) JSON schema.
-const SCHEMA: &str = include_str!("fhir.schema.json");
+use super::schema::SCHEMA;
 
 /// Deepest nesting of objects and arrays accepted in one resource (the resource itself is depth 1).
 pub const MAX_DEPTH: usize = 32;
@@ -116,9 +116,8 @@ impl FhirValidator {
             .with_draft(jsonschema::Draft::Draft7)
             .build(&root)
             .map_err(|e| AppError::internal(format!("FHIR schema does not compile: {e}")))?;
-        if let Some(missing) = decl::all().iter().find(|d| !resource_types.iter().any(|t| t == d.name)) {
-            return Err(AppError::internal(format!("FHIR schema lacks {}", missing.name)));
-        }
+        // Every declaration names only elements the schema defines: otherwise the server does not start.
+        decl::check().map_err(|e| AppError::internal(format!("resource declarations: {e}")))?;
         Ok(Self { validator, types, resource_types })
     }
 
@@ -135,7 +134,8 @@ impl FhirValidator {
         }
         self.check(resource_type, resource)?;
         for element in decl.required {
-            if !obj.contains_key(*element) && !obj.contains_key(&format!("_{element}")) {
+            // A primitive by its value or its `_x` extension sibling; a choice (`medication[x]`) by any variant.
+            if !decl.variants(element).any(|v| obj.contains_key(v) || obj.contains_key(&format!("_{v}"))) {
                 return Err(AppError::invalid(format!("{resource_type}.{element}"), REQUIRED));
             }
         }

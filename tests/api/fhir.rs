@@ -294,19 +294,79 @@ both_backends!(metadata_lists_what_is_implemented, |app: TestApp| async move {
     assert_eq!(cs["resourceType"], "CapabilityStatement");
     let types: Vec<&str> =
         cs["rest"][0]["resource"].as_array().unwrap().iter().map(|r| r["type"].as_str().unwrap()).collect();
-    for t in [
-        "Patient",
-        "Practitioner",
-        "CareTeam",
-        "Encounter",
-        "Observation",
-        "Condition",
-        "AllergyIntolerance",
-        "MedicationRequest",
-        "AuditEvent",
-    ] {
+    let declared: Vec<&str> = carevault::fhir::decl::all().iter().map(|d| d.name).collect();
+    assert_eq!(types, declared);
+    for t in ["Patient", "Practitioner", "CareTeam", "Encounter", "Observation", "Condition", "AuditEvent"] {
         assert!(types.contains(&t), "{t}");
     }
+});
+
+// Every declared type is served (driven by `fhir::decl::all()`, so a new type needs no line here): each role
+// the policy lets search it gets a searchset, every other role 403; a directory type (no patient link,
+// written by clients) is created from its first example in tests/fixtures/fhir by a role that may create
+// it, read back, and found by `_id`.
+both_backends!(every_declared_type_is_served, |app: TestApp| async move {
+    use carevault::access::{Action, PolicySet, R4Catalog};
+    use carevault::fhir::PatientLink;
+    use carevault::role::Role;
+    let w = app.world().await;
+    let policy = PolicySet::load_dir(&crate::helpers::policy_dir(), &R4Catalog).unwrap();
+    let sessions = [
+        (Role::FrontDesk, &w.front),
+        (Role::Billing, &w.billing),
+        (Role::Auditor, &w.auditor),
+        (Role::Admin, &w.admin),
+        (Role::Clinician, &w.doc),
+        (Role::Nurse, &w.nurse),
+        (Role::Patient, &w.alice_user),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fhir");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut directory_types = 0;
+    for d in carevault::fhir::decl::all() {
+        for (role, s) in sessions {
+            let (status, bundle) = app.get_json(s, &format!("/fhir/{}?_count=1", d.name)).await;
+            if policy.decide_role(role, d.name, Action::Search).allowed {
+                assert_eq!((status, bundle["type"].as_str()), (200, Some("searchset")), "{role} {}", d.name);
+            } else {
+                assert_eq!(status, 403, "{role} {}", d.name);
+            }
+        }
+        if d.patient_link != PatientLink::None || d.read_only {
+            continue;
+        }
+        let mut example: Value = files
+            .iter()
+            .filter_map(|f| serde_json::from_str::<Value>(&std::fs::read_to_string(f).ok()?).ok())
+            .find(|v| v["resourceType"] == d.name)
+            .unwrap_or_else(|| panic!("no example of {}", d.name));
+        let obj = example.as_object_mut().unwrap();
+        obj.remove("id");
+        obj.remove("meta");
+        for (path, _) in d.references {
+            obj.remove(path.split('.').next().unwrap());
+        }
+        // A role that may create the type and write every element the example has.
+        let (_, creator) = sessions
+            .iter()
+            .find(|(role, _)| {
+                let decision = policy.decide_role(*role, d.name, Action::Create);
+                decision.allowed && example.as_object().unwrap().keys().all(|k| decision.write_mask.allows(k))
+            })
+            .unwrap_or_else(|| panic!("no role creates {}", d.name));
+        let r = app.post(creator, &format!("/fhir/{}", d.name), &example).await;
+        assert_eq!(r.status(), 201, "{}", d.name);
+        let created: Value = r.json().await.unwrap();
+        let id = created["id"].as_str().unwrap();
+        let (status, read) = app.get_json(creator, &format!("/fhir/{}/{id}", d.name)).await;
+        assert_eq!(status, 200);
+        app.assert_valid(&read);
+        let (status, found) = app.get_json(creator, &format!("/fhir/{}?_id={id}", d.name)).await;
+        assert_eq!((status, found["entry"][0]["resource"]["id"].as_str()), (200, Some(id)), "{}", d.name);
+        directory_types += 1;
+    }
+    assert!(directory_types >= 1);
 });
 
 both_backends!(official_examples_go_through_the_api, |app: TestApp| async move {
