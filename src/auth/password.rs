@@ -12,7 +12,7 @@
 //! - Policy messages are fixed texts; nothing here logs, returns or panics with a password.
 //!
 //! These functions are CPU-bound (tens of milliseconds): call them off the async executor, with
-//! `actix_web::web::block` or `tokio::task::spawn_blocking`.
+//! `tokio::task::spawn_blocking`.
 
 use std::collections::HashSet;
 use std::sync::LazyLock;

@@ -299,9 +299,9 @@ impl AuthService {
             .await?;
         let phc = account.as_ref().and_then(|a| a.password_hash.clone());
         let (verification, password) =
-            actix_web::web::block(move || (verify_password(phc.as_deref(), &password), password))
+            tokio::task::spawn_blocking(move || (verify_password(phc.as_deref(), &password), password))
                 .await
-                .map_err(AppError::internal)?;
+                .map_err(|e| AppError::internal_from("password task", e))?;
         let mut failed = match &account {
             None => Some(LoginFailure::UnknownOrWrong),
             Some(_) if !verification.ok => Some(LoginFailure::UnknownOrWrong),
@@ -327,9 +327,9 @@ impl AuthService {
         if verification.needs_rehash {
             // Parameters are upgraded on the next successful login, the only time the password is at hand.
             let id = account.id.clone();
-            let phc = actix_web::web::block(move || super::password::hash_password(&password))
+            let phc = tokio::task::spawn_blocking(move || super::password::hash_password(&password))
                 .await
-                .map_err(AppError::internal)??;
+                .map_err(|e| AppError::internal_from("password task", e))??;
             self.db
                 .run(move |c| {
                     diesel::update(accounts::table.filter(accounts::id.eq(&id)))
@@ -514,9 +514,9 @@ impl AuthService {
             })
             .await?;
         let phc = account.as_ref().and_then(|a| a.password_hash.clone());
-        let v = actix_web::web::block(move || verify_password(phc.as_deref(), &secret))
+        let v = tokio::task::spawn_blocking(move || verify_password(phc.as_deref(), &secret))
             .await
-            .map_err(AppError::internal)?;
+            .map_err(|e| AppError::internal_from("password task", e))?;
         match account {
             Some(a) if v.ok && !a.disabled => {
                 let principal = a.principal(None, &self.issuer)?;
@@ -783,8 +783,10 @@ pub enum AccountError {
     Exists,
     #[error("{0}")]
     Policy(&'static str),
-    #[error("database error")]
-    Db,
+    #[error("cannot hash the password")]
+    Hash(#[source] AppError),
+    #[error("cannot store the account")]
+    Db(#[source] crate::store::StoreError),
 }
 
 /// Creates an account after checking the link rules and the password policy; returns its id.
@@ -813,13 +815,13 @@ pub fn create_account(
     if new.kind == "user" {
         check_policy(password, &new.username).map_err(|v| AccountError::Policy(v.message()))?;
     }
-    let hash = hash_password(password).map_err(|_| AccountError::Db)?;
+    let hash = hash_password(password).map_err(AccountError::Hash)?;
     let id = Uuid::new_v4().to_string();
     let exists: i64 = accounts::table
         .filter(accounts::username.eq(&new.username))
         .count()
         .get_result(c)
-        .map_err(|_| AccountError::Db)?;
+        .map_err(|e| AccountError::Db(e.into()))?;
     if exists > 0 {
         return Err(AccountError::Exists);
     }
@@ -837,7 +839,7 @@ pub fn create_account(
             created_at: micros(now),
         })
         .execute(c)
-        .map_err(|_| AccountError::Db)?;
+        .map_err(|e| AccountError::Db(e.into()))?;
     Ok(id)
 }
 
