@@ -55,12 +55,10 @@ impl AppState {
     pub fn open(config: Config, clock: SharedClock) -> Result<AppState, StartError> {
         let db = Db::connect(&config.database()?, 16)?;
         db.migrate()?;
-        let keys = crate::crypto::store::master_provider(&config)
-            .map_err(|e| StartError::failed("cannot load the master key", e))?;
+        let keys = crate::crypto::store::master_provider(&config)?;
         let now = clock.now();
         let mut conn = db.conn().map_err(|e| StartError::failed("cannot get a database connection", e))?;
-        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)
-            .map_err(|e| StartError::failed("cannot load the data keys", e))?;
+        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)?;
         crate::crypto::store::install_reloader(&cipher, db.clone(), keys.clone());
         let issuer = config.auth.issuer.clone().unwrap_or_else(|| config.base_url());
         let token_keys = load_signing_keys(&mut conn, keys.as_ref(), now, &issuer, &issuer)
@@ -127,6 +125,12 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The master key (its text says which setting and file).
+    #[error(transparent)]
+    MasterKey(#[from] crate::crypto::CryptoError),
+    /// The stored keys (wrong master key, tampered key, database).
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::store::KeyStoreError),
     #[error("cannot listen on {address} (`listen`)")]
     Bind {
         address: SocketAddr,

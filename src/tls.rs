@@ -134,6 +134,26 @@ mod tests {
     }
 
     #[test]
+    fn a_server_with_a_missing_key_file_does_not_start_and_says_why() {
+        let dir = std::env::temp_dir().join(format!("carevault-start-{}", uuid::Uuid::new_v4()));
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        generate_dev_cert(&dir, &cert, &key).unwrap();
+        let over = crate::config::Overrides {
+            data_dir: dir.clone(),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let mut cfg = Config::load(&over).unwrap();
+        cfg.tls.cert_file = Some(cert);
+        cfg.tls.key_file = Some(dir.join("gone.pem"));
+        let err = crate::app::Application::build(cfg, crate::clock::system()).err().expect("must not start");
+        let text = Chain(&err).to_string();
+        assert!(text.contains("TLS: cannot read the private key") && text.contains("gone.pem"), "{text}");
+        assert!(text.to_lowercase().contains("caused by i/o error: no such file"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn only_aead_ecdhe_suites_remain() {
         let p = provider();
         assert_eq!(p.cipher_suites.len(), SUITES.len());

@@ -150,8 +150,10 @@ pub fn load_signing_keys(
             .load(conn)?;
         let mut keys = Vec::with_capacity(rows.len());
         for (kid, wrapped, created, retired) in rows {
-            let bytes = STANDARD.decode(wrapped).map_err(AppError::internal)?;
-            let pkcs8 = provider.unwrap(&signing_key_id(&kid), &bytes).map_err(AppError::internal)?;
+            let bytes = STANDARD.decode(wrapped).map_err(|e| AppError::internal_from("stored signing key", e))?;
+            let pkcs8 = provider
+                .unwrap(&signing_key_id(&kid), &bytes)
+                .map_err(|e| AppError::internal_from("cannot unwrap a signing key", e))?;
             keys.push(SigningKey::from_pkcs8(pkcs8, from_micros(created), retired.map(from_micros))?);
         }
         if keys.is_empty() {
@@ -166,7 +168,9 @@ pub fn load_signing_keys(
 }
 
 fn insert_signing_key(conn: &mut AnyConnection, provider: &dyn KeyProvider, key: &SigningKey) -> AppResult<()> {
-    let wrapped = provider.wrap(&signing_key_id(&key.kid), &key.pkcs8).map_err(AppError::internal)?;
+    let wrapped = provider
+        .wrap(&signing_key_id(&key.kid), &key.pkcs8)
+        .map_err(|e| AppError::internal_from("cannot wrap a signing key", e))?;
     diesel::insert_into(signing_keys::table)
         .values((
             signing_keys::kid.eq(&key.kid),
@@ -349,8 +353,11 @@ impl AuthService {
             return Ok(!(self.require_admin_totp && account.role() == Some(Role::Admin)));
         };
         let Some(code) = code else { return Ok(false) };
-        let bytes = STANDARD.decode(wrapped).map_err(AppError::internal)?;
-        let secret = self.provider.unwrap(&totp_key_id(&account.id), &bytes).map_err(AppError::internal)?;
+        let bytes = STANDARD.decode(wrapped).map_err(|e| AppError::internal_from("stored TOTP secret", e))?;
+        let secret = self
+            .provider
+            .unwrap(&totp_key_id(&account.id), &bytes)
+            .map_err(|e| AppError::internal_from("cannot unwrap a TOTP secret", e))?;
         let id = account.id.clone();
         let last: Option<i64> = self
             .db
@@ -418,7 +425,8 @@ impl AuthService {
                         .first(c)
                         .optional()?;
                     let Some((_, sid, spent)) = token else { return Ok((RefreshDecision::Reject, None)) };
-                    let sid_uuid = Uuid::parse_str(&sid).map_err(AppError::internal)?;
+                    let sid_uuid =
+                        Uuid::parse_str(&sid).map_err(|e| AppError::internal_from("stored session id", e))?;
                     let session: Option<(String, String, i64, i64, Option<i64>)> = sessions::table
                         .filter(sessions::id.eq(&sid))
                         .select((
@@ -754,7 +762,9 @@ pub fn enroll_totp(
 ) -> AppResult<Option<String>> {
     let Some(account) = find_account(c, username)? else { return Ok(None) };
     let secret = zeroize::Zeroizing::new(super::totp::generate_secret());
-    let wrapped = provider.wrap(&totp_key_id(&account.id), secret.as_slice()).map_err(AppError::internal)?;
+    let wrapped = provider
+        .wrap(&totp_key_id(&account.id), secret.as_slice())
+        .map_err(|e| AppError::internal_from("cannot wrap a TOTP secret", e))?;
     diesel::update(accounts::table.filter(accounts::id.eq(&account.id)))
         .set((accounts::totp_secret.eq(Some(STANDARD.encode(wrapped))), accounts::totp_last_step.eq(None::<i64>)))
         .execute(c)?;

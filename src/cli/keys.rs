@@ -627,8 +627,8 @@ fn rewrap_signing(conn: &mut AnyConnection, old: &dyn KeyProvider, new: &dyn Key
         signing_keys::table.select((signing_keys::kid, signing_keys::wrapped)).load(conn).map_err(db_err)?;
     for (kid, wrapped) in &rows {
         let bytes = STANDARD.decode(wrapped).map_err(|_| AppError::internal("signing key is malformed"))?;
-        let pkcs8 = old.unwrap(&signing_key_id(kid), &bytes).map_err(AppError::internal)?;
-        let again = new.wrap(&signing_key_id(kid), &pkcs8).map_err(AppError::internal)?;
+        let pkcs8 = old.unwrap(&signing_key_id(kid), &bytes)?;
+        let again = new.wrap(&signing_key_id(kid), &pkcs8)?;
         diesel::update(signing_keys::table.filter(signing_keys::kid.eq(kid)))
             .set(signing_keys::wrapped.eq(STANDARD.encode(again)))
             .execute(conn)
