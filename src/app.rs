@@ -10,7 +10,7 @@ use crate::auth::session::SessionPolicy;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::crypto::{FieldCipher, KeyProvider};
-use crate::error::{AppError, AppResult};
+use crate::error::AppResult;
 use crate::fhir::FhirValidator;
 use crate::records::Records;
 use crate::store::{Db, StoreError};
@@ -46,7 +46,7 @@ fn validator() -> Result<Arc<FhirValidator>, StartError> {
     if let Some(v) = VALIDATOR.get() {
         return Ok(v.clone());
     }
-    let v = Arc::new(FhirValidator::new().map_err(|_| StartError::Other("cannot compile the FHIR schema".into()))?);
+    let v = Arc::new(FhirValidator::new().map_err(|e| StartError::failed("cannot compile the FHIR schema", e))?);
     Ok(VALIDATOR.get_or_init(|| v).clone())
 }
 
@@ -55,15 +55,14 @@ impl AppState {
     pub fn open(config: Config, clock: SharedClock) -> Result<AppState, StartError> {
         let db = Db::connect(&config.database()?, 16)?;
         db.migrate()?;
-        let keys = crate::crypto::store::master_provider(&config).map_err(|e| StartError::Other(e.to_string()))?;
+        let keys = crate::crypto::store::master_provider(&config)?;
         let now = clock.now();
-        let mut conn = db.conn().map_err(|_| StartError::Store(StoreError::Connect))?;
-        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)
-            .map_err(|e| StartError::Other(e.to_string()))?;
+        let mut conn = db.conn().map_err(|e| StartError::failed("cannot get a database connection", e))?;
+        let cipher = crate::crypto::store::cipher(&mut conn, keys.as_ref(), now)?;
         crate::crypto::store::install_reloader(&cipher, db.clone(), keys.clone());
         let issuer = config.auth.issuer.clone().unwrap_or_else(|| config.base_url());
         let token_keys = load_signing_keys(&mut conn, keys.as_ref(), now, &issuer, &issuer)
-            .map_err(|_| StartError::Other("cannot load the token signing keys".into()))?;
+            .map_err(|e| StartError::failed("cannot load the token signing keys", e))?;
         drop(conn);
         let sessions = SessionPolicy::from_secs(
             u32::try_from(config.auth.session_idle_secs).unwrap_or(u32::MAX),
@@ -76,10 +75,8 @@ impl AppState {
                 return Err(StartError::Other("`auth.oidc.issuer` must differ from this server's issuer".into()));
             }
             Some(settings) => Some(Arc::new(
-                OidcService::new(settings, db.clone(), clock.clone(), cipher.clone()).map_err(|e| match e {
-                    crate::error::AppError::Internal(what) => StartError::Other(format!("`auth.oidc`: {what}")),
-                    _ => StartError::Other("invalid `auth.oidc` settings".into()),
-                })?,
+                OidcService::new(settings, db.clone(), clock.clone(), cipher.clone())
+                    .map_err(|e| StartError::failed("invalid `auth.oidc` settings", e))?,
             )),
             None => None,
         };
@@ -91,7 +88,7 @@ impl AppState {
         let audit = Auditor::start(db.clone());
         let access = Arc::new(
             AccessControl::load(&config.policy_dir(), Arc::new(R4Catalog))
-                .map_err(|e| StartError::Other(format!("policy in `access.policy_dir`: {e}")))?,
+                .map_err(|e| StartError::failed("cannot load the policy in `access.policy_dir`", e))?,
         );
         let base = format!("{}/fhir", config.base_url());
         #[cfg(feature = "benchmark")]
@@ -132,10 +129,37 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot listen on {0} (`listen`): address in use or not permitted")]
-    Bind(SocketAddr),
+    /// The master key (its text says which setting and file).
+    #[error(transparent)]
+    MasterKey(#[from] crate::crypto::CryptoError),
+    /// The stored keys (wrong master key, tampered key, database).
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::store::KeyStoreError),
+    #[error("cannot listen on {address} (`listen`)")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `context` (what could not be started) failed because of `source`.
+    #[error("{context}")]
+    Failed {
+        context: &'static str,
+        #[source]
+        source: crate::error::BoxError,
+    },
     #[error("{0}")]
     Other(String),
+}
+
+impl StartError {
+    pub fn failed(context: &'static str, source: impl Into<crate::error::BoxError>) -> Self {
+        StartError::Failed { context, source: source.into() }
+    }
+
+    fn bind(address: SocketAddr) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| StartError::Bind { address, source }
+    }
 }
 
 /// A built, bound, not yet running server.
@@ -149,8 +173,8 @@ impl Application {
     /// Connects the database, runs migrations, prepares TLS and binds the listener.
     pub fn build(mut config: Config, clock: SharedClock) -> Result<Application, StartError> {
         // Bind first, so a port of 0 (tests) is known before links and issuers are derived from it.
-        let listener = TcpListener::bind(config.listen).map_err(|_| StartError::Bind(config.listen))?;
-        config.listen = listener.local_addr().map_err(|_| StartError::Bind(config.listen))?;
+        let listener = TcpListener::bind(config.listen).map_err(StartError::bind(config.listen))?;
+        config.listen = listener.local_addr().map_err(StartError::bind(config.listen))?;
         if !config.insecure_http {
             // Refuse a bad certificate or key before anything else starts.
             let (cert, key) = tls::cert_paths(&config)?;
@@ -193,14 +217,17 @@ impl Application {
         };
         let server = HttpServer::new(factory).workers(worker_count()).disable_signals();
         let server = if cfg.insecure_http {
-            server.listen(listener).map_err(|_| StartError::Bind(cfg.listen))?
+            server.listen(listener).map_err(StartError::bind(cfg.listen))?
         } else {
             let (cert, key) = tls::cert_paths(&cfg)?;
             let tls_config = tls::server_config(&cert, &key, cfg.profile)?;
-            server.listen_rustls_0_23(listener, tls_config).map_err(|_| StartError::Bind(cfg.listen))?
+            server.listen_rustls_0_23(listener, tls_config).map_err(StartError::bind(cfg.listen))?
         };
         let server = server.run();
-        state.monitor.start(&state).map_err(|_| StartError::Other("cannot start the alert monitor".into()))?;
+        state
+            .monitor
+            .start(&state.db, &state.config, &state.clock)
+            .map_err(|e| StartError::failed("cannot start the alert monitor", e))?;
         spawn_key_watcher(&state);
         spawn_checkpointer(&state);
         Ok(Application { port, server, state })
@@ -287,11 +314,7 @@ fn spawn_key_watcher(state: &AppState) {
             let ring = state.cipher.ring();
             if data != ring.stamp() {
                 let keys = state.keys.clone();
-                match state
-                    .db
-                    .run(move |c| crate::crypto::store::load(c, keys.as_ref()).map_err(AppError::internal))
-                    .await
-                {
+                match state.db.run(move |c| Ok(crate::crypto::store::load(c, keys.as_ref())?)).await {
                     Ok(ring) => {
                         tracing::info!(
                             key.active = ring.active_version(),
@@ -318,7 +341,7 @@ fn spawn_key_watcher(state: &AppState) {
 }
 
 fn data_stamp(c: &mut crate::store::AnyConnection) -> AppResult<(u32, usize, Vec<u32>)> {
-    crate::crypto::store::key_stamp(c)
+    Ok(crate::crypto::store::key_stamp(c)?)
 }
 
 /// (keys, retired keys, newest creation time) of the token signing keys.

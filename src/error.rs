@@ -1,15 +1,21 @@
-//! One error type for the whole service, mapped in one place to an HTTP status and a FHIR OperationOutcome.
+//! The service's error type: what went wrong, by kind, with the underlying cause kept as a `source`.
 //!
-//! Outward text is generic and fixed per kind: it may name an element *path* (which the server defines) but
-//! never a value the client sent, and never an internal detail. Internal details go to the log, once, here.
+//! No HTTP here: the one mapping to an HTTP status and a FHIR OperationOutcome is [`crate::api::error`]. Modules
+//! below the API have their own error types with sources (`StoreError`, `CryptoError`, `KeyStoreError`,
+//! `MonitorError`, ...), converted into [`AppError`] by `From` so `?` works on the request path.
+//!
+//! Rules for every error (here and in the module errors): the text is ours. It may name an element *path* (which
+//! the server defines), a key version, a setting or a file the operator configured, but never a value a client
+//! sent and never decrypted data, so a whole cause chain is safe to log. Outward text (the HTTP body) is generic
+//! and fixed per kind; the cause chain goes to the log once, where the error is rendered ([`Chain`]).
 
-use actix_web::http::StatusCode;
-use actix_web::http::header::{self, HeaderValue};
-use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
+use std::fmt;
 
-/// The FHIR media type of every body this service returns.
-pub const FHIR_JSON: &str = "application/fhir+json";
+/// A boxed cause: any error, shareable across threads.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Kept here for callers written before the mapping moved to [`crate::api::error`].
+pub use crate::api::error::{FHIR_JSON, operation_outcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -39,12 +45,26 @@ pub enum AppError {
     UnsupportedMediaType,
     #[error("too many requests")]
     TooManyRequests { retry_after_secs: u64 },
-    /// A dependency (database, audit store, identity provider) is unavailable: fail closed.
-    #[error("service unavailable")]
+    /// A dependency (database, audit store, identity provider) is unavailable: fail closed. The text is ours.
+    #[error("service unavailable: {0}")]
     Unavailable(String),
-    /// Anything else. The string goes to the log, never to the client.
-    #[error("internal error")]
+    /// A dependency is unavailable, with the error that says why.
+    #[error("service unavailable: {context}")]
+    UnavailableFrom {
+        context: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// Anything else, described by a text of ours (to the log, never to the client).
+    #[error("internal error: {0}")]
     Internal(String),
+    /// Anything else, with the error that caused it (to the log, never to the client).
+    #[error("internal error: {context}")]
+    InternalFrom {
+        context: &'static str,
+        #[source]
+        source: BoxError,
+    },
 }
 
 impl AppError {
@@ -52,114 +72,98 @@ impl AppError {
         Self::Invalid { path: Some(path.into()), reason }
     }
 
-    pub fn internal(detail: impl std::fmt::Display) -> Self {
+    /// An internal error described by a text of ours. Prefer [`AppError::internal_from`] when there is an error
+    /// to keep as the cause.
+    pub fn internal(detail: impl fmt::Display) -> Self {
         Self::Internal(detail.to_string())
     }
 
-    pub fn unavailable(detail: impl std::fmt::Display) -> Self {
+    /// A dependency is unavailable, described by a text of ours. Prefer [`AppError::unavailable_from`].
+    pub fn unavailable(detail: impl fmt::Display) -> Self {
         Self::Unavailable(detail.to_string())
     }
 
-    /// FHIR issue code and the fixed, generic diagnostics for this kind.
-    fn issue(&self) -> (&'static str, &'static str) {
-        match self {
-            Self::Invalid { reason, .. } => ("invalid", reason),
-            Self::NotFound => ("not-found", "The resource was not found."),
-            Self::Gone => ("deleted", "The resource has been deleted."),
-            Self::Unauthenticated => ("login", "Authentication is required."),
-            Self::Forbidden => ("forbidden", "The operation is not permitted."),
-            Self::MethodNotAllowed => ("not-supported", "The operation is not supported."),
-            Self::Conflict => ("conflict", "The request conflicts with the current state."),
-            Self::PreconditionFailed => ("conflict", "The version does not match the current version."),
-            Self::PreconditionRequired => ("required", "An If-Match header with the current version is required."),
-            Self::PayloadTooLarge => ("too-costly", "The request body is too large."),
-            Self::UnsupportedMediaType => ("not-supported", "The content type is not supported."),
-            Self::TooManyRequests { .. } => ("throttled", "Too many requests; retry later."),
-            Self::Unavailable(_) => ("transient", "The service is temporarily unavailable."),
-            Self::Internal(_) => ("exception", "An internal error occurred."),
-        }
-    }
-}
-
-/// Renders a FHIR OperationOutcome with one issue.
-pub fn operation_outcome(severity: &str, code: &str, diagnostics: &str, path: Option<&str>) -> serde_json::Value {
-    let mut issue = json!({ "severity": severity, "code": code, "diagnostics": diagnostics });
-    if let Some(p) = path {
-        issue["expression"] = json!([p]);
-    }
-    json!({ "resourceType": "OperationOutcome", "issue": [issue] })
-}
-
-impl ResponseError for AppError {
-    fn status_code(&self) -> StatusCode {
-        match self {
-            Self::Invalid { .. } => StatusCode::BAD_REQUEST,
-            Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Gone => StatusCode::GONE,
-            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict => StatusCode::CONFLICT,
-            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-            Self::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+    /// An internal error: `context` says what was being done, `source` is kept as the cause.
+    pub fn internal_from(context: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::InternalFrom { context, source: source.into() }
     }
 
-    fn error_response(&self) -> HttpResponse {
-        match self {
-            // The detail is ours (never client input); it is logged once, here, and never sent.
-            Self::Internal(detail) => tracing::error!(error.detail = %detail, "internal error"),
-            Self::Unavailable(detail) => tracing::warn!(error.detail = %detail, "dependency unavailable"),
-            _ => {}
-        }
-        let (code, text) = self.issue();
-        let path = match self {
-            Self::Invalid { path, .. } => path.as_deref(),
-            _ => None,
-        };
-        let mut resp = HttpResponse::build(self.status_code());
-        resp.insert_header((header::CONTENT_TYPE, FHIR_JSON));
-        match self {
-            Self::Unauthenticated => {
-                resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carevault\"")));
-            }
-            Self::TooManyRequests { retry_after_secs } => {
-                resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
-            }
-            _ => {}
-        }
-        resp.body(operation_outcome("error", code, text, path).to_string())
+    /// A dependency is unavailable: `context` says which, `source` is kept as the cause.
+    pub fn unavailable_from(context: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::UnavailableFrom { context, source: source.into() }
+    }
+
+    /// True for the kinds that are the server's fault or a dependency's (5xx), whose cause belongs in the log.
+    pub fn is_server_error(&self) -> bool {
+        matches!(
+            self,
+            Self::Internal(_) | Self::InternalFrom { .. } | Self::Unavailable(_) | Self::UnavailableFrom { .. }
+        )
     }
 }
 
 pub type AppResult<T> = Result<T, AppError>;
 
+/// Displays an error with its whole cause chain: `top: caused by next: caused by last`. Use it where an error
+/// is finally handled (logged once, or printed by the CLI); `{:#}` prints one cause per line instead.
+#[derive(Clone, Copy)]
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            if f.alternate() {
+                write!(f, "\n  caused by: {c}")?;
+            } else {
+                write!(f, ": caused by {c}")?;
+            }
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A cause that is only a fixed text of ours (e.g. a sanitised description of a library error whose own
+/// message may quote data).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("{0}")]
+pub struct Cause(pub &'static str);
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::body::MessageBody;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading the key table")]
+    struct Outer(#[source] std::io::Error);
 
     #[test]
-    fn internal_detail_never_reaches_the_body() {
-        let resp = AppError::internal("SELECT secret FROM patients").error_response();
-        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = resp.into_body().try_into_bytes().unwrap();
-        let text = String::from_utf8(body.to_vec()).unwrap();
-        assert!(!text.contains("secret"), "{text}");
-        assert!(text.contains("OperationOutcome"));
+    fn chain_prints_every_source() {
+        let inner = Outer(std::io::Error::other("disk on fire"));
+        let e = AppError::internal_from("cannot load the keys", inner);
+        assert_eq!(
+            Chain(&e).to_string(),
+            "internal error: cannot load the keys: caused by reading the key table: caused by disk on fire"
+        );
+        assert_eq!(
+            format!("{:#}", Chain(&e)),
+            "internal error: cannot load the keys\n  caused by: reading the key table\n  caused by: disk on fire"
+        );
     }
 
     #[test]
-    fn invalid_names_the_path_only() {
-        let resp = AppError::invalid("Patient.birthDate", "The value is not a valid date.").error_response();
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-        let body = resp.into_body().try_into_bytes().unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["issue"][0]["expression"][0], "Patient.birthDate");
+    fn only_failures_of_ours_or_a_dependency_are_server_errors() {
+        assert!(AppError::internal("x").is_server_error());
+        assert!(AppError::unavailable_from("database", Cause("pool timed out")).is_server_error());
+        assert!(!AppError::NotFound.is_server_error());
+        assert!(!AppError::invalid("Patient.birthDate", "bad").is_server_error());
     }
 }

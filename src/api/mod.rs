@@ -2,19 +2,21 @@
 
 pub mod admin;
 pub mod auth;
+pub mod error;
 pub mod fhir;
 pub mod health;
 pub mod limit;
 pub mod oidc;
 
 use crate::app::AppState;
-use crate::error::{AppError, FHIR_JSON, operation_outcome};
+use crate::error::AppError;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::{ErrorHandlerResponse, Next};
 use actix_web::{HttpResponse, web};
+use error::{FHIR_JSON, operation_outcome};
 use futures_util::StreamExt;
 
 /// Every route of the service.

@@ -329,7 +329,7 @@ impl OidcService {
         let seal = |column: &str, secret: &str| {
             self.cipher
                 .encrypt(&FieldAad::new(LOGIN_AAD, &state_hash, column), secret.as_bytes())
-                .map_err(AppError::internal)
+                .map_err(|e| AppError::internal_from("cannot seal the OIDC login state", e))
         };
         let row = (
             oidc_logins::pkce_verifier.eq(seal("pkce_verifier", verifier.secret())?),

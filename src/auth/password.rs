@@ -12,7 +12,7 @@
 //! - Policy messages are fixed texts; nothing here logs, returns or panics with a password.
 //!
 //! These functions are CPU-bound (tens of milliseconds): call them off the async executor, with
-//! `actix_web::web::block` or `tokio::task::spawn_blocking`.
+//! `tokio::task::spawn_blocking`.
 
 use std::collections::HashSet;
 use std::sync::LazyLock;
@@ -98,7 +98,7 @@ impl From<PolicyViolation> for AppError {
 }
 
 fn current_params() -> AppResult<Params> {
-    Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, None).map_err(AppError::internal)
+    Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, None).map_err(|e| AppError::internal_from("argon2 parameters", e))
 }
 
 fn normalized(password: &SecretString) -> Zeroizing<String> {
@@ -109,9 +109,11 @@ fn normalized(password: &SecretString) -> Zeroizing<String> {
 pub fn hash_password(password: &SecretString) -> AppResult<String> {
     let mut salt = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut salt);
-    let salt = SaltString::encode_b64(&salt).map_err(AppError::internal)?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AppError::internal_from("password salt", e))?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, current_params()?);
-    let hash = argon.hash_password(normalized(password).as_bytes(), &salt).map_err(AppError::internal)?;
+    let hash = argon
+        .hash_password(normalized(password).as_bytes(), &salt)
+        .map_err(|e| AppError::internal_from("password hashing", e))?;
     Ok(hash.to_string())
 }
 

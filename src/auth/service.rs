@@ -150,8 +150,10 @@ pub fn load_signing_keys(
             .load(conn)?;
         let mut keys = Vec::with_capacity(rows.len());
         for (kid, wrapped, created, retired) in rows {
-            let bytes = STANDARD.decode(wrapped).map_err(AppError::internal)?;
-            let pkcs8 = provider.unwrap(&signing_key_id(&kid), &bytes).map_err(AppError::internal)?;
+            let bytes = STANDARD.decode(wrapped).map_err(|e| AppError::internal_from("stored signing key", e))?;
+            let pkcs8 = provider
+                .unwrap(&signing_key_id(&kid), &bytes)
+                .map_err(|e| AppError::internal_from("cannot unwrap a signing key", e))?;
             keys.push(SigningKey::from_pkcs8(pkcs8, from_micros(created), retired.map(from_micros))?);
         }
         if keys.is_empty() {
@@ -166,7 +168,9 @@ pub fn load_signing_keys(
 }
 
 fn insert_signing_key(conn: &mut AnyConnection, provider: &dyn KeyProvider, key: &SigningKey) -> AppResult<()> {
-    let wrapped = provider.wrap(&signing_key_id(&key.kid), &key.pkcs8).map_err(AppError::internal)?;
+    let wrapped = provider
+        .wrap(&signing_key_id(&key.kid), &key.pkcs8)
+        .map_err(|e| AppError::internal_from("cannot wrap a signing key", e))?;
     diesel::insert_into(signing_keys::table)
         .values((
             signing_keys::kid.eq(&key.kid),
@@ -299,9 +303,9 @@ impl AuthService {
             .await?;
         let phc = account.as_ref().and_then(|a| a.password_hash.clone());
         let (verification, password) =
-            actix_web::web::block(move || (verify_password(phc.as_deref(), &password), password))
+            tokio::task::spawn_blocking(move || (verify_password(phc.as_deref(), &password), password))
                 .await
-                .map_err(AppError::internal)?;
+                .map_err(|e| AppError::internal_from("password task", e))?;
         let mut failed = match &account {
             None => Some(LoginFailure::UnknownOrWrong),
             Some(_) if !verification.ok => Some(LoginFailure::UnknownOrWrong),
@@ -327,9 +331,9 @@ impl AuthService {
         if verification.needs_rehash {
             // Parameters are upgraded on the next successful login, the only time the password is at hand.
             let id = account.id.clone();
-            let phc = actix_web::web::block(move || super::password::hash_password(&password))
+            let phc = tokio::task::spawn_blocking(move || super::password::hash_password(&password))
                 .await
-                .map_err(AppError::internal)??;
+                .map_err(|e| AppError::internal_from("password task", e))??;
             self.db
                 .run(move |c| {
                     diesel::update(accounts::table.filter(accounts::id.eq(&id)))
@@ -349,8 +353,11 @@ impl AuthService {
             return Ok(!(self.require_admin_totp && account.role() == Some(Role::Admin)));
         };
         let Some(code) = code else { return Ok(false) };
-        let bytes = STANDARD.decode(wrapped).map_err(AppError::internal)?;
-        let secret = self.provider.unwrap(&totp_key_id(&account.id), &bytes).map_err(AppError::internal)?;
+        let bytes = STANDARD.decode(wrapped).map_err(|e| AppError::internal_from("stored TOTP secret", e))?;
+        let secret = self
+            .provider
+            .unwrap(&totp_key_id(&account.id), &bytes)
+            .map_err(|e| AppError::internal_from("cannot unwrap a TOTP secret", e))?;
         let id = account.id.clone();
         let last: Option<i64> = self
             .db
@@ -418,7 +425,8 @@ impl AuthService {
                         .first(c)
                         .optional()?;
                     let Some((_, sid, spent)) = token else { return Ok((RefreshDecision::Reject, None)) };
-                    let sid_uuid = Uuid::parse_str(&sid).map_err(AppError::internal)?;
+                    let sid_uuid =
+                        Uuid::parse_str(&sid).map_err(|e| AppError::internal_from("stored session id", e))?;
                     let session: Option<(String, String, i64, i64, Option<i64>)> = sessions::table
                         .filter(sessions::id.eq(&sid))
                         .select((
@@ -514,9 +522,9 @@ impl AuthService {
             })
             .await?;
         let phc = account.as_ref().and_then(|a| a.password_hash.clone());
-        let v = actix_web::web::block(move || verify_password(phc.as_deref(), &secret))
+        let v = tokio::task::spawn_blocking(move || verify_password(phc.as_deref(), &secret))
             .await
-            .map_err(AppError::internal)?;
+            .map_err(|e| AppError::internal_from("password task", e))?;
         match account {
             Some(a) if v.ok && !a.disabled => {
                 let principal = a.principal(None, &self.issuer)?;
@@ -756,7 +764,9 @@ pub fn enroll_totp(
 ) -> AppResult<Option<String>> {
     let Some(account) = find_account(c, username)? else { return Ok(None) };
     let secret = zeroize::Zeroizing::new(super::totp::generate_secret());
-    let wrapped = provider.wrap(&totp_key_id(&account.id), secret.as_slice()).map_err(AppError::internal)?;
+    let wrapped = provider
+        .wrap(&totp_key_id(&account.id), secret.as_slice())
+        .map_err(|e| AppError::internal_from("cannot wrap a TOTP secret", e))?;
     diesel::update(accounts::table.filter(accounts::id.eq(&account.id)))
         .set((accounts::totp_secret.eq(Some(STANDARD.encode(wrapped))), accounts::totp_last_step.eq(None::<i64>)))
         .execute(c)?;
@@ -785,8 +795,10 @@ pub enum AccountError {
     Exists,
     #[error("{0}")]
     Policy(&'static str),
-    #[error("database error")]
-    Db,
+    #[error("cannot hash the password")]
+    Hash(#[source] AppError),
+    #[error("cannot store the account")]
+    Db(#[source] crate::store::StoreError),
 }
 
 /// Creates an account after checking the link rules and the password policy; returns its id.
@@ -815,13 +827,13 @@ pub fn create_account(
     if new.kind == "user" {
         check_policy(password, &new.username).map_err(|v| AccountError::Policy(v.message()))?;
     }
-    let hash = hash_password(password).map_err(|_| AccountError::Db)?;
+    let hash = hash_password(password).map_err(AccountError::Hash)?;
     let id = Uuid::new_v4().to_string();
     let exists: i64 = accounts::table
         .filter(accounts::username.eq(&new.username))
         .count()
         .get_result(c)
-        .map_err(|_| AccountError::Db)?;
+        .map_err(|e| AccountError::Db(e.into()))?;
     if exists > 0 {
         return Err(AccountError::Exists);
     }
@@ -839,7 +851,7 @@ pub fn create_account(
             created_at: micros(now),
         })
         .execute(c)
-        .map_err(|_| AccountError::Db)?;
+        .map_err(|e| AccountError::Db(e.into()))?;
     Ok(id)
 }
 

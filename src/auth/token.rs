@@ -294,7 +294,8 @@ impl TokenKeys {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.active_kid.clone());
         header.typ = Some(TOKEN_TYPE.to_owned());
-        let token = jsonwebtoken::encode(&header, &claims, &self.active).map_err(AppError::internal)?;
+        let token = jsonwebtoken::encode(&header, &claims, &self.active)
+            .map_err(|e| AppError::internal_from("cannot sign a token", e))?;
         Ok((token, exp))
     }
 

@@ -13,10 +13,11 @@
 //! Output holds sequence numbers, hashes, counts and FHIR AuditEvents (ids and codes, no PHI payload). Each
 //! command is recorded in the audit trail after it ran.
 
-use super::Cli;
+use super::{Cli, CliError, Context};
 use crate::audit::checkpoints::{self, CheckpointInvalid};
 use crate::audit::{AuditEvent, ChainError, Checkpoint, to_fhir};
 use crate::crypto::store::micros;
+use crate::store::StoreError;
 use crate::store::schema::{audit_events, audit_head};
 use diesel::prelude::*;
 use serde_json::{Value, json};
@@ -57,9 +58,9 @@ pub enum AuditCommand {
     },
 }
 
-pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
+pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), CliError> {
     let state = super::open_state(cli)?;
-    let mut conn = state.db.conn().map_err(|_| "database unavailable".to_owned())?;
+    let mut conn = super::connect(&state)?;
     match cmd {
         AuditCommand::Verify { anchor, json } => {
             let result = verify(&mut conn, state.keys.as_ref(), anchor.as_deref());
@@ -82,7 +83,7 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
                     if logged.is_err() {
                         eprintln!("carevault: also: cannot record this verification in the audit trail");
                     }
-                    Err(bad.message)
+                    Err(bad.message.into())
                 }
             }
         }
@@ -98,7 +99,7 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
                 None => Box::new(std::io::stdout().lock()),
             };
             let n = export(&mut conn, since, until, &server, &mut out)?;
-            out.flush().map_err(|_| "cannot write the export".to_owned())?;
+            out.flush().context("cannot write the export")?;
             drop(out);
             super::audit_admin(&state, &mut conn, "audit-exported")?;
             eprintln!("exported {n} audit event(s)");
@@ -111,11 +112,11 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
                 return Err(format!(
                     "--before must be at least `audit.retention_days` ({} days) in the past",
                     state.config.audit.retention_days
-                ));
+                )
+                .into());
             }
             let event = super::admin_event(now, "audit-purged");
-            let purged =
-                checkpoints::purge(&mut conn, state.keys.as_ref(), cutoff, event, now).map_err(|e| e.to_string())?;
+            let purged = checkpoints::purge(&mut conn, state.keys.as_ref(), cutoff, event, now)?;
             match purged {
                 Some(seq) => {
                     println!("purged audit records up to {seq}; the chain is re-anchored by a signed checkpoint")
@@ -127,8 +128,7 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), String> {
         AuditCommand::Checkpoint => {
             let now = state.clock.now();
             let event = super::admin_event(now, "audit-checkpoint");
-            let (cp, public_key) =
-                checkpoints::checkpoint(&mut conn, state.keys.as_ref(), event, now).map_err(|e| e.to_string())?;
+            let (cp, public_key) = checkpoints::checkpoint(&mut conn, state.keys.as_ref(), event, now)?;
             println!("{}", json!({"checkpoint": cp, "public_key": public_key}));
             Ok(())
         }
@@ -202,18 +202,15 @@ pub fn verify(
     conn: &mut crate::store::AnyConnection,
     keys: &dyn crate::crypto::KeyProvider,
     anchor: Option<&std::path::Path>,
-) -> Result<Result<Intact, Broken>, String> {
-    fn db<E>(_: E) -> String {
-        "database error".to_owned()
-    }
+) -> Result<Result<Intact, Broken>, CliError> {
     let mut anchors = Vec::new();
     let mut latest = None;
-    if let Some(stored) = checkpoints::latest(conn).map_err(db)? {
+    if let Some(stored) = checkpoints::latest(conn)? {
         let cp = match stored {
             Ok(cp) => cp,
             Err(e) => return Ok(Err(e.into())),
         };
-        if let Err(e) = checkpoints::check(conn, keys, &cp).map_err(db)? {
+        if let Err(e) = checkpoints::check(conn, keys, &cp)? {
             return Ok(Err(e.into()));
         }
         anchors.push((cp.seq, cp.hash));
@@ -221,7 +218,7 @@ pub fn verify(
     }
     if let Some(path) = anchor {
         let cp = read_anchor(path)?;
-        if let Err(e) = checkpoints::check(conn, keys, &cp).map_err(db)? {
+        if let Err(e) = checkpoints::check(conn, keys, &cp)? {
             return Ok(Err(e.into()));
         }
         anchors.push((cp.seq, cp.hash));
@@ -230,13 +227,12 @@ pub fn verify(
     // After a retention purge the trail starts later: it must resume from the signed anchor the purge left.
     let first: Option<i64> = crate::store::schema::audit_events::table
         .select(diesel::dsl::min(crate::store::schema::audit_events::seq))
-        .first(conn)
-        .map_err(db)?;
+        .first(conn)?;
     let mut resume = None;
     if let Some(first) = first.filter(|f| *f > 1) {
-        match checkpoints::at_seq(conn, first - 1).map_err(db)? {
+        match checkpoints::at_seq(conn, first - 1)? {
             Some(Ok(cp)) => {
-                if let Err(e) = checkpoints::check(conn, keys, &cp).map_err(db)? {
+                if let Err(e) = checkpoints::check(conn, keys, &cp)? {
                     return Ok(Err(e.into()));
                 }
                 resume = Some((cp.seq, cp.hash));
@@ -254,10 +250,10 @@ pub fn verify(
             }
         }
     }
-    let total: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(conn).map_err(db)?;
+    let total: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(conn)?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "verifying");
     let start = std::time::Instant::now();
-    let walked = crate::audit::store::verify_anchored(conn, resume, &anchors, |n| bar.set_position(n)).map_err(db)?;
+    let walked = crate::audit::store::verify_anchored(conn, resume, &anchors, |n| bar.set_position(n))?;
     bar.finish_and_clear();
     Ok(match walked {
         Ok(records) => Ok(Intact { records, seconds: start.elapsed().as_secs_f64(), checkpoint: latest }),
@@ -266,14 +262,14 @@ pub fn verify(
 }
 
 /// An exported checkpoint: the output of `audit checkpoint`, or the bare checkpoint object.
-fn read_anchor(path: &std::path::Path) -> Result<Checkpoint, String> {
+fn read_anchor(path: &std::path::Path) -> Result<Checkpoint, CliError> {
     let bad = || format!("--anchor {}: not a checkpoint exported by `carevault audit checkpoint`", path.display());
-    let text = std::fs::read_to_string(path).map_err(|_| bad())?;
+    let text = std::fs::read_to_string(path).context(bad())?;
     let mut value: Value = serde_json::from_str(&text).map_err(|_| bad())?;
     if let Some(inner) = value.get_mut("checkpoint") {
         value = inner.take();
     }
-    serde_json::from_value(value).map_err(|_| bad())
+    Ok(serde_json::from_value(value).map_err(|_| bad())?)
 }
 
 /// RFC 3339, or a date (start of that day, UTC; with `end_of_day`, the start of the next day).
@@ -286,12 +282,12 @@ pub fn parse_time(text: &str, end_of_day: bool) -> Option<OffsetDateTime> {
     Some(date.midnight().assume_utc())
 }
 
-fn private_file(path: &std::path::Path) -> Result<std::fs::File, String> {
+fn private_file(path: &std::path::Path) -> Result<std::fs::File, CliError> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path).map_err(|_| format!("cannot create {}", path.display()))
+    options.open(path).context(format!("cannot create {}", path.display()))
 }
 
 /// Writes the events recorded in `[since, until)` as NDJSON; returns how many.
@@ -301,14 +297,15 @@ pub fn export(
     until: OffsetDateTime,
     server: &str,
     out: &mut dyn Write,
-) -> Result<u64, String> {
+) -> Result<u64, CliError> {
     let (since, until) = (micros(since), micros(until));
     let total: i64 = audit_events::table
         .filter(audit_events::recorded.ge(since))
         .filter(audit_events::recorded.lt(until))
         .count()
         .get_result(conn)
-        .map_err(|_| "database error".to_owned())?;
+        .map_err(StoreError::from)
+        .context("cannot count the audit records")?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "exporting");
     let mut after = 0i64;
     let mut n = 0u64;
@@ -321,7 +318,8 @@ pub fn export(
             .limit(1000)
             .select((audit_events::seq, audit_events::body))
             .load(conn)
-            .map_err(|_| "database error".to_owned())?;
+            .map_err(StoreError::from)
+            .context("cannot read the audit records")?;
         let Some(last) = rows.last() else { break };
         after = last.0;
         for (seq, body) in rows {
@@ -329,7 +327,7 @@ pub fn export(
                 .map_err(|_| format!("audit record {seq} is not a valid event; run `carevault audit verify`"))?;
             let line =
                 serde_json::to_string(&to_fhir(&event, server)).map_err(|_| "cannot render an event".to_owned())?;
-            writeln!(out, "{line}").map_err(|_| "cannot write the export".to_owned())?;
+            writeln!(out, "{line}").context("cannot write the export")?;
             n += 1;
         }
         bar.set_position(n);

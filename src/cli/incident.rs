@@ -1,7 +1,7 @@
 //! `carevault incident report --user U --since T [--until T] [--discovered D] [--json]` and
 //! `carevault incident contain --user U [--json]` (docs/breach-response.md, steps 2 and 3).
 
-use super::Cli;
+use super::{Cli, CliError, Context};
 use crate::audit::Agent;
 use crate::monitor::incident;
 use time::format_description::well_known::Rfc3339;
@@ -56,10 +56,10 @@ fn operator() -> Agent {
     }
 }
 
-pub fn run(cli: &Cli, cmd: &IncidentCommand) -> Result<(), String> {
+pub fn run(cli: &Cli, cmd: &IncidentCommand) -> Result<(), CliError> {
     let state = super::open_state(cli)?;
     let now = state.clock.now();
-    let mut conn = state.db.conn().map_err(|_| "database unavailable".to_owned())?;
+    let mut conn = super::connect(&state)?;
     match cmd {
         IncidentCommand::Report { user, since, until, discovered, json } => {
             let until = until.unwrap_or(now);
@@ -68,13 +68,10 @@ pub fn run(cli: &Cli, cmd: &IncidentCommand) -> Result<(), String> {
             }
             let discovered = discovered.unwrap_or(now.date());
             let report = incident::report(&state, &mut conn, user, *since, until, discovered, operator())
-                .map_err(|_| "cannot build the report (database or audit trail unavailable)".to_owned())?
-                .ok_or_else(|| "no such account".to_owned())?;
+                .context("cannot build the report")?
+                .ok_or("no such account")?;
             if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).map_err(|_| "cannot render the report".to_owned())?
-                );
+                println!("{}", serde_json::to_string_pretty(&report).context("cannot render the report")?);
             } else {
                 print!("{}", report.summary());
             }
@@ -82,10 +79,10 @@ pub fn run(cli: &Cli, cmd: &IncidentCommand) -> Result<(), String> {
         }
         IncidentCommand::Contain { user, json } => {
             let done = incident::contain(&mut conn, user, operator(), now)
-                .map_err(|_| "cannot contain (database or audit trail unavailable)".to_owned())?
-                .ok_or_else(|| "no such account".to_owned())?;
+                .context("cannot contain the account")?
+                .ok_or("no such account")?;
             if *json {
-                println!("{}", serde_json::to_string(&done).map_err(|_| "cannot render the result".to_owned())?);
+                println!("{}", serde_json::to_string(&done).context("cannot render the result")?);
             } else {
                 println!(
                     "{} disabled; {} session(s) with their refresh tokens and {} break-glass grant(s) ended; \

@@ -10,7 +10,7 @@
 //! same guarantees (see [`crate::records::reindex`]); the old index key is destroyed only when no row uses it.
 //! `rotate-master` rewraps every stored key in one transaction: all or nothing.
 
-use super::Cli;
+use super::{Cli, CliError, Context};
 use crate::auth::service::{from_micros, rotate_signing_key, signing_key_id};
 use crate::crypto::store::{KeyRow, master_provider};
 use crate::crypto::{KeyProvider, LocalKeyProvider, MasterKey};
@@ -56,16 +56,16 @@ pub enum KeysCommand {
     RotateSigning,
 }
 
-pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
+pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), CliError> {
     if let KeysCommand::RotateMaster { new_master_key_file } = cmd {
         return rotate_master(cli, new_master_key_file);
     }
     let state = super::open_state(cli)?;
     let now = state.clock.now();
-    let mut conn = state.db.conn().map_err(|_| "database unavailable".to_owned())?;
+    let mut conn = super::connect(&state)?;
     match cmd {
         KeysCommand::Status { json } => {
-            let report = status(&mut conn, state.keys.as_ref()).map_err(|e| e.to_string())?;
+            let report = status(&mut conn, state.keys.as_ref()).context("cannot read the key status")?;
             super::audit_admin(&state, &mut conn, "keys-status")?;
             if *json {
                 println!("{report}");
@@ -75,15 +75,15 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
             Ok(())
         }
         KeysCommand::Rotate => {
-            let version =
-                crate::crypto::store::rotate(&mut conn, state.keys.as_ref(), now).map_err(|e| e.to_string())?;
+            let version = crate::crypto::store::rotate(&mut conn, state.keys.as_ref(), now)
+                .context("cannot rotate the data key")?;
             super::audit_admin(&state, &mut conn, "keys-rotated")?;
             println!("data key version {version} is now active; run `carevault keys reencrypt` to move older rows");
             Ok(())
         }
         KeysCommand::Reencrypt { batch } => {
             // The newest stored ring (another process may have rotated since this one opened).
-            let ring = crate::crypto::store::load(&mut conn, state.keys.as_ref()).map_err(|e| e.to_string())?;
+            let ring = crate::crypto::store::load(&mut conn, state.keys.as_ref())?;
             state.cipher.replace_ring(ring);
             let bar = super::progress(0, "re-encrypting");
             let result = crate::records::maintenance::reencrypt(&mut conn, &state.cipher, *batch, &bar);
@@ -93,7 +93,7 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
                 _ => "keys-reencrypt-incomplete",
             };
             super::audit_admin(&state, &mut conn, outcome)?;
-            let r = result.map_err(|e| e.to_string())?;
+            let r = result.context("cannot re-encrypt")?;
             println!(
                 "re-encrypted {} current and {} history row(s), {} break-glass reason(s) and {} alert note(s) to data \
                  key version {} ({} concurrent update(s) retried)",
@@ -106,13 +106,15 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
                 return Err(format!(
                     "{} row(s) remain below data key version {}; fix the rows named above, then run `keys reencrypt` again",
                     r.remaining, r.active
-                ));
+                )
+                .into());
             }
             Ok(())
         }
         KeysCommand::Reindex { batch } => reindex(&state, &mut conn, *batch),
         KeysCommand::RotateSigning => {
-            let kid = rotate_signing_key(&mut conn, state.keys.as_ref(), now).map_err(|e| e.to_string())?;
+            let kid =
+                rotate_signing_key(&mut conn, state.keys.as_ref(), now).context("cannot rotate the signing key")?;
             super::audit_admin(&state, &mut conn, "signing-key-rotated")?;
             println!("token-signing key {kid} is now active; the previous key stays published until its tokens expire");
             Ok(())
@@ -123,16 +125,17 @@ pub fn run(cli: &Cli, cmd: &KeysCommand) -> Result<(), String> {
 
 /// `keys reindex`: begin (or resume) an index-key rotation, let running servers load the new key, rebuild, then
 /// destroy the old key.
-fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -> Result<(), String> {
+fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -> Result<(), CliError> {
     use crate::crypto::store::{begin_index_rotation, finish_index_rotation, load};
-    let rotation = begin_index_rotation(conn, state.keys.as_ref(), state.clock.now()).map_err(|e| e.to_string())?;
+    let rotation = begin_index_rotation(conn, state.keys.as_ref(), state.clock.now())
+        .context("cannot begin the index rotation")?;
     if rotation.new_key {
         super::audit_admin(state, conn, "index-key-rotated")?;
         println!("blind-index key version {} created; rebuilding the search index under it", rotation.version);
     } else {
         println!("resuming the rebuild under blind-index key version {}", rotation.version);
     }
-    state.cipher.replace_ring(load(conn, state.keys.as_ref()).map_err(|e| e.to_string())?);
+    state.cipher.replace_ring(load(conn, state.keys.as_ref())?);
     // Running servers load the new key within KEY_POLL; until then they search under the old key only, so rows
     // rebuilt earlier would be missing from their results. Wait two polls from the key's creation.
     let settle = rotation.created_at + crate::app::KEY_POLL * 2 - state.clock.now();
@@ -142,8 +145,8 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
         eprintln!("waiting {}s for running servers to load the new index key", wait.as_secs().max(1));
         std::thread::sleep(wait);
     }
-    let version = i32::try_from(rotation.version).map_err(|_| "index key version out of range".to_owned())?;
-    let total = crate::records::maintenance::below(conn, version).map_err(|e| e.to_string())?;
+    let version = i32::try_from(rotation.version).map_err(|_| "index key version out of range")?;
+    let total = crate::records::maintenance::below(conn, version).context("cannot count the rows to reindex")?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "reindexing");
     let result = crate::records::maintenance::reindex(&state.records, conn, batch, &|n| {
         if bar.position() + n > bar.length().unwrap_or(0) {
@@ -159,13 +162,13 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
         _ => None,
     };
     super::audit_admin(state, conn, if destroyed.is_some() { "keys-reindexed" } else { "keys-reindex-incomplete" })?;
-    let r = result.map_err(|e| e.to_string())?;
+    let r = result.context("cannot rebuild the search index")?;
     println!(
         "rebuilt the search index of {} resource(s) under blind-index key version {} ({} concurrent update(s))",
         r.rebuilt, r.index_version, r.conflicts
     );
     if let Some(n) = destroyed {
-        state.cipher.replace_ring(load(conn, state.keys.as_ref()).map_err(|e| e.to_string())?);
+        state.cipher.replace_ring(load(conn, state.keys.as_ref())?);
         println!("destroyed {n} old blind-index key(s)");
         return Ok(());
     }
@@ -173,11 +176,12 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
         eprintln!("cannot reindex {f}");
     }
     // Counted again: a server that had not reloaded may have written under the old key after the last pass.
-    let remaining = crate::records::maintenance::below(conn, version).map_err(|e| e.to_string())?;
+    let remaining = crate::records::maintenance::below(conn, version).context("cannot count the rows to reindex")?;
     Err(format!(
         "{remaining} resource(s) still use an older blind-index key, which is kept; fix the rows named above (if \
          any), then run `keys reindex` again to finish this rotation"
-    ))
+    )
+    .into())
 }
 
 fn rfc3339(micros: i64) -> String {
@@ -298,25 +302,23 @@ fn print_status(s: &Value) {
 
 /// `keys rotate-master`: unwraps every stored key (data, index, token-signing, audit-checkpoint) with the
 /// configured master key and wraps it with the one in `file`, in one transaction.
-fn rotate_master(cli: &Cli, file: &std::path::Path) -> Result<(), String> {
-    let cfg = cli.load_config(|_| {}).map_err(|e| e.to_string())?;
-    let new: Box<dyn KeyProvider> =
-        Box::new(LocalKeyProvider::new(MasterKey::load_file(file).map_err(|e| e.to_string())?));
-    let db = crate::store::Db::connect(&cfg.database().map_err(|e| e.to_string())?, 2).map_err(|e| e.to_string())?;
-    db.migrate().map_err(|e| e.to_string())?;
-    let mut conn = db.conn().map_err(|_| "database unavailable".to_owned())?;
+fn rotate_master(cli: &Cli, file: &std::path::Path) -> Result<(), CliError> {
+    let cfg = cli.load_config(|_| {})?;
+    let new: Box<dyn KeyProvider> = Box::new(LocalKeyProvider::new(MasterKey::load_file(file)?));
+    let db = crate::store::Db::connect(&cfg.database()?, 2)?;
+    db.migrate()?;
+    let mut conn = db.conn().context("cannot get a database connection")?;
     let done = format!(
         "now set keys.master_key_file = \"{}\" on every host and restart them one at a time; keep the old key file \
          until all run with the new one, then destroy it",
         file.display()
     );
-    let wrapped_by: Vec<String> =
-        crypto_keys::table.select(crypto_keys::master_id).load(&mut conn).map_err(|_| "database error".to_owned())?;
+    let wrapped_by: Vec<String> = crypto_keys::table.select(crypto_keys::master_id).load(&mut conn)?;
     if !wrapped_by.is_empty() && wrapped_by.iter().all(|m| *m == new.id()) {
         println!("every key is already wrapped by master key {}; {done}", new.id());
         return Ok(());
     }
-    let old = master_provider(&cfg).map_err(|e| e.to_string())?;
+    let old = master_provider(&cfg)?;
     if old.id() == new.id() {
         return Err("the new master key file holds the master key already in use".into());
     }
@@ -329,7 +331,7 @@ fn rotate_master(cli: &Cli, file: &std::path::Path) -> Result<(), String> {
             crate::audit::store::append(c, &[super::admin_event(now, "master-key-rotated")])?;
             Ok::<_, AppError>((data, signing, checkpoint))
         })
-        .map_err(|e| format!("nothing was changed: {e}"))?;
+        .context("cannot rewrap the keys; nothing was changed")?;
     println!(
         "rewrapped {} data/index key(s), {} token-signing key(s) and {} audit checkpoint key(s) under master key {}",
         counts.0,
@@ -346,8 +348,8 @@ fn rewrap_signing(conn: &mut AnyConnection, old: &dyn KeyProvider, new: &dyn Key
         signing_keys::table.select((signing_keys::kid, signing_keys::wrapped)).load(conn).map_err(db_err)?;
     for (kid, wrapped) in &rows {
         let bytes = STANDARD.decode(wrapped).map_err(|_| AppError::internal("signing key is malformed"))?;
-        let pkcs8 = old.unwrap(&signing_key_id(kid), &bytes).map_err(AppError::internal)?;
-        let again = new.wrap(&signing_key_id(kid), &pkcs8).map_err(AppError::internal)?;
+        let pkcs8 = old.unwrap(&signing_key_id(kid), &bytes)?;
+        let again = new.wrap(&signing_key_id(kid), &pkcs8)?;
         diesel::update(signing_keys::table.filter(signing_keys::kid.eq(kid)))
             .set(signing_keys::wrapped.eq(STANDARD.encode(again)))
             .execute(conn)

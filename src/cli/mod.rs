@@ -10,8 +10,85 @@ pub mod serve;
 pub mod users;
 
 use crate::config::{Config, ConfigError, Overrides};
+use crate::error::{BoxError, Chain};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+
+/// A command's failure: what could not be done, with every cause kept. [`run`] prints it whole
+/// (`carevault: error: …: caused by …`), so an operator sees why, not only that.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A refusal or a finding that is itself the whole message (no underlying error).
+    #[error("{0}")]
+    Message(String),
+    /// `context` (what the command was doing) failed because of `source`.
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A module error that already says what failed; shown as it is, with its own causes.
+    #[error(transparent)]
+    Source(BoxError),
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        CliError::Message(message)
+    }
+}
+
+impl From<&str> for CliError {
+    fn from(message: &str) -> Self {
+        CliError::Message(message.to_owned())
+    }
+}
+
+/// Module errors that `?` turns into a [`CliError`] as they are (their text names what failed).
+macro_rules! cli_sources {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> Self {
+                CliError::Source(Box::new(e))
+            }
+        }
+    )*};
+}
+
+cli_sources!(
+    ConfigError,
+    crate::app::StartError,
+    crate::error::AppError,
+    crate::store::StoreError,
+    crate::crypto::CryptoError,
+    crate::crypto::store::KeyStoreError,
+    crate::auth::service::AccountError,
+    crate::access::PolicyError,
+);
+
+/// A diesel error keeps only its kind (a database message can quote row values).
+impl From<diesel::result::Error> for CliError {
+    fn from(e: diesel::result::Error) -> Self {
+        CliError::Source(Box::new(crate::store::StoreError::query(&e)))
+    }
+}
+
+/// Adds what the command was doing to an error, keeping the error as the cause.
+pub trait Context<T> {
+    fn context(self, what: impl Into<String>) -> Result<T, CliError>;
+}
+
+impl<T, E: Into<BoxError>> Context<T> for Result<T, E> {
+    fn context(self, what: impl Into<String>) -> Result<T, CliError> {
+        self.map_err(|e| CliError::Context { context: what.into(), source: e.into() })
+    }
+}
+
+/// The line printed for a failed command: the error and every cause.
+pub fn report(e: &CliError) -> String {
+    format!("carevault: error: {}", Chain(e))
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "carevault", version, about = "A HIPAA-grade FHIR R4 patient-records API")]
@@ -76,25 +153,30 @@ pub fn run(cli: Cli) -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(message) => {
-            eprintln!("carevault: {message}");
+        Err(e) => {
+            eprintln!("{}", report(&e));
             1
         }
     }
 }
 
-fn migrate(cli: &Cli) -> Result<(), String> {
-    let cfg = cli.load_config(|_| {}).map_err(|e| e.to_string())?;
-    let db = crate::store::Db::connect(&cfg.database().map_err(|e| e.to_string())?, 1).map_err(|e| e.to_string())?;
-    let n = db.migrate().map_err(|e| e.to_string())?;
+fn migrate(cli: &Cli) -> Result<(), CliError> {
+    let cfg = cli.load_config(|_| {})?;
+    let db = crate::store::Db::connect(&cfg.database()?, 1)?;
+    let n = db.migrate()?;
     println!("{n} migration(s) applied");
     Ok(())
 }
 
 /// Opens the same database and keys the server uses (the server may be running).
-pub fn open_state(cli: &Cli) -> Result<crate::app::AppState, String> {
-    let cfg = cli.load_config(|_| {}).map_err(|e| e.to_string())?;
-    crate::app::AppState::open(cfg, crate::clock::system()).map_err(|e| e.to_string())
+pub fn open_state(cli: &Cli) -> Result<crate::app::AppState, CliError> {
+    let cfg = cli.load_config(|_| {})?;
+    crate::app::AppState::open(cfg, crate::clock::system()).context("cannot open the database and keys")
+}
+
+/// A connection from the state's pool.
+pub fn connect(state: &crate::app::AppState) -> Result<crate::store::DbConn, CliError> {
+    state.db.conn().context("cannot get a database connection")
 }
 
 /// Records an administrative action in the audit trail (durably, before the command reports success).
@@ -102,9 +184,9 @@ pub fn audit_admin(
     state: &crate::app::AppState,
     conn: &mut crate::store::AnyConnection,
     detail: &'static str,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let event = admin_event(state.clock.now(), detail);
-    crate::audit::store::append(conn, &[event]).map_err(|_| "cannot write the audit trail".to_owned())
+    crate::audit::store::append(conn, &[event]).context("cannot write the audit trail")
 }
 
 /// The audit record of an administrative action by the operator running this command (`cli:$USER`, letters and
@@ -129,4 +211,37 @@ pub fn progress(len: u64, what: &'static str) -> indicatif::ProgressBar {
     }
     bar.set_message(what);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keys_command_on_a_database_that_cannot_be_opened_prints_the_underlying_cause() {
+        let dir = std::env::temp_dir().join(format!("carevault-cli-{}", uuid::Uuid::new_v4()));
+        // A directory where the SQLite file should be: the driver cannot open it.
+        std::fs::create_dir_all(crate::store::default_sqlite(&dir)).unwrap();
+        let cli = Cli {
+            data_dir: dir.clone(),
+            config: None,
+            command: Some(Command::Keys(keys::KeysCommand::Status { json: true })),
+        };
+        let Some(Command::Keys(cmd)) = &cli.command else { unreachable!() };
+        let err = keys::run(&cli, cmd).unwrap_err();
+        let line = report(&err);
+        assert!(line.starts_with("carevault: error: cannot open the database and keys: caused by "), "{line}");
+        assert!(line.contains("database: cannot connect (check `database_url`): caused by "), "{line}");
+        assert!(line.to_lowercase().contains("unable to open the database file"), "the driver's own reason: {line}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn context_keeps_the_error_as_the_cause() {
+        let failed: Result<(), std::io::Error> = Err(std::io::Error::other("disk full"));
+        let err = failed.context("cannot write the export").unwrap_err();
+        assert_eq!(report(&err), "carevault: error: cannot write the export: caused by disk full");
+        let refused: CliError = "no such account".into();
+        assert_eq!(report(&refused), "carevault: error: no such account");
+    }
 }

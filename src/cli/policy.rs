@@ -4,7 +4,7 @@
 //! Reads only the policy files (`access.policy_dir`): no database, no keys, no PHI, so it is not an audited
 //! action. An invalid policy is an error naming the file and line, as when the server loads it.
 
-use super::Cli;
+use super::{Cli, CliError};
 use crate::access::{AccessControl, Action, R4Catalog};
 use crate::role::Role;
 use std::sync::Arc;
@@ -26,14 +26,14 @@ pub enum PolicyCommand {
     },
 }
 
-pub fn run(cli: &Cli, cmd: &PolicyCommand) -> Result<(), String> {
+pub fn run(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
     let PolicyCommand::Explain { role, resource_type, action, json } = cmd;
     let action: Action = action.parse().map_err(|_| {
         let names: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
         format!("unknown --action; one of: {}", names.join(", "))
     })?;
-    let cfg = cli.load_config(|_| {}).map_err(|e| e.to_string())?;
-    let access = AccessControl::load(&cfg.policy_dir(), Arc::new(R4Catalog)).map_err(|e| e.to_string())?;
+    let cfg = cli.load_config(|_| {})?;
+    let access = AccessControl::load(&cfg.policy_dir(), Arc::new(R4Catalog))?;
     if *json {
         let d = access.current().decide_role(*role, resource_type, action);
         let out = serde_json::json!({

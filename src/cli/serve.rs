@@ -1,6 +1,6 @@
 //! `carevault serve [--listen ADDR:PORT] [--demo] [--insecure-http-behind-proxy]`.
 
-use super::Cli;
+use super::{Cli, CliError, Context};
 use crate::app::Application;
 use std::net::SocketAddr;
 
@@ -17,22 +17,21 @@ pub struct ServeArgs {
     pub insecure_http_behind_proxy: bool,
 }
 
-pub fn run(cli: &Cli, args: &ServeArgs) -> Result<(), String> {
-    let cfg = cli
-        .load_config(|o| {
-            o.listen = args.listen;
-            o.demo = args.demo;
-            o.insecure_http = args.insecure_http_behind_proxy;
-        })
-        .map_err(|e| e.to_string())?;
+pub fn run(cli: &Cli, args: &ServeArgs) -> Result<(), CliError> {
+    let cfg = cli.load_config(|o| {
+        o.listen = args.listen;
+        o.demo = args.demo;
+        o.insecure_http = args.insecure_http_behind_proxy;
+    })?;
     let _telemetry = crate::telemetry::init(&cfg);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let scheme = if cfg.insecure_http { "http" } else { "https" };
-        let app = Application::build(cfg, crate::clock::system()).map_err(|e| e.to_string())?;
+        let app = Application::build(cfg, crate::clock::system()).context("cannot start the server")?;
         crate::telemetry::metrics::observe_pool(&app.state().db);
         if app.state().config.demo {
-            let outcome = crate::demo::seed_demo(app.state(), crate::demo::DEMO_PATIENTS).await.map_err(|e| e.to_string())?;
+            let outcome = crate::demo::seed_demo(app.state(), crate::demo::DEMO_PATIENTS).await.context("cannot seed the demo data")?;
             match &outcome {
                 crate::demo::DemoOutcome::Seeded { patients, .. } => {
                     println!("Demo data seeded: {} accounts, {patients} synthetic patients.", crate::demo::ACCOUNTS.len())
@@ -53,6 +52,6 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<(), String> {
                 handle.stop(true).await;
             }
         });
-        app.run_until_stopped().await.map_err(|e| e.to_string())
+        app.run_until_stopped().await.context("the server stopped with an error")
     })
 }

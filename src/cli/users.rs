@@ -1,6 +1,6 @@
 //! `carevault users add | disable | list`.
 
-use super::Cli;
+use super::{Cli, CliError, Context};
 use crate::auth::service::{NewAccount, create_account, disable_account, list_accounts};
 use crate::role::Role;
 use secrecy::SecretString;
@@ -50,17 +50,17 @@ impl clap::ValueEnum for Role {
     }
 }
 
-pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), String> {
+pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), CliError> {
     let state = super::open_state(cli)?;
     let now = state.clock.now();
-    let mut conn = state.db.conn().map_err(|_| "database unavailable".to_owned())?;
+    let mut conn = super::connect(&state)?;
     match cmd {
         UsersCommand::Add { username, role, practitioner, patient, password_stdin, service } => {
             if !password_stdin {
                 return Err("the password is read from standard input: pass --password-stdin".into());
             }
             let mut password = String::new();
-            std::io::stdin().read_to_string(&mut password).map_err(|_| "cannot read standard input".to_owned())?;
+            std::io::stdin().read_to_string(&mut password).context("cannot read standard input")?;
             let password = SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned());
             let new = NewAccount {
                 username: username.clone(),
@@ -69,7 +69,7 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), String> {
                 practitioner: *practitioner,
                 patient: *patient,
             };
-            let id = create_account(&mut conn, &new, &password, now).map_err(|e| e.to_string())?;
+            let id = create_account(&mut conn, &new, &password, now)?;
             super::audit_admin(&state, &mut conn, "user-created")?;
             println!("created {} ({role}) id {id}", new.username);
             Ok(())
@@ -77,22 +77,22 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), String> {
         UsersCommand::TotpEnroll { username } => {
             let issuer = "carevault";
             let url = crate::auth::service::enroll_totp(&mut conn, state.keys.as_ref(), username, issuer)
-                .map_err(|_| "database error".to_owned())?
-                .ok_or_else(|| "no such account".to_owned())?;
+                .context("cannot enroll the second factor")?
+                .ok_or("no such account")?;
             super::audit_admin(&state, &mut conn, "totp-enrolled")?;
             println!("{url}");
             Ok(())
         }
         UsersCommand::Disable { username } => {
             let (_, sessions) = disable_account(&mut conn, username, now)
-                .map_err(|_| "database error".to_owned())?
-                .ok_or_else(|| "no such account".to_owned())?;
+                .context("cannot disable the account")?
+                .ok_or("no such account")?;
             super::audit_admin(&state, &mut conn, "user-disabled")?;
             println!("disabled; {sessions} session(s) ended");
             Ok(())
         }
         UsersCommand::List { json } => {
-            let accounts = list_accounts(&mut conn).map_err(|_| "database error".to_owned())?;
+            let accounts = list_accounts(&mut conn).context("cannot list the accounts")?;
             if *json {
                 let rows: Vec<_> = accounts
                     .iter()

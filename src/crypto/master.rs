@@ -73,7 +73,7 @@ impl MasterKey {
 
     /// Reads the key file named by `keys.master_key_file`. Errors name the file, never its content.
     pub fn load_file(path: &Path) -> Result<Self, CryptoError> {
-        let bytes = std::fs::read(path).map(Zeroizing::new).map_err(|e| file_error(path, io_reason(&e)))?;
+        let bytes = std::fs::read(path).map(Zeroizing::new).map_err(|e| io_error(path, e))?;
         let text = std::str::from_utf8(&bytes).map_err(|_| file_error(path, FILE_REASON_FORMAT))?;
         Self::from_base64(text).map_err(|_| file_error(path, FILE_REASON_FORMAT))
     }
@@ -82,20 +82,20 @@ impl MasterKey {
     /// Refuses to overwrite an existing file: a lost master key makes every stored record unreadable.
     pub fn generate_file(path: &Path) -> Result<Self, CryptoError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            create_private_dir(parent).map_err(|e| file_error(path, io_reason(&e)))?;
+            create_private_dir(parent).map_err(|e| io_error(path, e))?;
         }
         let key = Self::generate()?;
         let mut line = Zeroizing::new(STANDARD.encode(key.0.as_ref()));
         line.push('\n');
         let mut file = create_private_file(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => file_error(path, "already exists; refusing to overwrite it"),
-            _ => file_error(path, io_reason(&e)),
+            _ => io_error(path, e),
         })?;
         if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.sync_all()) {
             drop(file);
             // A half-written key file must not be mistaken for a key later; the write error is what matters.
             let _ = std::fs::remove_file(path);
-            return Err(file_error(path, io_reason(&e)));
+            return Err(io_error(path, e));
         }
         Ok(key)
     }
@@ -190,6 +190,10 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 fn file_error(path: &Path, reason: &'static str) -> CryptoError {
     CryptoError::MasterKeyFile { path: path.to_path_buf(), reason }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> CryptoError {
+    CryptoError::MasterKeyFileIo { path: path.to_path_buf(), reason: io_reason(&source), source }
 }
 
 fn io_reason(e: &std::io::Error) -> &'static str {

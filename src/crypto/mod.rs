@@ -39,6 +39,15 @@ pub enum CryptoError {
     /// The master key file (setting `keys.master_key_file`) could not be read or written.
     #[error("master key file {} (setting keys.master_key_file): {reason}", path.display())]
     MasterKeyFile { path: PathBuf, reason: &'static str },
+    /// The master key file could not be read or written, with the operating system's error (which names no
+    /// content).
+    #[error("master key file {} (setting keys.master_key_file): {reason}", path.display())]
+    MasterKeyFileIo {
+        path: PathBuf,
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// No stored key could be unwrapped: the master key is not the one the keys were wrapped with.
     #[error("the master key {provider} cannot unwrap the stored keys: wrong master key (check keys.master_key_file)")]
     WrongMasterKey { provider: String },
@@ -66,6 +75,13 @@ pub enum CryptoError {
     /// An external key provider (KMS, Vault) failed; the text must not contain key material.
     #[error("key provider error: {0}")]
     Provider(String),
+}
+
+/// On the request path a cryptographic failure is an internal error (500), with the fixed-text cause kept.
+impl From<CryptoError> for crate::error::AppError {
+    fn from(e: CryptoError) -> Self {
+        crate::error::AppError::internal_from("cryptography", e)
+    }
 }
 
 /// Fills `buf` from the operating system's CSPRNG; an error instead of a panic when it is unavailable.

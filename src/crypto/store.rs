@@ -6,9 +6,9 @@
 
 use super::{CryptoError, FieldCipher, KeyProvider, KeyPurpose, KeyRing, LocalKeyProvider, MasterKey, WrappedKey};
 use crate::config::{Config, Profile};
-use crate::error::{AppError, AppResult};
+use crate::error::AppError;
 use crate::store::schema::crypto_keys;
-use crate::store::{AnyConnection, db_err};
+use crate::store::{AnyConnection, StoreError};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use diesel::prelude::*;
@@ -69,17 +69,31 @@ fn row(w: &WrappedKey, state: &str, master_id: &str, now: OffsetDateTime) -> Key
     }
 }
 
+/// What can go wrong persisting the key ring, with the cause kept. Texts are fixed (plus key versions): never
+/// key material.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyLoadError {
+pub enum KeyStoreError {
     #[error(transparent)]
     Crypto(#[from] CryptoError),
-    #[error("database error while loading keys")]
-    Db,
+    #[error("key store: cannot read or write the stored keys")]
+    Db(#[source] StoreError),
+    /// The stored keys are not in the state the operation needs (fixed reason).
+    #[error("key store: {0}")]
+    State(&'static str),
 }
 
-impl From<diesel::result::Error> for KeyLoadError {
-    fn from(_: diesel::result::Error) -> Self {
-        KeyLoadError::Db
+impl From<diesel::result::Error> for KeyStoreError {
+    fn from(e: diesel::result::Error) -> Self {
+        KeyStoreError::Db(StoreError::query(&e))
+    }
+}
+
+impl From<KeyStoreError> for AppError {
+    fn from(e: KeyStoreError) -> Self {
+        match &e {
+            KeyStoreError::Db(db) if db.is_unavailable() => AppError::unavailable_from("key store", e),
+            _ => AppError::internal_from("key store", e),
+        }
     }
 }
 
@@ -88,17 +102,13 @@ pub fn load_or_create(
     conn: &mut AnyConnection,
     provider: &dyn KeyProvider,
     now: OffsetDateTime,
-) -> Result<KeyRing, KeyLoadError> {
+) -> Result<KeyRing, KeyStoreError> {
     conn.transaction(|conn| {
-        let rows: Vec<KeyRow> =
-            crypto_keys::table.select(KeyRow::as_select()).load(conn).map_err(|_| KeyLoadError::Db)?;
+        let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn)?;
         if rows.is_empty() {
             let (ring, wrapped) = KeyRing::generate(provider)?;
             for w in &wrapped {
-                diesel::insert_into(crypto_keys::table)
-                    .values(row(w, "active", &provider.id(), now))
-                    .execute(conn)
-                    .map_err(|_| KeyLoadError::Db)?;
+                diesel::insert_into(crypto_keys::table).values(row(w, "active", &provider.id(), now)).execute(conn)?;
             }
             return Ok(ring);
         }
@@ -106,7 +116,7 @@ pub fn load_or_create(
     })
 }
 
-fn ring_from_rows(rows: &[KeyRow], provider: &dyn KeyProvider) -> Result<KeyRing, KeyLoadError> {
+fn ring_from_rows(rows: &[KeyRow], provider: &dyn KeyProvider) -> Result<KeyRing, KeyStoreError> {
     let active = rows
         .iter()
         .filter(|r| r.purpose == "data" && r.state == "active")
@@ -118,16 +128,16 @@ fn ring_from_rows(rows: &[KeyRow], provider: &dyn KeyProvider) -> Result<KeyRing
 }
 
 /// Reloads the ring (after another process rotated keys).
-pub fn load(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> Result<KeyRing, KeyLoadError> {
-    let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn).map_err(|_| KeyLoadError::Db)?;
+pub fn load(conn: &mut AnyConnection, provider: &dyn KeyProvider) -> Result<KeyRing, KeyStoreError> {
+    let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn)?;
     ring_from_rows(&rows, provider)
 }
 
 /// `keys rotate`: a new active data key; the previous one is retired (decrypt only, never encrypts again).
-pub fn rotate(conn: &mut AnyConnection, provider: &dyn KeyProvider, now: OffsetDateTime) -> AppResult<u32> {
+pub fn rotate(conn: &mut AnyConnection, provider: &dyn KeyProvider, now: OffsetDateTime) -> Result<u32, KeyStoreError> {
     conn.transaction(|conn| {
-        let ring = load(conn, provider).map_err(AppError::internal)?;
-        let (next, wrapped) = ring.rotate(provider).map_err(AppError::internal)?;
+        let ring = load(conn, provider)?;
+        let (next, wrapped) = ring.rotate(provider)?;
         install_active(conn, &wrapped, provider, now)?;
         Ok(next.active_version())
     })
@@ -140,24 +150,20 @@ fn install_active(
     wrapped: &WrappedKey,
     provider: &dyn KeyProvider,
     now: OffsetDateTime,
-) -> AppResult<()> {
+) -> Result<(), KeyStoreError> {
     diesel::update(crypto_keys::table.filter(crypto_keys::purpose.eq(wrapped.purpose.as_str())))
         .set(crypto_keys::state.eq("retired"))
-        .execute(conn)
-        .map_err(db_err)?;
-    diesel::insert_into(crypto_keys::table)
-        .values(row(wrapped, "active", &provider.id(), now))
-        .execute(conn)
-        .map_err(db_err)?;
+        .execute(conn)?;
+    diesel::insert_into(crypto_keys::table).values(row(wrapped, "active", &provider.id(), now)).execute(conn)?;
     Ok(())
 }
 
 /// `keys rotate-master`: rewraps every stored key under a new master key (data untouched).
-pub fn rewrap(conn: &mut AnyConnection, old: &dyn KeyProvider, new: &dyn KeyProvider) -> AppResult<usize> {
+pub fn rewrap(conn: &mut AnyConnection, old: &dyn KeyProvider, new: &dyn KeyProvider) -> Result<usize, KeyStoreError> {
     conn.transaction(|conn| {
-        let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn).map_err(db_err)?;
-        let ring = ring_from_rows(&rows, old).map_err(AppError::internal)?;
-        let rewrapped = ring.rewrap(new).map_err(AppError::internal)?;
+        let rows: Vec<KeyRow> = crypto_keys::table.select(KeyRow::as_select()).load(conn)?;
+        let ring = ring_from_rows(&rows, old)?;
+        let rewrapped = ring.rewrap(new)?;
         for w in &rewrapped {
             diesel::update(
                 crypto_keys::table
@@ -165,43 +171,40 @@ pub fn rewrap(conn: &mut AnyConnection, old: &dyn KeyProvider, new: &dyn KeyProv
                     .filter(crypto_keys::version.eq(i32::try_from(w.version).unwrap_or(i32::MAX))),
             )
             .set((crypto_keys::wrapped.eq(STANDARD.encode(&w.wrapped)), crypto_keys::master_id.eq(new.id())))
-            .execute(conn)
-            .map_err(db_err)?;
+            .execute(conn)?;
         }
         Ok(rewrapped.len())
     })
 }
 
 /// Stored key rows (for `keys status`).
-pub fn list(conn: &mut AnyConnection) -> AppResult<Vec<KeyRow>> {
+pub fn list(conn: &mut AnyConnection) -> Result<Vec<KeyRow>, KeyStoreError> {
     crypto_keys::table
         .order((crypto_keys::purpose, crypto_keys::version))
         .select(KeyRow::as_select())
         .load(conn)
-        .map_err(db_err)
+        .map_err(KeyStoreError::from)
 }
 
 /// Makes `cipher` reload the ring from the database when it meets a data-key version newer than any it holds
 /// (rotated by another process), instead of failing at once.
 pub fn install_reloader(cipher: &FieldCipher, db: crate::store::Db, provider: Arc<dyn KeyProvider>) {
     cipher.set_reloader(Arc::new(move || {
-        let unavailable = CryptoError::KeyRing("key store unavailable");
-        let mut conn = db.conn().map_err(|_| CryptoError::KeyRing("key store unavailable"))?;
+        let mut conn = db.conn().map_err(|_| unavailable_text())?;
         load(&mut conn, provider.as_ref()).map_err(|e| match e {
-            KeyLoadError::Crypto(c) => c,
-            KeyLoadError::Db => unavailable,
+            KeyStoreError::Crypto(c) => c,
+            KeyStoreError::Db(_) | KeyStoreError::State(_) => unavailable_text(),
         })
     }));
 }
 
 /// What the stored ring looks like, cheaply: (active data-key version, number of data-key versions, index-key
 /// versions ascending). A server compares it with [`KeyRing::stamp`] to notice a rotation made elsewhere.
-pub fn key_stamp(conn: &mut AnyConnection) -> AppResult<(u32, usize, Vec<u32>)> {
+pub fn key_stamp(conn: &mut AnyConnection) -> Result<(u32, usize, Vec<u32>), KeyStoreError> {
     let rows: Vec<(String, i32, String)> = crypto_keys::table
         .select((crypto_keys::purpose, crypto_keys::version, crypto_keys::state))
         .order(crypto_keys::version.asc())
-        .load(conn)
-        .map_err(db_err)?;
+        .load(conn)?;
     let data = rows.iter().filter(|(p, _, _)| p == "data");
     let active = data.clone().filter(|(_, _, s)| s == "active").map(|(_, v, _)| *v).max().unwrap_or(0);
     let index = rows.iter().filter(|(p, _, _)| p == "index").filter_map(|(_, v, _)| u32::try_from(*v).ok()).collect();
@@ -224,16 +227,16 @@ pub fn begin_index_rotation(
     conn: &mut AnyConnection,
     provider: &dyn KeyProvider,
     now: OffsetDateTime,
-) -> AppResult<IndexRotation> {
+) -> Result<IndexRotation, KeyStoreError> {
     conn.transaction(|conn| {
         let rows: Vec<KeyRow> = crypto_keys::table
             .filter(crypto_keys::purpose.eq("index"))
             .order(crypto_keys::version.asc())
             .select(KeyRow::as_select())
-            .load(conn)
-            .map_err(db_err)?;
-        let newest = rows.last().ok_or_else(|| AppError::internal("no index key stored"))?;
-        let newest_version = u32::try_from(newest.version).map_err(AppError::internal)?;
+            .load(conn)?;
+        let newest = rows.last().ok_or(KeyStoreError::State("no index key stored"))?;
+        let newest_version =
+            u32::try_from(newest.version).map_err(|_| KeyStoreError::State("index key version out of range"))?;
         if rows.len() > 1 {
             return Ok(IndexRotation {
                 version: newest_version,
@@ -241,9 +244,8 @@ pub fn begin_index_rotation(
                 new_key: false,
             });
         }
-        let version =
-            newest_version.checked_add(1).ok_or_else(|| AppError::internal("index key versions exhausted"))?;
-        let wrapped = KeyRing::new_index_key(provider, version).map_err(AppError::internal)?;
+        let version = newest_version.checked_add(1).ok_or(KeyStoreError::State("index key versions exhausted"))?;
+        let wrapped = KeyRing::new_index_key(provider, version)?;
         install_active(conn, &wrapped, provider, now)?;
         Ok(IndexRotation { version, created_at: now, new_key: true })
     })
@@ -256,18 +258,19 @@ pub fn finish_index_rotation(
     conn: &mut AnyConnection,
     version: u32,
     rows_below: impl FnOnce(&mut AnyConnection, i32) -> AppResult<i64>,
-) -> AppResult<usize> {
-    let version = i32::try_from(version).map_err(AppError::internal)?;
+) -> Result<usize, KeyStoreError> {
+    let version = i32::try_from(version).map_err(|_| KeyStoreError::State("index key version out of range"))?;
     conn.transaction(|conn| {
-        let left = rows_below(conn, version)?;
+        let left = rows_below(conn, version)
+            .map_err(|_| KeyStoreError::State("cannot count the rows under older index keys"))?;
         if left > 0 {
-            return Err(AppError::internal("rows still use an older index key"));
+            return Err(KeyStoreError::State("rows still use an older index key"));
         }
         diesel::delete(
             crypto_keys::table.filter(crypto_keys::purpose.eq("index")).filter(crypto_keys::version.lt(version)),
         )
         .execute(conn)
-        .map_err(db_err)
+        .map_err(KeyStoreError::from)
     })
 }
 
@@ -276,6 +279,11 @@ pub fn cipher(
     conn: &mut AnyConnection,
     provider: &dyn KeyProvider,
     now: OffsetDateTime,
-) -> Result<FieldCipher, KeyLoadError> {
+) -> Result<FieldCipher, KeyStoreError> {
     Ok(FieldCipher::new(load_or_create(conn, provider, now)?))
+}
+
+/// The reloader's error when the key table cannot be read (a `CryptoError` has fixed texts only).
+fn unavailable_text() -> CryptoError {
+    CryptoError::KeyRing("key store unavailable")
 }

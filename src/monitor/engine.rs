@@ -7,13 +7,13 @@
 //! When the database fails the cursor does not move, so no event is skipped.
 
 use super::rules::{Counting, RULES, Rule, Subject};
-use crate::app::AppState;
 use crate::audit::{AuditEvent, AuditKind};
+use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::crypto::store::micros;
-use crate::error::AppResult;
-use crate::store::AnyConnection;
+use crate::error::{AppResult, Chain};
 use crate::store::schema::{audit_events, audit_head};
+use crate::store::{AnyConnection, Db};
 use diesel::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -69,32 +69,32 @@ impl Monitor {
 
     /// Starts the engine and (when configured) the webhook sender on the current tokio runtime. The cursor is
     /// set to the chain head before this returns, so every event appended afterwards is evaluated.
-    pub fn start(&self, state: &AppState) -> AppResult<()> {
+    pub fn start(&self, db: &Db, config: &Arc<Config>, clock: &SharedClock) -> AppResult<()> {
         let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| crate::error::AppError::internal("the monitor needs a tokio runtime"))?;
-        let mut conn = state.db.conn()?;
+            .map_err(|e| crate::error::AppError::internal_from("the monitor needs a tokio runtime", e))?;
+        let mut conn = db.conn()?;
         let head: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(&mut conn)?;
         drop(conn);
         self.processed.store(head, Ordering::Release);
-        let sink = super::sink::Sender::from_config(&state.config);
-        let (me, st) = (self.clone(), state.clone());
-        runtime.spawn(async move { me.run(st, head).await });
+        let sink = super::sink::Sender::from_config(config);
+        let (me, db1, config) = (self.clone(), db.clone(), config.clone());
+        runtime.spawn(async move { me.run(db1, config, head).await });
         if let Some(sender) = sink {
-            let (me, st) = (self.clone(), state.clone());
-            runtime.spawn(async move { sender.run(st, me).await });
+            let (me, db, clock) = (self.clone(), db.clone(), clock.clone());
+            runtime.spawn(async move { sender.run(db, clock, me).await });
         }
         Ok(())
     }
 
-    async fn run(self, state: AppState, mut cursor: i64) {
+    async fn run(self, db: Db, config: Arc<Config>, mut cursor: i64) {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
                 () = self.wake.notified() => {}
             }
-            let config = state.config.clone();
+            let config = config.clone();
             let after = cursor;
-            match state.db.run(move |c| evaluate_after(c, &config, after)).await {
+            match db.run(move |c| evaluate_after(c, &config, after)).await {
                 Ok(Some((last, raised))) => {
                     cursor = last;
                     self.processed.store(last, Ordering::Release);
@@ -103,7 +103,7 @@ impl Monitor {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::error!(error.kind = %e, "alert rules could not be evaluated; will retry"),
+                Err(e) => tracing::error!(error.detail = %Chain(&e), "alert rules could not be evaluated; will retry"),
             }
         }
     }

@@ -8,10 +8,11 @@
 //! Without a secret nothing is sent (fail closed): alerts stay pending until the configuration is fixed.
 
 use super::{Alert, delivery};
-use crate::app::AppState;
+use crate::clock::SharedClock;
 use crate::config::{Config, Profile};
 use crate::crypto::store::micros;
-use crate::error::AppResult;
+use crate::error::{AppResult, Chain};
+use crate::store::Db;
 use crate::store::schema::alerts;
 use diesel::prelude::*;
 use hmac::{Hmac, Mac};
@@ -98,24 +99,23 @@ impl Sender {
         Some(Sender { client, url, secret })
     }
 
-    pub(super) async fn run(self, state: AppState, monitor: super::Monitor) {
+    pub(super) async fn run(self, db: Db, clock: SharedClock, monitor: super::Monitor) {
         let wake = monitor.sink_notified();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(super::engine::POLL) => {}
                 () = wake.notified() => {}
             }
-            if let Err(e) = self.round(&state).await {
-                tracing::error!(error.kind = %e, "alert delivery round failed; will retry");
+            if let Err(e) = self.round(&db, &clock).await {
+                tracing::error!(error.detail = %Chain(&e), "alert delivery round failed; will retry");
             }
         }
     }
 
     /// One round: every due alert gets one attempt. Returns how many were delivered.
-    pub async fn round(&self, state: &AppState) -> AppResult<usize> {
-        let now = state.clock.now();
-        let due: Vec<Alert> = state
-            .db
+    pub async fn round(&self, db: &Db, clock: &SharedClock) -> AppResult<usize> {
+        let now = clock.now();
+        let due: Vec<Alert> = db
             .run(move |c| {
                 Ok(alerts::table
                     .filter(alerts::delivery.eq(delivery::PENDING))
@@ -128,36 +128,34 @@ impl Sender {
             .await?;
         let mut delivered = 0;
         for alert in due {
-            if !claim(state, &alert, now).await? {
+            if !claim(db, &alert, now).await? {
                 continue;
             }
             let ok = self.send(&alert).await;
             let attempts = alert.attempts.saturating_add(1);
             let id = alert.id.clone();
-            let done_at = state.clock.now();
-            state
-                .db
-                .run(move |c| {
-                    let row = alerts::table.filter(alerts::id.eq(&id));
-                    if ok {
-                        diesel::update(row)
-                            .set((
-                                alerts::delivery.eq(delivery::DELIVERED),
-                                alerts::attempts.eq(attempts),
-                                alerts::next_attempt.eq(None::<i64>),
-                            ))
-                            .execute(c)?;
-                    } else {
-                        diesel::update(row)
-                            .set((
-                                alerts::attempts.eq(attempts),
-                                alerts::next_attempt.eq(Some(micros(done_at + backoff(attempts)))),
-                            ))
-                            .execute(c)?;
-                    }
-                    Ok(())
-                })
-                .await?;
+            let done_at = clock.now();
+            db.run(move |c| {
+                let row = alerts::table.filter(alerts::id.eq(&id));
+                if ok {
+                    diesel::update(row)
+                        .set((
+                            alerts::delivery.eq(delivery::DELIVERED),
+                            alerts::attempts.eq(attempts),
+                            alerts::next_attempt.eq(None::<i64>),
+                        ))
+                        .execute(c)?;
+                } else {
+                    diesel::update(row)
+                        .set((
+                            alerts::attempts.eq(attempts),
+                            alerts::next_attempt.eq(Some(micros(done_at + backoff(attempts)))),
+                        ))
+                        .execute(c)?;
+                }
+                Ok(())
+            })
+            .await?;
             if ok {
                 delivered += 1;
                 tracing::info!(alert.id = %alert.id, alert.attempts = attempts, "alert delivered");
@@ -184,10 +182,9 @@ impl Sender {
 }
 
 /// Moves `next_attempt` forward by the claim time if the row is still as read: true when this sender won.
-async fn claim(state: &AppState, alert: &Alert, now: OffsetDateTime) -> AppResult<bool> {
+async fn claim(db: &Db, alert: &Alert, now: OffsetDateTime) -> AppResult<bool> {
     let (id, attempts, seen) = (alert.id.clone(), alert.attempts, alert.next_attempt);
-    let n = state
-        .db
+    let n = db
         .run(move |c| {
             let row = alerts::table
                 .filter(alerts::id.eq(&id))

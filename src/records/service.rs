@@ -212,12 +212,6 @@ fn decl_of(rtype: &str) -> AppResult<&'static ResourceDecl> {
     decl::decl(rtype).ok_or(AppError::NotFound)
 }
 
-/// `Patient/<uuid>` → the uuid, for references to patients.
-fn patient_of_reference(v: Option<&Value>) -> Option<String> {
-    let r = v?.get("reference")?.as_str()?;
-    let id = r.strip_prefix("Patient/")?;
-    Uuid::parse_str(id).ok().map(|u| u.to_string())
-}
 
 impl Records {
     pub fn new(
@@ -545,23 +539,6 @@ impl Records {
         Ok(self.index_values(d, &Value::Object(obj)))
     }
 
-    /// Care relationships of an active CareTeam: (patient, practitioner) pairs.
-    fn care_pairs(resource: &Value) -> Vec<(String, String)> {
-        if resource.get("status").and_then(Value::as_str) != Some("active") {
-            return vec![];
-        }
-        let Some(patient) = patient_of_reference(resource.get("subject")) else { return vec![] };
-        resource
-            .get("participant")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.get("member")?.get("reference")?.as_str()?.strip_prefix("Practitioner/"))
-            .filter_map(|id| Uuid::parse_str(id).ok())
-            .map(|pr| (patient.clone(), pr.to_string()))
-            .collect()
-    }
-
     /// Every reference must point at an existing, live resource of an allowed type (and, for the patient
     /// link, at a patient the caller may reach: otherwise it looks exactly like a missing one).
     fn check_references(
@@ -601,7 +578,7 @@ impl Records {
     fn compartment(d: &ResourceDecl, id: &str, resource: &Value) -> AppResult<Option<String>> {
         Ok(match d.patient_link {
             PatientLink::Itself => Some(id.to_owned()),
-            PatientLink::Element(e) => Some(patient_of_reference(resource.get(e)).ok_or_else(|| {
+            PatientLink::Element(e) => Some(crate::fhir::patient_of_reference(resource.get(e)).ok_or_else(|| {
                 AppError::invalid(format!("{}.{e}", d.name), "A reference to the Patient is required.")
             })?),
             PatientLink::None => None,
@@ -648,7 +625,7 @@ impl Records {
         let now = self.clock.now();
         let (content, key_version) = self.encode(d, &id, &obj, &Map::new())?;
         let (index, index_version) = self.index_values(d, &value);
-        let care = (d.name == "CareTeam").then(|| Self::care_pairs(&value));
+        let care = d.care_relationships(&value);
         let this = self.clone_parts();
         let caller2 = caller.clone();
         let id2 = id.clone();
@@ -964,7 +941,7 @@ impl Records {
                     }
                     let (content, key_version) = this.encode(d, &id2, &merged, &keep)?;
                     let (index, index_version) = this.index_values(d, &Value::Object(check));
-                    let care = (d.name == "CareTeam").then(|| Self::care_pairs(&value));
+                    let care = d.care_relationships(&value);
                     let version = current.version_id + 1;
                     let row = Row {
                         resource_type: d.name.to_owned(),
@@ -1029,7 +1006,7 @@ impl Records {
                         content: "{}".into(),
                         index_version: i32::try_from(this.cipher.ring().index_version()).unwrap_or(i32::MAX),
                     };
-                    let care = (d.name == "CareTeam").then(Vec::new);
+                    let care = d.has_care_relationships().then(Vec::new);
                     store::replace(conn, &row, current.version_id, &WriteExtras { index: vec![], care })?;
                     let written = Written { d, id: &id2, version, patient: current.patient_id.as_deref() };
                     this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;

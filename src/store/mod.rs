@@ -7,7 +7,7 @@
 pub mod schema;
 
 use crate::config::DatabaseTarget;
-use crate::error::AppError;
+use crate::error::{AppError, BoxError};
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
@@ -43,14 +43,60 @@ pub enum Backend {
     Sqlite,
 }
 
+/// What can go wrong in storage, with the underlying error as the cause. Diesel's query errors are kept as a
+/// fixed description of their kind only (a database message can quote row values, even client input); connection
+/// and migration errors keep the driver's text, which names hosts, files and SQL of ours, never data.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: cannot connect (check `database_url`)")]
-    Connect,
+    Connect(#[source] r2d2::PoolError),
     #[error("database: cannot create the directory for the SQLite file")]
-    Directory,
-    #[error("database: migrations failed: {0}")]
-    Migration(String),
+    Directory(#[source] std::io::Error),
+    #[error("database: migrations failed")]
+    Migration(#[source] BoxError),
+    #[error("database: no connection available")]
+    Pool(#[source] r2d2::PoolError),
+    #[error("database: connection closed")]
+    Closed,
+    /// A query failed; the text is the kind of failure only.
+    #[error("database: {0}")]
+    Query(&'static str),
+    #[error("database: the blocking task did not complete")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl StoreError {
+    /// The value-free form of a diesel error.
+    pub fn query(e: &diesel::result::Error) -> Self {
+        match e {
+            diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ClosedConnection, _) => {
+                StoreError::Closed
+            }
+            other => StoreError::Query(kind_of(other)),
+        }
+    }
+
+    /// True when the database could not be reached (503, fail closed) rather than a query failing (500).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Connect(_) | StoreError::Pool(_) | StoreError::Closed)
+    }
+}
+
+/// Value-free: only the kind of the failure is kept.
+impl From<diesel::result::Error> for StoreError {
+    fn from(e: diesel::result::Error) -> Self {
+        StoreError::query(&e)
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            AppError::unavailable_from("database", e)
+        } else {
+            AppError::internal_from("database", e)
+        }
+    }
 }
 
 /// Opens connections for the pool; SQLite connections get their pragmas here.
@@ -113,7 +159,7 @@ impl Db {
             DatabaseTarget::Postgres(_) => Backend::Postgres,
             DatabaseTarget::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    crate::fsutil::private_dir(dir).map_err(|_| StoreError::Directory)?;
+                    crate::fsutil::private_dir(dir).map_err(StoreError::Directory)?;
                 }
                 Backend::Sqlite
             }
@@ -122,7 +168,7 @@ impl Db {
             .max_size(max_size)
             .connection_timeout(Duration::from_secs(10))
             .build(Manager { target: target.clone() })
-            .map_err(|_| StoreError::Connect)?;
+            .map_err(StoreError::Connect)?;
         Ok(Db { pool, backend })
     }
 
@@ -132,7 +178,7 @@ impl Db {
 
     /// A pooled connection, or 503 (fail closed) when the database cannot be reached.
     pub fn conn(&self) -> Result<DbConn, AppError> {
-        self.pool.get().map_err(AppError::unavailable)
+        self.pool.get().map_err(|e| StoreError::Pool(e).into())
     }
 
     /// Connections open, of which idle, and the pool's maximum size (for the pool gauges).
@@ -143,7 +189,7 @@ impl Db {
 
     /// Runs pending migrations; returns how many ran.
     pub fn migrate(&self) -> Result<usize, StoreError> {
-        let mut conn = self.pool.get().map_err(|_| StoreError::Connect)?;
+        let mut conn = self.pool.get().map_err(StoreError::Connect)?;
         run_migrations(&mut conn)
     }
 
@@ -170,13 +216,13 @@ impl Db {
         };
         let span = tracing::info_span!(target: "carevault::store", "store", db.system.name = system);
         let pool = self.pool.clone();
-        actix_web::web::block(move || {
-            let mut conn = pool.get().map_err(AppError::unavailable)?;
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(StoreError::Pool)?;
             f(&mut conn)
         })
         .instrument(span)
         .await
-        .map_err(AppError::internal)?
+        .map_err(StoreError::Task)?
     }
 }
 
@@ -185,7 +231,7 @@ pub fn run_migrations(conn: &mut AnyConnection) -> Result<usize, StoreError> {
         AnyConnection::Postgresql(c) => c.run_pending_migrations(PG_MIGRATIONS).map(|v| v.len()),
         AnyConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
     };
-    ran.map_err(|e| StoreError::Migration(e.to_string()))
+    ran.map_err(StoreError::Migration)
 }
 
 /// Reverts every applied migration (tests check that each migration goes down and up again).
@@ -194,17 +240,15 @@ pub fn revert_all(conn: &mut AnyConnection) -> Result<usize, StoreError> {
         AnyConnection::Postgresql(c) => c.revert_all_migrations(PG_MIGRATIONS).map(|v| v.len()),
         AnyConnection::Sqlite(c) => c.revert_all_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
     };
-    reverted.map_err(|e| StoreError::Migration(e.to_string()))
+    reverted.map_err(StoreError::Migration)
 }
 
-/// Any diesel error on a request path: logged generically, answered 503/500 without detail.
+/// Any diesel error on a request path: 404 for no row, 503 for a closed connection, else 500; the cause kept
+/// is the error's kind only ([`StoreError::Query`]), so the log shows it without any value.
 pub fn db_err(e: diesel::result::Error) -> AppError {
     match e {
-        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ClosedConnection, _) => {
-            AppError::unavailable("database connection closed")
-        }
         diesel::result::Error::NotFound => AppError::NotFound,
-        other => AppError::internal(format_args!("database error: {}", kind_of(&other))),
+        other => StoreError::query(&other).into(),
     }
 }
 
@@ -232,5 +276,32 @@ pub fn default_sqlite(data_dir: &std::path::Path) -> PathBuf {
 impl From<diesel::result::Error> for AppError {
     fn from(e: diesel::result::Error) -> Self {
         db_err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Chain;
+
+    #[test]
+    fn a_query_error_keeps_its_kind_and_never_the_database_message() {
+        let message = "duplicate key value (family)=(Doe) violates unique constraint".to_owned();
+        let e = db_err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            Box::new(message),
+        ));
+        let text = Chain(&e).to_string();
+        assert_eq!(text, "internal error: database: caused by database: unique violation");
+        assert!(!text.contains("Doe"), "{text}");
+    }
+
+    #[test]
+    fn a_closed_connection_is_unavailable() {
+        let e = db_err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ClosedConnection,
+            Box::new(String::new()),
+        ));
+        assert!(matches!(e, AppError::UnavailableFrom { .. }), "{e:?}");
     }
 }
