@@ -257,7 +257,7 @@ pub fn begin_index_rotation(
 pub fn finish_index_rotation(
     conn: &mut AnyConnection,
     version: u32,
-    rows_below: impl FnOnce(&mut AnyConnection, i32) -> AppResult<i64>,
+    rows_below: impl FnOnce(&mut AnyConnection, i32) -> crate::error::AppResult<i64>,
 ) -> Result<usize, KeyStoreError> {
     let version = i32::try_from(version).map_err(|_| KeyStoreError::State("index key version out of range"))?;
     conn.transaction(|conn| {
