@@ -212,7 +212,6 @@ fn decl_of(rtype: &str) -> AppResult<&'static ResourceDecl> {
     decl::decl(rtype).ok_or(AppError::NotFound)
 }
 
-
 impl Records {
     pub fn new(
         db: Db,
