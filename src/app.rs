@@ -204,9 +204,13 @@ impl Application {
         let bench = cfg.benchmark.switches();
         announce_benchmark_mode(bench);
         let data = web::Data::new(state.clone());
+        // Every body extractor (`web::Bytes`) takes its limit from here; actix's default (256 KiB) would otherwise
+        // win over `limits.max_body_bytes`.
+        let max_body = cfg.limits.max_body_bytes;
         let factory = move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(max_body))
                 .wrap(ErrorHandlers::new().default_handler(api::outcome_for_plain_errors))
                 .wrap(from_fn(api::body_limit))
                 .wrap(from_fn(api::limit::rate_limit))

@@ -186,13 +186,15 @@ fn default_link_claim() -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     pub break_glass_minutes: u64,
+    /// At most this many break-glass grants per user in any 24 hours (further requests: 429, audited, alerted).
+    pub break_glass_per_day: u64,
     /// Folder with the casbin model, policy and field rules; default `./policies`.
     pub policy_dir: Option<PathBuf>,
 }
 
 impl Default for AccessConfig {
     fn default() -> Self {
-        Self { break_glass_minutes: 60, policy_dir: None }
+        Self { break_glass_minutes: 60, break_glass_per_day: 10, policy_dir: None }
     }
 }
 

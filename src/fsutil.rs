@@ -35,6 +35,27 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
     b.create(path)
 }
 
+/// Makes `path` a file only its owner may read or write (mode 0600 on Unix): created empty when missing,
+/// tightened when it exists with a looser mode.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        opts.mode(0o600);
+        let f = opts.open(path)?;
+        if f.metadata()?.permissions().mode() & 0o077 != 0 {
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        opts.open(path)?;
+    }
+    Ok(())
+}
+
 /// True when a file's mode lets group or others read it.
 pub fn readable_by_others(path: &Path) -> bool {
     #[cfg(unix)]
@@ -55,6 +76,23 @@ pub fn readable_by_others(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn private_file_creates_0600_and_tightens_a_loose_mode_keeping_the_content() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.path().join("fresh.db");
+        private_file(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o600);
+        let loose = dir.path().join("loose.db");
+        std::fs::write(&loose, b"kept").unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+        private_file(&loose).unwrap();
+        assert_eq!(mode(&loose), 0o600);
+        assert_eq!(std::fs::read(&loose).unwrap(), b"kept");
+    }
 
     #[test]
     fn private_files_are_0600_and_never_overwritten() {

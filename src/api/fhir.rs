@@ -267,6 +267,8 @@ pub async fn access_report(
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassBody {
     patient: String,
+    #[serde(default)]
+    code: Option<String>,
     reason: String,
 }
 
@@ -278,12 +280,12 @@ pub async fn break_glass(
     body: web::Bytes,
 ) -> AppResult<HttpResponse> {
     // A body that does not parse is still a (refused) break-glass attempt: it is audited like any other.
-    let (patient, reason) = match serde_json::from_slice::<BreakGlassBody>(&body) {
-        Ok(b) => (b.patient, b.reason),
-        Err(_) => (String::new(), String::new()),
+    let (patient, code, reason) = match serde_json::from_slice::<BreakGlassBody>(&body) {
+        Ok(b) => (b.patient, b.code, b.reason),
+        Err(_) => (String::new(), None, String::new()),
     };
     let bad_body = patient.is_empty();
-    let done = execute(&state, &req, p, Interaction::BreakGlass { patient, reason }).await;
+    let done = execute(&state, &req, p, Interaction::BreakGlass { patient, code, reason }).await;
     match done {
         Err(AppError::Invalid { .. }) if bad_body => {
             Err(AppError::invalid("patient", "The body must name the patient and a reason."))

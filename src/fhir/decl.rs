@@ -49,6 +49,10 @@ pub struct SearchParamDecl {
     pub paths: &'static [&'static str],
     /// True when the indexed values must be blind-indexed (keyed hashes), never stored in plaintext.
     pub phi: bool,
+    /// False for a PHI parameter with so few distinct values (gender) that even a blind index would show each
+    /// patient's class by counting equal hashes (docs/encryption.md): it has no index rows and is answered by
+    /// decrypt-and-filter within a bounded candidate set only.
+    pub indexed: bool,
     /// For references: the resource types a value may point to (the first is the default for a bare id).
     pub targets: &'static [&'static str],
 }
@@ -249,11 +253,16 @@ pub fn check() -> Result<(), String> {
 }
 
 const fn p(name: &'static str, kind: ParamKind, paths: &'static [&'static str], phi: bool) -> SearchParamDecl {
-    SearchParamDecl { name, kind, paths, phi, targets: &[] }
+    SearchParamDecl { name, kind, paths, phi, indexed: true, targets: &[] }
+}
+
+/// A low-cardinality PHI parameter: never indexed, matched by decrypting the candidates.
+const fn filtered(name: &'static str, kind: ParamKind, paths: &'static [&'static str]) -> SearchParamDecl {
+    SearchParamDecl { name, kind, paths, phi: true, indexed: false, targets: &[] }
 }
 
 const fn r(name: &'static str, paths: &'static [&'static str], targets: &'static [&'static str]) -> SearchParamDecl {
-    SearchParamDecl { name, kind: ParamKind::Reference, paths, phi: false, targets }
+    SearchParamDecl { name, kind: ParamKind::Reference, paths, phi: false, indexed: true, targets }
 }
 
 use ParamKind::{Date, String as Str, Token};
@@ -275,7 +284,7 @@ const DECLS: &[ResourceDecl] = &[
             p("family", Str, &["name.family"], true),
             p("given", Str, &["name.given"], true),
             p("birthdate", Date, &["birthDate"], true),
-            p("gender", Token, &["gender"], true),
+            filtered("gender", Token, &["gender"]),
         ],
         patient_link: PatientLink::Itself,
         references: &[("generalPractitioner", &["Practitioner"]), ("link.other", PATIENT)],

@@ -100,6 +100,7 @@ fn declarations_fail_closed_and_are_checked_against_the_schema() {
         kind: ParamKind::Token,
         paths: &["codee.coding"],
         phi: true,
+        indexed: true,
         targets: &[],
     }];
     let with_search = ResourceDecl { search, ..bare("Observation", &[], &[]) };

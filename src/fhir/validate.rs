@@ -315,12 +315,9 @@ fn schema_error(resource_type: &str, e: &ValidationError<'_>) -> AppError {
             }
             REQUIRED
         }
-        ValidationErrorKind::AdditionalProperties { unexpected } => {
-            // The unknown name is client-chosen: named only when it has the shape of an element name.
-            if let Some(name) = unexpected.first().filter(|n| looks_like_element_name(n)) {
-                path.push('.');
-                path.push_str(name);
-            }
+        ValidationErrorKind::AdditionalProperties { .. } => {
+            // The unknown name is client-chosen (it can carry PHI: `Patient.zyxwvutqanary`): the error names the
+            // known element that holds it, never the name itself.
             "The element is not known for this type."
         }
         ValidationErrorKind::Type { .. } => "The element has the wrong data type.",
@@ -334,13 +331,6 @@ fn schema_error(resource_type: &str, e: &ValidationError<'_>) -> AppError {
         _ => "The element is not valid.",
     };
     AppError::invalid(path, reason)
-}
-
-fn looks_like_element_name(name: &str) -> bool {
-    let bare = name.strip_prefix('_').unwrap_or(name);
-    (1..=64).contains(&bare.len())
-        && bare.starts_with(|c: char| c.is_ascii_lowercase())
-        && bare.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]
@@ -398,7 +388,10 @@ mod tests {
     fn rejects_unknown_elements() {
         let mut p = patient();
         p["favouriteColour"] = json!("Vermilion");
-        rejects("Patient", p, "Patient.favouriteColour", "Vermilion");
+        rejects("Patient", p, "Patient", "favouriteColour");
+        let mut p = patient();
+        p["name"][0]["zyxwvutqanary"] = json!("Vermilion");
+        rejects("Patient", p, "Patient.name[0]", "zyxwvutqanary");
         let mut p = patient();
         p["name"][0]["John Smith 123-45-6789"] = json!(true);
         rejects("Patient", p, "Patient.name[0]", "John Smith");

@@ -12,6 +12,7 @@ pub const FAILED_LOGINS_ACCOUNT: &str = "failed-logins-account";
 pub const FAILED_LOGINS_ADDRESS: &str = "failed-logins-address";
 pub const BULK_ACCESS: &str = "bulk-access";
 pub const BREAK_GLASS: &str = "break-glass";
+pub const BREAK_GLASS_REFUSED: &str = "break-glass-refused";
 pub const REFRESH_TOKEN_REUSE: &str = "refresh-token-reuse";
 pub const DISABLED_ACCOUNT_TOKEN: &str = "disabled-account-token";
 pub const DECRYPT_FAILURE: &str = "decrypt-failure";
@@ -154,6 +155,11 @@ fn break_glass(e: &AuditEvent) -> Option<Subject> {
     (grant || emergency_access).then(|| account(e)).flatten()
 }
 
+/// A refused break-glass request (wrong role, no reason, over the daily cap, unknown patient): every one alerts.
+fn break_glass_refused(e: &AuditEvent) -> Option<Subject> {
+    (e.kind == AuditKind::BreakGlass && e.outcome != Outcome::Success).then(|| account(e)).flatten()
+}
+
 fn refresh_reuse(e: &AuditEvent) -> Option<Subject> {
     has_detail(e, DETAIL_REFRESH_TOKEN_REUSE).then(|| account(e).or_else(|| address(e))).flatten()
 }
@@ -222,6 +228,15 @@ pub static RULES: &[Rule] = &[
         counting: Counting::Events,
         threshold: one,
         window_secs: |c| i64::try_from(c.access.break_glass_minutes.saturating_mul(60)).unwrap_or(ONE_SHOT_WINDOW_SECS),
+    },
+    Rule {
+        name: BREAK_GLASS_REFUSED,
+        severity: Severity::Medium,
+        kinds: &[AuditKind::BreakGlass],
+        subject: break_glass_refused,
+        counting: Counting::Events,
+        threshold: one,
+        window_secs: hour,
     },
     Rule {
         name: REFRESH_TOKEN_REUSE,
@@ -306,6 +321,8 @@ mod tests {
         assert!(break_glass(&read.with_purpose(purpose::BTG)).is_some());
         let denied = event(AuditKind::BreakGlass, Outcome::MinorFailure);
         assert_eq!(break_glass(&denied), None);
+        assert!(break_glass_refused(&denied).is_some());
+        assert_eq!(break_glass_refused(&event(AuditKind::BreakGlass, Outcome::Success)), None);
         let reuse = event(AuditKind::Refresh, Outcome::SeriousFailure).with_detail(DETAIL_REFRESH_TOKEN_REUSE);
         assert!(refresh_reuse(&reuse).is_some());
         let disabled = fail.clone().with_detail(DETAIL_DISABLED_ACCOUNT_TOKEN);

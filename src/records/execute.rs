@@ -218,8 +218,8 @@ impl Records {
     async fn run_security(&self, op: &Operation, d: &mut Disclosure) -> AppResult<Done> {
         let c = &op.caller;
         match &op.interaction {
-            Interaction::BreakGlass { patient, reason } => {
-                trail::break_glass(self, c, patient, reason, d).await.map(Done::Document)
+            Interaction::BreakGlass { patient, code, reason } => {
+                trail::break_glass(self, c, patient, code.as_deref(), reason, d).await.map(Done::Document)
             }
             Interaction::ListAlerts { query } => trail::list_alerts(self, query, d).await.map(Done::Document),
             Interaction::AckAlert { alert, note } => {

@@ -70,6 +70,8 @@ pub enum Interaction {
     /// `POST /auth/break-glass`: `patient` as `Patient/ID`.
     BreakGlass {
         patient: String,
+        /// `emergency`, `urgent-care` or `other` (CONTRACT §3); `None` is `emergency`.
+        code: Option<String>,
         reason: String,
     },
     /// `GET /admin/alerts?…`: the query string as received.

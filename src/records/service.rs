@@ -514,7 +514,7 @@ impl Records {
         let values = search::extract_index(d, resource)
             .into_iter()
             .filter_map(|e| {
-                let param = d.param(e.param)?;
+                let param = d.param(e.param).filter(|p| p.indexed)?;
                 let key = match e.value {
                     IndexValue::Text(k) | IndexValue::Token(k) | IndexValue::Reference(k) => k,
                     IndexValue::Date { .. } => return None,
@@ -1132,7 +1132,7 @@ impl Records {
             if needs_filter && scanned > MAX_SCAN {
                 return Err(AppError::invalid(
                     "search",
-                    "The search is too broad to filter; narrow it (for example by patient).",
+                    "The search is too broad to filter (over 5,000 candidates); narrow it, for example by patient.",
                 ));
             }
         }
@@ -1285,7 +1285,7 @@ fn single_patient(req: &SearchRequest) -> Option<Uuid> {
 fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &[BlindIndexer]) -> store::IndexQuery {
     let mut q = store::IndexQuery::default();
     for c in &req.clauses {
-        if c.param.kind == crate::fhir::ParamKind::Date {
+        if c.param.kind == crate::fhir::ParamKind::Date || !c.param.indexed {
             continue;
         }
         if c.param.name == "_id" {

@@ -382,6 +382,17 @@ pub fn grant_break_glass(conn: &mut AnyConnection, grant: &Grant) -> AppResult<(
     Ok(())
 }
 
+/// How many break-glass grants an account was given since `since` (Unix micros), revoked ones included.
+pub fn grants_since(conn: &mut AnyConnection, account_id: &str, since: i64) -> AppResult<u64> {
+    let n: i64 = break_glass::table
+        .filter(break_glass::account_id.eq(account_id))
+        .filter(break_glass::created_at.ge(since))
+        .count()
+        .get_result(conn)
+        .map_err(db_err)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// The patients an account holds an unexpired, unrevoked break-glass grant for at `now` (Unix micros).
 pub fn active_grants(conn: &mut AnyConnection, account_id: &str, now: i64) -> AppResult<Vec<String>> {
     break_glass::table

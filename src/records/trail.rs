@@ -24,8 +24,12 @@ use uuid::Uuid;
 
 /// How far back an access report reaches (HIPAA's six-year retention).
 const REPORT_YEARS: i64 = 6;
-/// Longest break-glass reason, in characters.
+/// Shortest and longest break-glass reason, in characters (after trimming): a justification, not a keystroke.
+const MIN_REASON: usize = 16;
 const MAX_REASON: usize = 1000;
+/// The coded reasons of a break-glass request; the code is recorded in the audit detail
+/// (`break-glass-granted:<code>`), the free text only sealed with the grant.
+const REASON_CODES: [&str; 3] = ["emergency", "urgent-care", "other"];
 /// Longest acknowledgement note, in bytes.
 const MAX_NOTE: usize = 2000;
 
@@ -257,27 +261,41 @@ pub(super) async fn break_glass(
     r: &Records,
     caller: &Caller,
     patient_ref: &str,
+    code: Option<&str>,
     reason: &str,
     d: &mut Disclosure,
 ) -> AppResult<Value> {
     d.purpose(purpose::BTG);
+    let code = match code {
+        None => REASON_CODES[0],
+        Some(c) => REASON_CODES
+            .into_iter()
+            .find(|k| *k == c)
+            .ok_or_else(|| AppError::invalid("code", "The code must be emergency, urgent-care or other."))?,
+    };
     let reason = reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON {
-        return Err(AppError::invalid("reason", "A reason of 1 to 1000 characters is required."));
+    if !(MIN_REASON..=MAX_REASON).contains(&reason.chars().count()) {
+        return Err(AppError::invalid("reason", "A reason of 16 to 1000 characters is required."));
     }
     let bad = || AppError::invalid("patient", "The patient must be given as Patient/ID.");
     let patient = Uuid::parse_str(patient_ref.strip_prefix("Patient/").ok_or_else(bad)?).map_err(|_| bad())?;
     let grant = Uuid::new_v4();
     let now = r.clock.now();
     let minutes = r.config.as_ref().map_or(60, |c| c.access.break_glass_minutes);
+    let per_day = r.config.as_ref().map_or(10, |c| c.access.break_glass_per_day);
     let expires = now + time::Duration::minutes(i64::try_from(minutes).unwrap_or(60));
     let sealed = r
         .cipher
         .encrypt(&FieldAad::new("BreakGlass", &grant.to_string(), "reason"), reason.as_bytes())
         .map_err(AppError::internal)?;
     d.patient_id(patient);
-    d.detail("break-glass-granted");
-    let event = d.event(caller, crate::audit::Outcome::Success, now);
+    // The grant's own event carries the code; a refusal is audited without it (by `execute`).
+    let granted = match code {
+        "urgent-care" => "break-glass-granted:urgent-care",
+        "other" => "break-glass-granted:other",
+        _ => "break-glass-granted:emergency",
+    };
+    let event = d.event(caller, crate::audit::Outcome::Success, now).with_detail(granted);
     let account = caller.principal.subject.clone();
     let audit = r.audit.clone();
     r.db.run(move |c| {
@@ -285,6 +303,11 @@ pub(super) async fn break_glass(
             let early = audit.lock_early(c)?;
             if store::current_unscoped(c, "Patient", &patient.to_string())?.is_none_or(|row| row.deleted) {
                 return Err(AppError::NotFound);
+            }
+            // The daily cap, counted under the audit lock so that concurrent requests cannot all pass it.
+            let day_ago = micros(now - time::Duration::days(1));
+            if store::grants_since(c, &account, day_ago)? >= per_day {
+                return Err(AppError::TooManyRequests { retry_after_secs: 3600 });
             }
             store::grant_break_glass(
                 c,

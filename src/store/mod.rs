@@ -52,6 +52,8 @@ pub enum StoreError {
     Connect(#[source] r2d2::PoolError),
     #[error("database: cannot create the directory for the SQLite file")]
     Directory(#[source] std::io::Error),
+    #[error("database: cannot make the SQLite file private (mode 0600)")]
+    FileMode(#[source] std::io::Error),
     #[error("database: migrations failed")]
     Migration(#[source] BoxError),
     #[error("database: no connection available")]
@@ -161,6 +163,9 @@ impl Db {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     crate::fsutil::private_dir(dir).map_err(StoreError::Directory)?;
                 }
+                // The file holds ciphertext, blind indexes and the audit trail's metadata: owner only. SQLite gives
+                // its -wal and -shm files the mode of the database file.
+                crate::fsutil::private_file(path).map_err(StoreError::FileMode)?;
                 Backend::Sqlite
             }
         };

@@ -40,6 +40,33 @@ both_backends!(oversized_body_is_413, |app: TestApp| async move {
     assert!(resp.text().await.unwrap().contains("OperationOutcome"));
 });
 
+// `limits.max_body_bytes` (1 MiB by default) is the limit on every route, not actix's own 256 KiB: a 300 KiB
+// login body reaches the handler (401 for a wrong password), a 300 KiB FHIR body reaches the validator (400).
+both_backends!(bodies_up_to_max_body_bytes_reach_the_handlers, |app: TestApp| async move {
+    let pad = "x".repeat(300 * 1024);
+    let login = serde_json::json!({"username": "nobody", "password": pad});
+    let r = app.client.post(app.url("/auth/login")).json(&login).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let w = app.world().await;
+    let patient = serde_json::json!({"resourceType": "Patient", "padding": pad});
+    assert_eq!(app.post(&w.front, "/fhir/Patient", &patient).await.status(), 400);
+});
+
+/// The SQLite database and its WAL are the owner's alone (0600), like the keys beside them.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::spawn(Backend::Sqlite).await.unwrap();
+    let w = app.world().await;
+    assert_eq!(app.get(&w.front, &format!("/fhir/Patient/{}", w.alice)).await.status(), 200);
+    for name in ["carevault.db", "carevault.db-wal"] {
+        let path = app.dir.path().join(name);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_and_old_tls_fail_and_the_server_stays_up() {
     let app = TestApp::spawn(Backend::Sqlite).await.unwrap();

@@ -183,6 +183,67 @@ both_backends!(break_glass_use_raises_one_alert, |app: TestApp| async move {
     assert_eq!((found[0].subject.as_str(), found[0].window_secs), ("acct-doc", 3600));
 });
 
+// Break-glass needs a coded reason and a real justification, is capped per user and day (here 2), and every
+// refused request is audited and raises the `break-glass-refused` alert.
+both_backends_with!(
+    break_glass_is_coded_capped_and_every_refusal_alerts,
+    "break_glass_per_day = 2\n",
+    |app: TestApp| async move {
+        let w = app.world().await;
+        let nurse = account_id(&app, "nurse");
+        let bg = |body: Value| {
+            let app = &app;
+            let s = w.nurse.clone();
+            async move {
+                app.client.post(app.url("/auth/break-glass")).bearer_auth(&s.access).json(&body).send().await.unwrap()
+            }
+        };
+        let bob = format!("Patient/{}", w.bob);
+        let why = "patient unconscious in the emergency department";
+        assert_eq!(bg(json!({"patient": bob, "reason": "need it"})).await.status(), 400, "too short");
+        assert_eq!(bg(json!({"patient": bob, "code": "curiosity", "reason": why})).await.status(), 400, "unknown code");
+        settle(&app).await;
+        let refused = alerts(&app, rules::BREAK_GLASS_REFUSED);
+        assert_eq!(refused.len(), 1, "one open alert per account and hour");
+        assert_eq!(refused[0].subject.as_str(), nurse);
+        assert_eq!(refused[0].count, 2, "both refusals, in the one alert");
+        assert_eq!(bg(json!({"patient": bob, "code": "urgent-care", "reason": why})).await.status(), 201);
+        assert_eq!(bg(json!({"patient": bob, "reason": why})).await.status(), 201, "the code defaults to emergency");
+        let capped = bg(json!({"patient": bob, "code": "other", "reason": why})).await;
+        assert_eq!(capped.status(), 429, "the third grant in a day is refused");
+        assert!(capped.headers().get("retry-after").is_some());
+        let bodies: Vec<String> = {
+            let mut conn = app.state.db.conn().unwrap();
+            audit_events::table
+                .filter(audit_events::kind.eq("break-glass"))
+                .order(audit_events::seq)
+                .select(audit_events::body)
+                .load(&mut conn)
+                .unwrap()
+        };
+        assert_eq!(bodies.len(), 5, "every request, refused or granted, is one event");
+        let granted: Vec<String> = bodies
+            .iter()
+            .filter_map(|b| serde_json::from_str::<Value>(b).unwrap()["detail"].as_str().map(str::to_owned))
+            .filter(|d| d.starts_with("break-glass-granted"))
+            .collect();
+        assert_eq!(granted, ["break-glass-granted:urgent-care", "break-glass-granted:emergency"]);
+        assert!(!bodies.iter().any(|b| b.contains("unconscious")), "the free text never enters the trail");
+        // A day later the cap has room again.
+        app.clock.advance(Duration::hours(25));
+        let s = app.login_as("nurse").await;
+        let r = app
+            .client
+            .post(app.url("/auth/break-glass"))
+            .bearer_auth(&s.access)
+            .json(&json!({"patient": bob, "reason": why}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+);
+
 both_backends!(refresh_token_reuse_raises_an_alert, |app: TestApp| async move {
     let s = app.user("carol", Role::FrontDesk, None).await;
     let carol = account_id(&app, "carol");
