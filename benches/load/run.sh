@@ -24,6 +24,8 @@ CONFIGS="${CONFIGS:-full encryption-off audit-off access-off telemetry-off expor
 # BASELINE_BIN=/path/to/an/older/carevault adds the configuration `baseline`: that binary, every safeguard on,
 # interleaved with the others (before/after comparisons in one run; docs/benchmarks.md).
 BASELINE_BIN="${BASELINE_BIN:-}"
+# The policy folder of that older binary (its checkout's `policies/`): policies name the types a binary serves.
+BASELINE_POLICY_DIR="${BASELINE_POLICY_DIR:-}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="${OUT:-$ROOT/benches/load/results}"
 
@@ -77,6 +79,9 @@ for c in $CONFIGS; do
   # The load comes from one address: lift the per-address rate limit, or it (not the server) sets the ceiling.
   printf 'database_url = "%s"\n[limits]\nrequests_per_second = 10000000\nburst = 10000000\n[benchmark]\ndisable = %s\n' \
     "$DB_URL" "$(disable_list "$c")" >"$WORK/$c.toml"
+  if [ "$c" = baseline ] && [ -n "$BASELINE_POLICY_DIR" ]; then
+    printf '[access]\npolicy_dir = "%s"\n' "$BASELINE_POLICY_DIR" >>"$WORK/$c.toml"
+  fi
 done
 
 cv() { "$BIN" --data-dir "$DATA" --config "$WORK/$1.toml" "${@:2}"; }
