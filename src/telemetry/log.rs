@@ -34,6 +34,38 @@ where
     }
 }
 
+/// The event formatter for a terminal: `TIME LEVEL target: message key=value …`, with the same allow-list and
+/// scrubbing as [`ScrubbedJson`] (only the layout differs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScrubbedHuman;
+
+impl<S, N> FormatEvent<S, N> for ScrubbedHuman
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let meta = event.metadata();
+        let mut fields = Fields(Map::new());
+        event.record(&mut fields);
+        let message = match fields.0.remove("message") {
+            Some(Value::String(m)) => m,
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        write!(writer, "{timestamp} {:>5} {}: {message}", meta.level().as_str(), scrub(meta.target()))?;
+        for (k, v) in &fields.0 {
+            match v {
+                Value::String(text) => write!(writer, " {k}={text}")?,
+                other => write!(writer, " {k}={other}")?,
+            }
+        }
+        writeln!(writer)
+    }
+}
+
 struct Fields(Map<String, Value>);
 
 impl Fields {
