@@ -29,6 +29,8 @@ FAILED=0
 say() { printf '[smoke %s] %s\n' "$(date +%T)" "$*"; }
 fail() { say "FAIL: $*"; FAILED=1; }
 now() { date +%s.%N; }
+# The api's logs, via a file: `docker logs | grep -q` would end docker with SIGPIPE (a failure under pipefail).
+api_log() { docker logs "$P-api" >"$WORK/api.log" 2>&1; cat "$WORK/api.log"; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 cleanup() {
@@ -149,7 +151,7 @@ wait_healthy() {
     esac
     [ "$(docker inspect -f '{{.State.Running}}' "$P-api")" = true ] || break
   done
-  fail "api not healthy"; docker logs "$P-api" 2>&1 | tail -20; return 1
+  fail "api not healthy"; api_log | tail -20; return 1
 }
 
 t=$(now)
@@ -164,7 +166,8 @@ C=(curl -sS --fail-with-body --cacert "$WORK/ca.pem")
 "${C[@]}" "$BASE_URL/fhir/metadata" | jq -e '.resourceType == "CapabilityStatement"' >/dev/null \
   && say "TLS verified with the generated CA: /fhir/metadata is a CapabilityStatement" || fail "metadata over TLS"
 
-docker logs "$P-api" 2>/dev/null | awk '/^Demo logins/ {on=1; next} on && /^  demo-/ {print $1, $2, $3}' >"$WORK/logins.txt"
+api_log >/dev/null
+awk '/^Demo logins/ {on=1; next} on && /^  demo-/ {print $1, $2, $3}' "$WORK/api.log" >"$WORK/logins.txt"
 [ -s "$WORK/logins.txt" ] || fail "the api printed no demo logins"
 login() { # username password -> access token
   "${C[@]}" -X POST "$BASE_URL/auth/login" -H 'content-type: application/json' \
@@ -195,7 +198,8 @@ oom=$(docker inspect -f '{{.State.OOMKilled}}' "$P-api")
 say "docker stop took $stop_s s, exit code $code"
 awk -v s="$stop_s" 'BEGIN { exit !(s < 10) }' || fail "docker stop took $stop_s s (SIGKILL at 10 s)"
 [ "$code" = 0 ] && [ "$oom" = false ] || fail "exit code $code after docker stop (137 = SIGKILL)"
-docker logs "$P-api" 2>/dev/null | grep -q '^carevault stopped' && say "api logged a clean stop" \
+api_log >/dev/null
+grep -q '^carevault stopped' "$WORK/api.log" && say "api logged a clean stop" \
   || fail "no clean-stop line"
 
 # Restart: same data, same logins.
@@ -205,7 +209,8 @@ wait_healthy || exit 1
 after=$(count_patients)
 [ "$after" = "$before" ] && say "restart keeps data: $after patients, logins unchanged" \
   || fail "after restart: $after patients (before: $before)"
-docker logs "$P-api" 2>/dev/null | grep -q 'Demo data already seeded' || fail "restart re-seeded"
+api_log >/dev/null
+grep -q 'Demo data already seeded' "$WORK/api.log" || fail "restart re-seeded"
 
 docker stop -t 10 "$P-api" >/dev/null
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$P-api")" = 0 ] || fail "second stop exit code"
