@@ -505,8 +505,16 @@ impl Config {
         }
     }
 
+    /// `base_url`, else `https://{listen}`; a wildcard listen address (`0.0.0.0`, `::`) is no address a client can
+    /// use, so it becomes `localhost` (set `base_url` for anything else).
     pub fn base_url(&self) -> String {
-        self.base_url.clone().unwrap_or_else(|| format!("https://{}", self.listen))
+        self.base_url.clone().unwrap_or_else(|| {
+            if self.listen.ip().is_unspecified() {
+                format!("https://localhost:{}", self.listen.port())
+            } else {
+                format!("https://{}", self.listen)
+            }
+        })
     }
 
     pub fn oidc_client_secret(&self) -> Result<Option<SecretString>, ConfigError> {
@@ -646,6 +654,32 @@ mod tests {
         assert_eq!(c.limits.max_body_bytes, 1_048_576);
         assert_eq!((c.monitor.failed_logins_threshold, c.monitor.bulk_access_patients), (10, 50));
         assert_eq!(c.database().unwrap(), DatabaseTarget::Sqlite(PathBuf::from("/tmp/cv-data/carevault.db")));
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_is_not_the_default_base_url() {
+        let c = Config::from_toml("listen = \"0.0.0.0:8443\"\n", &over()).unwrap();
+        assert_eq!(c.base_url(), "https://localhost:8443");
+        let c = Config::from_toml("listen = \"127.0.0.1:9443\"\n", &over()).unwrap();
+        assert_eq!(c.base_url(), "https://127.0.0.1:9443");
+        let c =
+            Config::from_toml("base_url = \"https://cv.example.org\"\nlisten = \"0.0.0.0:8443\"\n", &over()).unwrap();
+        assert_eq!(c.base_url(), "https://cv.example.org");
+    }
+
+    #[test]
+    fn demo_profile_seeds_and_production_stays_strict() {
+        let c = Config::from_toml("profile = \"demo\"\n", &over()).unwrap();
+        assert!(c.demo, "the demo profile seeds demo data");
+        assert_eq!(c.profile.as_str(), "demo");
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column_without_the_text() {
+        let e = Config::from_toml("listen = \"127.0.0.1:0\"\n[auth\nsecret = \"hunter2\"\n", &over()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("(inline) line 2, column"), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("[auth"), "{text}");
     }
 
     #[test]

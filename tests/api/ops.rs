@@ -227,8 +227,9 @@ async fn sigint_stops_gracefully_with_exit_0() {
 async fn maintenance_commands_refuse_a_data_dir_without_carevault_data() {
     let tmp = tempfile::tempdir().unwrap();
     let typo = tmp.path().join("dta");
-    let commands: [&[&str]; 5] = [
+    let commands: [&[&str]; 6] = [
         &["keys", "status"],
+        &["keys", "rotate-master", "--new-master-key-file", "/nonexistent/new.key"],
         &["audit", "verify"],
         &["users", "list"],
         &["incident", "report", "--user", "someone", "--since", "2026-01-01"],
