@@ -86,9 +86,10 @@ impl AppState {
                 .requiring_admin_totp(config.profile == crate::config::Profile::Production),
         );
         let audit = Auditor::start(db.clone());
+        config.check_policy_dir()?;
         let access = Arc::new(
-            AccessControl::load(&config.policy_dir(), Arc::new(R4Catalog))
-                .map_err(|e| StartError::failed("cannot load the policy in `access.policy_dir`", e))?,
+            AccessControl::from_source(&config.policy_source(), Arc::new(R4Catalog))
+                .map_err(|e| StartError::failed("cannot load the access policy (`access.policy_dir`)", e))?,
         );
         let base = format!("{}/fhir", config.base_url());
         #[cfg(feature = "benchmark")]
@@ -194,11 +195,10 @@ impl Application {
                     limits.sweep();
                 }
             });
-            crate::access::spawn_policy_watcher(
-                state.access.clone(),
-                cfg.policy_dir(),
-                crate::access::POLICY_POLL_INTERVAL,
-            );
+            // A policy directory is watched for changes; the built-in policy changes only with the binary.
+            if let crate::config::PolicySource::Dir(dir) = cfg.policy_source() {
+                crate::access::spawn_policy_watcher(state.access.clone(), dir, crate::access::POLICY_POLL_INTERVAL);
+            }
         }
         let port = cfg.listen.port();
         let bench = cfg.benchmark.switches();
@@ -219,7 +219,12 @@ impl Application {
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))
         };
-        let server = HttpServer::new(factory).workers(worker_count()).disable_signals();
+        // Signals are handled by `carevault serve` (SIGTERM and SIGINT both drain; actix's own SIGINT is a
+        // forced stop), which calls `ServerHandle::stop(true)`: no new connections, requests in flight finish.
+        let server = HttpServer::new(factory)
+            .workers(worker_count())
+            .disable_signals()
+            .shutdown_timeout(DRAIN_TIMEOUT.as_secs());
         let server = if cfg.insecure_http {
             server.listen(listener).map_err(StartError::bind(cfg.listen))?
         } else {
@@ -254,6 +259,10 @@ impl Application {
         self.server.await
     }
 }
+
+/// How long a graceful stop waits for requests in flight: under the 10 s `docker stop` and Kubernetes give
+/// before SIGKILL, with room for the audit flush and telemetry shutdown.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7);
 
 /// How often a server looks for keys rotated by another process (`carevault keys rotate | reindex | rotate-signing`).
 pub const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(5);

@@ -23,6 +23,14 @@ pub enum ConfigError {
     Refused { setting: &'static str, why: &'static str },
     #[error("configuration: cannot read the file named by `{setting}`")]
     Unreadable { setting: &'static str },
+    /// The configuration file is not valid TOML: where, and the parser's reason (never the text around it).
+    #[error("configuration: {file} line {line}, column {column}: {reason}")]
+    Syntax { file: String, line: usize, column: usize, reason: String },
+    /// The production profile refuses a policy directory the service could rewrite.
+    #[error(
+        "production profile refuses `access.policy_dir`: {dir} (or a file in it) is writable by the user running carevault or by others; make it read-only for the service (e.g. owned by root, mode 0755/0644) or unset the setting to use the built-in policy"
+    )]
+    WritablePolicyDir { dir: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -30,7 +38,29 @@ pub enum ConfigError {
 pub enum Profile {
     #[default]
     Development,
+    /// Development conveniences plus demo seeding on every start (`docker compose up`, CONTRACT §5c); the
+    /// production profile refuses demo seeding.
+    Demo,
     Production,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Development => "development",
+            Profile::Demo => "demo",
+            Profile::Production => "production",
+        }
+    }
+}
+
+/// Where the access policy comes from (`access.policy_dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The policy built into the binary (the default).
+    Builtin,
+    /// A directory holding `model.conf`, `policy.csv` and `fields.toml`, watched for changes.
+    Dir(PathBuf),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +94,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Prometheus `/metrics` (off unless `metrics.listen` is set).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Safeguards switched off to measure their cost (`docs/benchmarks.md`); refused in production.
     #[serde(default)]
     pub benchmark: BenchmarkConfig,
@@ -188,7 +221,7 @@ pub struct AccessConfig {
     pub break_glass_minutes: u64,
     /// At most this many break-glass grants per user in any 24 hours (further requests: 429, audited, alerted).
     pub break_glass_per_day: u64,
-    /// Folder with the casbin model, policy and field rules; default `./policies`.
+    /// Folder with the casbin model, policy and field rules; default: the policy built into the binary.
     pub policy_dir: Option<PathBuf>,
 }
 
@@ -244,6 +277,15 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self { retention_days: 6 * 365 }
     }
+}
+
+/// `[metrics]`: the Prometheus scrape endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the plain-HTTP `/metrics` listener (no PHI is ever in a metric; bind it to an internal
+    /// interface). Unset: no listener.
+    pub listen: Option<SocketAddr>,
 }
 
 /// A safeguard that the load benchmark can switch off to measure what it costs.
@@ -331,6 +373,8 @@ impl Config {
             if !path.is_file() {
                 return Err(ConfigError::Unreadable { setting: "--config" });
             }
+            let text = std::fs::read_to_string(path).map_err(|_| ConfigError::Unreadable { setting: "--config" })?;
+            check_syntax(&text, &path.display().to_string())?;
             fig = fig.merge(Toml::file(path));
         }
         fig = fig.merge(Env::prefixed("CAREVAULT_").ignore(NON_CONFIG_ENV).split("__"));
@@ -339,6 +383,7 @@ impl Config {
 
     /// Builds a configuration from TOML text and the command line alone (no environment): for tests.
     pub fn from_toml(text: &str, over: &Overrides) -> Result<Config, ConfigError> {
+        check_syntax(text, "(inline)")?;
         Self::from_figment(Figment::new().merge(Toml::string(text)), over)
     }
 
@@ -347,10 +392,11 @@ impl Config {
             Some(addr) => fig.merge(Serialized::default("listen", addr.to_string())),
             None => fig,
         };
-        let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Invalid(describe(&e)))?;
+        let mut cfg: Config =
+            fig.extract().map_err(|e| ConfigError::Invalid(describe(&e, over.config_file.as_deref())))?;
         cfg.data_dir = over.data_dir.clone();
         cfg.insecure_http = over.insecure_http;
-        cfg.demo = over.demo;
+        cfg.demo = over.demo || cfg.profile == Profile::Demo;
         cfg.check()?;
         Ok(cfg)
     }
@@ -421,6 +467,20 @@ impl Config {
         Ok(())
     }
 
+    /// In production, a policy directory must not be writable by the service user or by others: a compromised
+    /// process must not be able to widen its own access. Checked when the server or `policy explain` loads it.
+    pub fn check_policy_dir(&self) -> Result<(), ConfigError> {
+        let PolicySource::Dir(dir) = self.policy_source() else { return Ok(()) };
+        if self.profile != Profile::Production {
+            return Ok(());
+        }
+        let paths = [dir.clone(), dir.join("model.conf"), dir.join("policy.csv"), dir.join("fields.toml")];
+        if paths.iter().any(|p| crate::fsutil::writable_by_us_or_others(p)) {
+            return Err(ConfigError::WritablePolicyDir { dir: dir.display().to_string() });
+        }
+        Ok(())
+    }
+
     /// Parses `database_url` (or `database_url_file`); any scheme but `sqlite://` and `postgres://` is an error.
     pub fn database(&self) -> Result<DatabaseTarget, ConfigError> {
         let url = match (&self.database_url, &self.database_url_file) {
@@ -439,12 +499,24 @@ impl Config {
         self.data_dir.join("keys")
     }
 
-    pub fn policy_dir(&self) -> PathBuf {
-        self.access.policy_dir.clone().unwrap_or_else(|| PathBuf::from("policies"))
+    /// Where the access policy comes from: `access.policy_dir`, or the policy built into the binary.
+    pub fn policy_source(&self) -> PolicySource {
+        match &self.access.policy_dir {
+            Some(dir) => PolicySource::Dir(dir.clone()),
+            None => PolicySource::Builtin,
+        }
     }
 
+    /// `base_url`, else `https://{listen}`; a wildcard listen address (`0.0.0.0`, `::`) is no address a client can
+    /// use, so it becomes `localhost` (set `base_url` for anything else).
     pub fn base_url(&self) -> String {
-        self.base_url.clone().unwrap_or_else(|| format!("https://{}", self.listen))
+        self.base_url.clone().unwrap_or_else(|| {
+            if self.listen.ip().is_unspecified() {
+                format!("https://localhost:{}", self.listen.port())
+            } else {
+                format!("https://{}", self.listen)
+            }
+        })
     }
 
     pub fn oidc_client_secret(&self) -> Result<Option<SecretString>, ConfigError> {
@@ -490,21 +562,75 @@ pub fn read_secret_file(path: &Path, setting: &'static str) -> Result<SecretStri
     Ok(SecretString::from(text.trim().to_owned()))
 }
 
+/// A TOML syntax error as file, line, column and the parser's reason (first line only: the parser's later lines
+/// quote the offending text, which may be a secret).
+fn check_syntax(text: &str, file: &str) -> Result<(), ConfigError> {
+    let Err(e) = toml::from_str::<toml::Table>(text) else { return Ok(()) };
+    let (line, column) = e.span().map_or((1, 1), |span| line_column(text, span.start));
+    let reason = e.message().lines().next().unwrap_or("invalid TOML").trim().to_owned();
+    Err(ConfigError::Syntax { file: file.to_owned(), line, column, reason })
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Where `key` (dotted) is set in the configuration file `path`: " (FILE line L, column C)", or "" when it cannot
+/// be found there (an environment variable, or no file).
+fn position_of(path: &Path, key: &str) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else { return String::new() };
+    let Ok(doc) = text.parse::<toml_edit::ImDocument<String>>() else { return String::new() };
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut found = None;
+    let segments: Vec<&str> = key.split('.').filter(|s| !s.is_empty()).collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let Some((k, item)) = table.get_key_value(seg) else { break };
+        found = k.span();
+        if i + 1 == segments.len() {
+            break;
+        }
+        match item.as_table_like() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    match found {
+        Some(span) => {
+            let (line, column) = line_column(&text, span.start);
+            format!(" ({} line {line}, column {column})", path.display())
+        }
+        None => String::new(),
+    }
+}
+
 /// figment's messages name the key and expected type; keep that, drop any value it quotes.
-fn describe(e: &figment::Error) -> String {
+fn describe(e: &figment::Error, file: Option<&Path>) -> String {
     let mut out = Vec::new();
     for err in e.clone() {
         let key = err.path.join(".");
+        let from_file = err.metadata.as_ref().and_then(|m| m.source.as_ref()).and_then(|s| s.file_path()).is_some();
+        let at = |k: &str| match file {
+            Some(f) if from_file => position_of(f, k),
+            _ => String::new(),
+        };
         let what = match &err.kind {
             figment::error::Kind::UnknownField(f, _) => {
                 let full = if key.is_empty() || key.ends_with(f.as_str()) { key.clone() } else { format!("{key}.{f}") };
-                format!("unknown key `{}`", if full.is_empty() { f } else { &full })
+                let full = if full.is_empty() { f.clone() } else { full };
+                format!("unknown key `{full}`{}", at(&full))
             }
             figment::error::Kind::MissingField(f) => format!("missing key `{f}`"),
-            figment::error::Kind::InvalidType(_, exp) => format!("`{key}` must be {exp}"),
-            figment::error::Kind::InvalidValue(_, exp) => format!("`{key}` must be {exp}"),
-            figment::error::Kind::UnknownVariant(_, exp) => format!("`{key}` must be one of {}", exp.join(", ")),
-            _ => format!("`{key}` is invalid"),
+            figment::error::Kind::InvalidType(_, exp) => format!("`{key}` must be {exp}{}", at(&key)),
+            figment::error::Kind::InvalidValue(_, exp) => format!("`{key}` must be {exp}{}", at(&key)),
+            figment::error::Kind::UnknownVariant(_, exp) => {
+                format!("`{key}` must be one of {}{}", exp.join(", "), at(&key))
+            }
+            _ if key.is_empty() => "the configuration is invalid".to_owned(),
+            _ => format!("`{key}` is invalid{}", at(&key)),
         };
         out.push(what);
     }
@@ -530,6 +656,32 @@ mod tests {
         assert_eq!(c.limits.max_body_bytes, 1_048_576);
         assert_eq!((c.monitor.failed_logins_threshold, c.monitor.bulk_access_patients), (10, 50));
         assert_eq!(c.database().unwrap(), DatabaseTarget::Sqlite(PathBuf::from("/tmp/cv-data/carevault.db")));
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_is_not_the_default_base_url() {
+        let c = Config::from_toml("listen = \"0.0.0.0:8443\"\n", &over()).unwrap();
+        assert_eq!(c.base_url(), "https://localhost:8443");
+        let c = Config::from_toml("listen = \"127.0.0.1:9443\"\n", &over()).unwrap();
+        assert_eq!(c.base_url(), "https://127.0.0.1:9443");
+        let c =
+            Config::from_toml("base_url = \"https://cv.example.org\"\nlisten = \"0.0.0.0:8443\"\n", &over()).unwrap();
+        assert_eq!(c.base_url(), "https://cv.example.org");
+    }
+
+    #[test]
+    fn demo_profile_seeds_and_production_stays_strict() {
+        let c = Config::from_toml("profile = \"demo\"\n", &over()).unwrap();
+        assert!(c.demo, "the demo profile seeds demo data");
+        assert_eq!(c.profile.as_str(), "demo");
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column_without_the_text() {
+        let e = Config::from_toml("listen = \"127.0.0.1:0\"\n[auth\nsecret = \"hunter2\"\n", &over()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("(inline) line 2, column"), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("[auth"), "{text}");
     }
 
     #[test]

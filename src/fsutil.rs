@@ -57,6 +57,25 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// True when a file's mode lets group or others read it.
+/// Whether the user running this process could change `path`: it is group- or world-writable, or it is owned by
+/// this process's user and owner-writable, or this process runs as root. A path that does not exist counts as
+/// not writable (loading it fails anyway). Unix only; elsewhere always `false`.
+pub fn writable_by_us_or_others(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = std::fs::metadata(path) else { return false };
+        // The owner of /proc/self is this process's effective user (Linux); without /proc, only the mode counts.
+        let me = std::fs::metadata("/proc/self").map(|p| p.uid()).ok();
+        m.mode() & 0o022 != 0 || me == Some(0) || (me == Some(m.uid()) && m.mode() & 0o200 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
 pub fn readable_by_others(path: &Path) -> bool {
     #[cfg(unix)]
     {

@@ -139,8 +139,9 @@ PY
 SINK_PID=$!
 
 echo "::: seed: front desk creates a practitioner, $PATIENTS patients and their care teams"
-cv full users add --username bench-frontdesk --role front_desk --password-stdin <"$WORK/password" >/dev/null
+# The server first: it creates the database and keys; `users add` refuses a data directory without them.
 start_server full
+cv full users add --username bench-frontdesk --role front_desk --password-stdin <"$WORK/password" >/dev/null
 load --user bench-frontdesk setup --patients "$PATIENTS" >"$WORK/setup.json"
 PRACTITIONER="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["practitioner"])' "$WORK/setup.json")"
 cv full users add --username bench-clinician --role clinician --practitioner "$PRACTITIONER" --password-stdin \

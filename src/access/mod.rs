@@ -272,6 +272,23 @@ impl AccessControl {
         Ok(Self { current: ArcSwap::from_pointee(set), catalog })
     }
 
+    /// The policy built into the binary ([`PolicySet::builtin`]).
+    pub fn builtin(catalog: Arc<dyn ElementCatalog>) -> Result<Self, PolicyError> {
+        let set = PolicySet::builtin(&*catalog)?;
+        Ok(Self { current: ArcSwap::from_pointee(set), catalog })
+    }
+
+    /// The policy `source` names: the built-in one, or a directory's files.
+    pub fn from_source(
+        source: &crate::config::PolicySource,
+        catalog: Arc<dyn ElementCatalog>,
+    ) -> Result<Self, PolicyError> {
+        match source {
+            crate::config::PolicySource::Builtin => Self::builtin(catalog),
+            crate::config::PolicySource::Dir(dir) => Self::load(dir, catalog),
+        }
+    }
+
     /// Reloads from `dir`; on any error the policy in force stays in force.
     pub fn reload_from_dir(&self, dir: &Path) -> Result<(), PolicyError> {
         let set = PolicySet::load_dir(dir, &*self.catalog)?;

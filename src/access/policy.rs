@@ -25,6 +25,11 @@ pub const MODEL_FILE: &str = "model.conf";
 pub const POLICY_FILE: &str = "policy.csv";
 pub const FIELDS_FILE: &str = "fields.toml";
 
+/// The built-in policy: `policies/` as it was when this binary was built.
+pub const BUILTIN_MODEL: &str = include_str!("../../policies/model.conf");
+pub const BUILTIN_POLICY: &str = include_str!("../../policies/policy.csv");
+pub const BUILTIN_FIELDS: &str = include_str!("../../policies/fields.toml");
+
 const ROLES: usize = Role::ALL.len();
 const TYPES: usize = RESOURCE_TYPES.len();
 const ACTIONS: usize = Action::ALL.len();
@@ -116,6 +121,12 @@ impl PolicySet {
             nothing,
             denied_unknown_type: rule,
         }
+    }
+
+    /// The policy built into the binary (the repository's `policies/` at build time): the default when
+    /// `access.policy_dir` is not set, so the server runs from any working directory.
+    pub fn builtin(catalog: &dyn ElementCatalog) -> Result<Self, PolicyError> {
+        Self::from_sources(BUILTIN_MODEL, BUILTIN_POLICY, BUILTIN_FIELDS, catalog)
     }
 
     /// Reads and validates the three files of `dir`.

@@ -118,7 +118,8 @@ pub fn append(conn: &mut AnyConnection, events: &[AuditEvent]) -> AppResult<()> 
     })
 }
 
-type Job = (AuditEvent, oneshot::Sender<AppResult<()>>);
+/// An event to append, or `None`: a flush marker, answered once everything queued before it is committed.
+type Job = (Option<AuditEvent>, oneshot::Sender<AppResult<()>>);
 
 /// The group-commit appender: one background thread per process.
 #[derive(Debug, Clone)]
@@ -143,10 +144,12 @@ impl Auditor {
                             Err(_) => break,
                         }
                     }
-                    let events: Vec<AuditEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+                    let events: Vec<AuditEvent> = batch.iter().filter_map(|(e, _)| e.clone()).collect();
                     let started = std::time::Instant::now();
-                    let result = db.conn().and_then(|mut c| append(&mut c, &events));
+                    let result =
+                        if events.is_empty() { Ok(()) } else { db.conn().and_then(|mut c| append(&mut c, &events)) };
                     match &result {
+                        Ok(()) if events.is_empty() => {}
                         Ok(()) => crate::telemetry::metrics::audit_append(events.len(), started.elapsed()),
                         Err(e) => tracing::error!(audit.batch = events.len(), error.kind = %e, "audit append failed"),
                     }
@@ -218,6 +221,14 @@ impl Auditor {
         if self.off() { Ok(head) } else { append_locked(conn, head, events) }
     }
 
+    /// Returns once every event queued before this call is committed (the appender works in order): the last
+    /// step of a graceful shutdown. An error means the appender has stopped or its last batch failed.
+    pub async fn flush(&self) -> AppResult<()> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send((None, done)).await.map_err(|_| AppError::unavailable("audit appender stopped"))?;
+        wait.await.map_err(|_| AppError::unavailable("audit appender stopped"))?
+    }
+
     /// Records one event and returns once it is committed. Fails closed (503) when it cannot be.
     pub async fn record(&self, event: AuditEvent) -> AppResult<()> {
         if self.off() {
@@ -227,7 +238,7 @@ impl Auditor {
         let span = tracing::info_span!(target: "carevault::audit", "audit");
         async move {
             let (done, wait) = oneshot::channel();
-            self.tx.send((event, done)).await.map_err(|_| AppError::unavailable("audit appender stopped"))?;
+            self.tx.send((Some(event), done)).await.map_err(|_| AppError::unavailable("audit appender stopped"))?;
             wait.await.map_err(|_| AppError::unavailable("audit appender stopped"))?
         }
         .instrument(span)

@@ -304,6 +304,7 @@ fn print_status(s: &Value) {
 /// configured master key and wraps it with the one in `file`, in one transaction.
 fn rotate_master(cli: &Cli, file: &std::path::Path) -> Result<(), CliError> {
     let cfg = cli.load_config(|_| {})?;
+    super::require_existing_data(&cfg)?;
     let new: Box<dyn KeyProvider> = Box::new(LocalKeyProvider::new(MasterKey::load_file(file)?));
     let db = crate::store::Db::connect(&cfg.database()?, 2)?;
     db.migrate()?;

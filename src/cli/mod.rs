@@ -2,6 +2,8 @@
 //! (before or after it) and reads the same configuration as the server.
 
 pub mod audit;
+pub mod deploy;
+pub mod healthcheck;
 pub mod incident;
 pub mod keys;
 pub mod policy;
@@ -126,6 +128,11 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// Add synthetic patients (load tests, benchmarks; refused in production).
     Seed(seed::SeedArgs),
+    /// Ask a running server whether it is ready; exit 0 when it is (container healthchecks).
+    Healthcheck(healthcheck::HealthcheckArgs),
+    /// Deployment helpers: `deploy init` makes every secret and certificate a deployment needs.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
 }
 
 impl Cli {
@@ -150,6 +157,8 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Audit(cmd)) => audit::run(&cli, cmd),
         Some(Command::Policy(cmd)) => policy::run(&cli, cmd),
         Some(Command::Seed(args)) => seed::run(&cli, args),
+        Some(Command::Healthcheck(args)) => healthcheck::run(&cli, args),
+        Some(Command::Deploy(cmd)) => deploy::run(&cli, cmd),
     };
     match result {
         Ok(()) => 0,
@@ -168,10 +177,39 @@ fn migrate(cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Opens the same database and keys the server uses (the server may be running).
+/// Opens the same database and keys the server uses (the server may be running). Maintenance commands (`keys`,
+/// `audit`, `users`, `incident`) never create data: a data directory or database without carevault's data is
+/// refused ([`require_existing_data`]), so a mistyped `--data-dir` is an error, not a fresh empty install.
 pub fn open_state(cli: &Cli) -> Result<crate::app::AppState, CliError> {
     let cfg = cli.load_config(|_| {})?;
+    require_existing_data(&cfg)?;
     crate::app::AppState::open(cfg, crate::clock::system()).context("cannot open the database and keys")
+}
+
+/// Refuses a configuration whose database or generated master key does not exist yet: the SQLite file must be
+/// there, the database must hold carevault's schema, and without `keys.master_key_file` the generated key must be
+/// in `DATA_DIR/keys/`.
+pub fn require_existing_data(cfg: &Config) -> Result<(), CliError> {
+    let hint = "check `--data-dir` (CAREVAULT_DATA_DIR) and `database_url`; maintenance commands never create data \
+                (start the server or run `carevault migrate` first)";
+    let target = cfg.database()?;
+    if let crate::config::DatabaseTarget::Sqlite(path) = &target
+        && !path.exists()
+    {
+        return Err(CliError::Message(format!("no carevault database at {}: {hint}", path.display())));
+    }
+    let db = crate::store::Db::connect(&target, 1).context("cannot open the database and keys")?;
+    if !db.holds_carevault_schema().context("cannot open the database and keys")? {
+        return Err(CliError::Message(format!("the database holds no carevault data: {hint}")));
+    }
+    let key = cfg.keys_dir().join("master.key");
+    if cfg.keys.master_key.is_none() && cfg.keys.master_key_file.is_none() && !key.is_file() {
+        return Err(CliError::Message(format!(
+            "no master key at {} and no `keys.master_key_file`: {hint}",
+            key.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A connection from the state's pool.
@@ -218,9 +256,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn maintenance_commands_refuse_a_data_dir_without_carevault_data_and_create_nothing() {
+        let dir = std::env::temp_dir().join(format!("carevault-cli-{}", uuid::Uuid::new_v4()));
+        let cli = Cli { data_dir: dir.clone(), config: None, command: None };
+        let cfg = cli.load_config(|_| {}).unwrap();
+        let line = report(&require_existing_data(&cfg).unwrap_err());
+        assert!(line.contains("no carevault database at") && line.contains("--data-dir"), "{line}");
+        assert!(!dir.exists(), "the refusal created {}", dir.display());
+    }
+
+    #[test]
     fn a_keys_command_on_a_database_that_cannot_be_opened_prints_the_underlying_cause() {
         let dir = std::env::temp_dir().join(format!("carevault-cli-{}", uuid::Uuid::new_v4()));
-        // A directory where the SQLite file should be: the driver cannot open it.
+        // A directory where the SQLite file should be: something is there, so the data-dir refusal lets it through
+        // to the driver, which cannot open it.
         std::fs::create_dir_all(crate::store::default_sqlite(&dir)).unwrap();
         let cli = Cli {
             data_dir: dir.clone(),

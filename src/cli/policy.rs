@@ -33,7 +33,8 @@ pub fn run(cli: &Cli, cmd: &PolicyCommand) -> Result<(), CliError> {
         format!("unknown --action; one of: {}", names.join(", "))
     })?;
     let cfg = cli.load_config(|_| {})?;
-    let access = AccessControl::load(&cfg.policy_dir(), Arc::new(R4Catalog))?;
+    cfg.check_policy_dir()?;
+    let access = AccessControl::from_source(&cfg.policy_source(), Arc::new(R4Catalog))?;
     if *json {
         let d = access.current().decide_role(*role, resource_type, action);
         let out = serde_json::json!({

@@ -30,6 +30,12 @@ const TAG_LEN: usize = 16;
 const PAD_BLOCK: usize = 16;
 
 static DECRYPTIONS: AtomicU64 = AtomicU64::new(0);
+static DECRYPT_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Field decryptions that failed (tampering, a ciphertext moved to another place, a missing key) since start.
+pub fn decrypt_failures() -> u64 {
+    DECRYPT_FAILURES.load(Ordering::Relaxed)
+}
 
 /// Field decryptions attempted by this process since start (all [`FieldCipher`]s).
 pub fn decryptions() -> u64 {
@@ -161,6 +167,14 @@ impl FieldCipher {
     pub fn decrypt(&self, aad: &FieldAad<'_>, ciphertext: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         DECRYPTIONS.fetch_add(1, Ordering::Relaxed);
         self.decrypted.fetch_add(1, Ordering::Relaxed);
+        let opened = self.open(aad, ciphertext);
+        if opened.is_err() {
+            DECRYPT_FAILURES.fetch_add(1, Ordering::Relaxed);
+        }
+        opened
+    }
+
+    fn open(&self, aad: &FieldAad<'_>, ciphertext: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let (version, body) = parse(ciphertext).ok_or(CryptoError::Malformed)?;
         let ring = self.ring_for(version);
         let key = ring.data_key(version).ok_or(CryptoError::UnknownKeyVersion(version))?;

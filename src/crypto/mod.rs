@@ -20,7 +20,7 @@ pub mod master;
 pub mod store;
 
 pub use blind::{BLIND_INDEX_BITS, BlindIndexer, normalize_text, words};
-pub use cipher::{FieldAad, FieldCipher, decryptions};
+pub use cipher::{FieldAad, FieldCipher, decrypt_failures, decryptions};
 pub use keyring::{DataKey, KeyPurpose, KeyRing, WrappedKey};
 pub use master::{KeyProvider, LocalKeyProvider, MasterKey};
 

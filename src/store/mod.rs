@@ -50,6 +50,14 @@ pub enum Backend {
 pub enum StoreError {
     #[error("database: cannot connect (check `database_url`)")]
     Connect(#[source] r2d2::PoolError),
+    /// The first connection failed for a reason told apart (server down, database missing, credentials); the
+    /// driver's own text, on one line, is the cause.
+    #[error("database: {why}")]
+    Unreachable {
+        why: &'static str,
+        #[source]
+        source: DriverMessage,
+    },
     #[error("database: cannot create the directory for the SQLite file")]
     Directory(#[source] std::io::Error),
     #[error("database: cannot make the SQLite file private (mode 0600)")]
@@ -80,7 +88,62 @@ impl StoreError {
 
     /// True when the database could not be reached (503, fail closed) rather than a query failing (500).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Connect(_) | StoreError::Pool(_) | StoreError::Closed)
+        matches!(
+            self,
+            StoreError::Connect(_) | StoreError::Pool(_) | StoreError::Closed | StoreError::Unreachable { .. }
+        )
+    }
+}
+
+/// A driver's connection error flattened to one line (libpq spreads it over several).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DriverMessage(String);
+
+impl DriverMessage {
+    fn of(e: &r2d2::Error) -> Self {
+        let text = e.to_string();
+        DriverMessage(text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "))
+    }
+}
+
+/// What a failed first connection means, in the operator's terms.
+fn unreachable_reason(driver: &str) -> &'static str {
+    let d = driver.to_ascii_lowercase();
+    if d.contains("connection refused") {
+        "PostgreSQL refused the connection: no server is listening at the address in `database_url` (is it running?)"
+    } else if d.contains("database") && d.contains("does not exist") {
+        "the PostgreSQL server answered, but the database named in `database_url` does not exist (create it first)"
+    } else if d.contains("password authentication failed") || d.contains("no password supplied") {
+        "PostgreSQL rejected the user or password in `database_url`"
+    } else if d.contains("could not translate host name") || d.contains("name or service not known") {
+        "the PostgreSQL host in `database_url` cannot be resolved"
+    } else if d.contains("timeout") || d.contains("timed out") {
+        "PostgreSQL did not answer in time at the address in `database_url`"
+    } else {
+        "cannot connect (check `database_url`)"
+    }
+}
+
+/// r2d2's error handler: instead of one ERROR line per failed attempt (dozens a second while the database is
+/// down), one concise warning at most every 30 seconds.
+#[derive(Debug, Default)]
+struct QuietErrors {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl r2d2::HandleError<r2d2::Error> for QuietErrors {
+    fn handle_error(&self, error: r2d2::Error) {
+        let Ok(mut last) = self.last.lock() else { return };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(30)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let driver = DriverMessage::of(&error);
+        tracing::warn!(
+            error.kind = unreachable_reason(&driver.0),
+            "database connection failed (repeats are not logged for 30 s)"
+        );
     }
 }
 
@@ -169,12 +232,31 @@ impl Db {
                 Backend::Sqlite
             }
         };
+        let manager = Manager { target: target.clone() };
+        // One attempt first, so an unreachable database is one clear error at once, not a pool timeout.
+        if let Err(e) = manager.connect() {
+            let source = DriverMessage::of(&e);
+            return Err(StoreError::Unreachable { why: unreachable_reason(&source.0), source });
+        }
         let pool = Pool::builder()
             .max_size(max_size)
             .connection_timeout(Duration::from_secs(10))
-            .build(Manager { target: target.clone() })
+            .error_handler(Box::new(QuietErrors::default()))
+            .build(manager)
             .map_err(StoreError::Connect)?;
         Ok(Db { pool, backend })
+    }
+
+    /// Whether the database holds carevault's schema (at least one migration applied). Maintenance commands
+    /// refuse a database without it rather than create one.
+    pub fn holds_carevault_schema(&self) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().map_err(StoreError::Connect)?;
+        let applied = match &mut *conn {
+            AnyConnection::Postgresql(c) => c.applied_migrations().map(|v| v.len()),
+            AnyConnection::Sqlite(c) => c.applied_migrations().map(|v| v.len()),
+        };
+        // No migrations table at all reads as an error here: no carevault data either.
+        Ok(applied.is_ok_and(|n| n > 0))
     }
 
     pub fn backend(&self) -> Backend {

@@ -25,7 +25,7 @@ where
         let mut timestamp = String::new();
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         let meta = event.metadata();
-        let mut fields = Fields(Map::new());
+        let mut fields = Fields(Map::new(), meta.target().starts_with("opentelemetry"));
         fields.0.insert("timestamp".into(), Value::String(timestamp));
         fields.0.insert("level".into(), Value::String(meta.level().as_str().to_owned()));
         fields.0.insert("target".into(), Value::String(scrub(meta.target()).into_owned()));
@@ -34,11 +34,49 @@ where
     }
 }
 
-struct Fields(Map<String, Value>);
+/// The event formatter for a terminal: `TIME LEVEL target: message key=value …`, with the same allow-list and
+/// scrubbing as [`ScrubbedJson`] (only the layout differs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScrubbedHuman;
+
+impl<S, N> FormatEvent<S, N> for ScrubbedHuman
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let meta = event.metadata();
+        let mut fields = Fields(Map::new(), meta.target().starts_with("opentelemetry"));
+        event.record(&mut fields);
+        let message = match fields.0.remove("message") {
+            Some(Value::String(m)) => m,
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        write!(writer, "{timestamp} {:>5} {}: {message}", meta.level().as_str(), scrub(meta.target()))?;
+        for (k, v) in &fields.0 {
+            match v {
+                Value::String(text) => write!(writer, " {k}={text}")?,
+                other => write!(writer, " {k}={other}")?,
+            }
+        }
+        writeln!(writer)
+    }
+}
+
+/// The event's fields; the flag marks the OpenTelemetry SDK's own diagnostics (export failures), whose `name`,
+/// `error` and `reason` fields say what failed (an endpoint, a status) and are kept, scrubbed like any value.
+struct Fields(Map<String, Value>, bool);
+
+/// Fields of the OpenTelemetry SDK's own events that are written (after scrubbing).
+const OTEL_DIAGNOSTIC_KEYS: &[&str] = &["name", "error", "reason", "status", "message"];
 
 impl Fields {
     fn put(&mut self, field: &Field, value: impl FnOnce() -> Value) {
-        let value = if allowed(field.name()) { value() } else { Value::String(WITHHELD.to_owned()) };
+        let keep = allowed(field.name()) || (self.1 && OTEL_DIAGNOSTIC_KEYS.contains(&field.name()));
+        let value = if keep { value() } else { Value::String(WITHHELD.to_owned()) };
         self.0.insert(field.name().to_owned(), value);
     }
 }
@@ -129,5 +167,16 @@ mod tests {
         assert_eq!(lines[0]["error.kind"], "ssn [redacted]");
         assert_eq!(lines[0]["error.type"], "\"[redacted]\"");
         assert_eq!(lines[0]["error.detail"], "cannot reach [redacted]");
+    }
+
+    #[test]
+    fn opentelemetry_export_failures_say_what_failed_and_others_stay_withheld() {
+        let lines = capture(|| {
+            tracing::warn!(target: "opentelemetry_sdk", name = "BatchSpanProcessor.Export.Error", error = "connection refused for jane@example.org", "export failed");
+            tracing::warn!(target: "carevault::api", name = "Jane Doe", "other");
+        });
+        assert_eq!(lines[0]["name"], "BatchSpanProcessor.Export.Error");
+        assert_eq!(lines[0]["error"], "connection refused for [redacted]");
+        assert_eq!(lines[1]["name"], "[withheld]");
     }
 }

@@ -5,7 +5,7 @@
 //! Exported instruments (names follow the OpenTelemetry semantic conventions where one exists):
 //! `http.server.request.duration` (s; `http.request.method`, `http.route`, `http.response.status_code`),
 //! `carevault.auth.failures` (`reason`), `carevault.audit.append.duration` (s), `carevault.audit.append.batch_size`,
-//! `carevault.crypto.decryptions`, `carevault.access.decisions` (`decision`), `carevault.alerts.raised` (`rule`),
+//! `carevault.crypto.decryptions`, `carevault.crypto.decrypt_failures`, `carevault.access.decisions` (`decision`), `carevault.alerts.raised` (`rule`),
 //! `db.client.connection.count` (`db.client.connection.state` = `idle` | `used`), `db.client.connection.max`.
 
 use crate::store::Db;
@@ -109,6 +109,12 @@ pub fn observe_process() {
         .with_callback(|o| o.observe(crate::crypto::decryptions(), &[]))
         .build();
     keep(Observer::Counter(counter));
+    let failures = meter()
+        .u64_observable_counter("carevault.crypto.decrypt_failures")
+        .with_description("Field decryptions that failed (integrity) since the process started")
+        .with_callback(|o| o.observe(crate::crypto::decrypt_failures(), &[]))
+        .build();
+    keep(Observer::Counter(failures));
 }
 
 /// Registers connection-pool gauges for `db` (call once, for the server's pool).

@@ -11,7 +11,7 @@ pub mod metrics;
 pub mod otel;
 pub mod scrub;
 
-use crate::config::{Config, Profile};
+use crate::config::Config;
 use actix_web::Error;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -35,6 +35,15 @@ use tracing_subscriber::{EnvFilter, filter};
 pub struct Guard {
     tracer: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
+    /// What `/metrics` serves (set when `metrics.listen` is).
+    prometheus: Option<prometheus::Registry>,
+}
+
+impl Guard {
+    /// The registry behind `/metrics`, when `metrics.listen` is set.
+    pub fn prometheus(&self) -> Option<prometheus::Registry> {
+        self.prometheus.clone()
+    }
 }
 
 impl Drop for Guard {
@@ -51,27 +60,29 @@ impl Drop for Guard {
 /// Installs the log subscriber, the OTLP exporters the environment asks for, and the panic hook; once per process
 /// (later calls install nothing and return an empty guard). Keep the guard until the process ends.
 pub fn init(config: &Config) -> Guard {
-    let environment = match config.profile {
-        Profile::Development => "development",
-        Profile::Production => "production",
-    };
-    install(environment, otel::Signals::from_env(|k| std::env::var(k).ok()))
+    install(
+        config.profile.as_str(),
+        otel::Signals::from_env(|k| std::env::var(k).ok()),
+        config.metrics.listen.is_some(),
+    )
 }
 
 /// Logs only (no export), for CLI commands.
 pub fn init_logging() {
-    drop(install("cli", otel::Signals::default()));
+    drop(install("cli", otel::Signals::default(), false));
 }
 
-fn install(environment: &'static str, signals: otel::Signals) -> Guard {
+fn install(environment: &'static str, signals: otel::Signals, prometheus: bool) -> Guard {
     let resource = otel::resource(environment);
     let mut problems = Vec::new();
     let tracer = signals
         .traces
         .then(|| otel::tracer_provider(resource.clone()))
         .and_then(|r| r.map_err(|e| problems.push(e)).ok());
-    let meter =
-        signals.metrics.then(|| otel::meter_provider(resource)).and_then(|r| r.map_err(|e| problems.push(e)).ok());
+    let registry = prometheus.then(prometheus::Registry::new);
+    let meter = (signals.metrics || prometheus)
+        .then(|| otel::meter_provider(resource, signals.metrics, registry.clone()))
+        .and_then(|r| r.map_err(|e| problems.push(e)).ok());
     let otel_layer = tracer.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("carevault"))
@@ -80,8 +91,14 @@ fn install(environment: &'static str, signals: otel::Signals) -> Guard {
             .with_error_events_to_exceptions(false)
             .with_filter(filter::Targets::new().with_target("carevault", tracing::Level::INFO))
     });
-    let installed =
-        tracing_subscriber::registry().with(log_layer(std::io::stdout, env_filter())).with(otel_layer).try_init();
+    // Human-readable lines for a person at a terminal, JSON for everything else (containers, files, pipes).
+    let lines: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> =
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            Box::new(human_layer(std::io::stdout, env_filter()))
+        } else {
+            Box::new(log_layer(std::io::stdout, env_filter()))
+        };
+    let installed = tracing_subscriber::registry().with(lines).with(otel_layer).try_init();
     if installed.is_err() {
         return Guard::default();
     }
@@ -96,12 +113,59 @@ fn install(environment: &'static str, signals: otel::Signals) -> Guard {
         tracing::warn!(error.detail = %problem, "telemetry export disabled");
     }
     install_panic_hook();
-    Guard { tracer, meter }
+    Guard { tracer, meter, prometheus: registry }
 }
 
-/// `CAREVAULT_LOG` (an `EnvFilter` directive), default `info`.
+/// The log filter (an `EnvFilter` directive): `CAREVAULT_LOG`, else the conventional `RUST_LOG`, else `info`.
 fn env_filter() -> EnvFilter {
-    EnvFilter::try_from_env("CAREVAULT_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+    filter_from(|k| std::env::var(k).ok())
+}
+
+fn filter_from(var: impl Fn(&str) -> Option<String>) -> EnvFilter {
+    ["CAREVAULT_LOG", "RUST_LOG"]
+        .iter()
+        .filter_map(|k| var(k).filter(|v| !v.trim().is_empty()))
+        .find_map(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+/// Binds the plain-HTTP `/metrics` listener on `addr` (one worker; signals are handled by the caller, which
+/// stops it with the API). Returns the running server and the bound address (port 0 picks one).
+pub fn metrics_server(
+    addr: std::net::SocketAddr,
+    registry: prometheus::Registry,
+) -> std::io::Result<(actix_web::dev::Server, std::net::SocketAddr)> {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let listener = std::net::TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let data = web::Data::new(registry);
+    let server = HttpServer::new(move || {
+        App::new().app_data(data.clone()).route(
+            "/metrics",
+            web::get().to(|r: web::Data<prometheus::Registry>| async move {
+                HttpResponse::Ok()
+                    .content_type(prometheus::TEXT_FORMAT)
+                    .insert_header(("cache-control", "no-store"))
+                    .body(prometheus_text(&r))
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run();
+    Ok((server, bound))
+}
+
+/// Renders the Prometheus text exposition of `registry` (the body of `/metrics`).
+pub fn prometheus_text(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    if prometheus::TextEncoder::new().encode(&registry.gather(), &mut out).is_err() {
+        return String::new();
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The JSON log layer writing to `writer`: events only (spans are never formatted), through the allow-list and the
@@ -115,6 +179,21 @@ where
     let events_only = filter::filter_fn(|meta| meta.is_event());
     tracing_subscriber::fmt::layer()
         .event_format(log::ScrubbedJson)
+        .with_writer(writer)
+        .with_filter(events_only.and(level))
+}
+
+/// The human-readable layer used when standard output is a terminal: one line per event (time, level, message,
+/// fields), through the same allow-list and scrubber as the JSON lines.
+pub fn human_layer<S, W>(writer: W, level: EnvFilter) -> impl Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::filter::FilterExt;
+    let events_only = filter::filter_fn(|meta| meta.is_event());
+    tracing_subscriber::fmt::layer()
+        .event_format(log::ScrubbedHuman)
         .with_writer(writer)
         .with_filter(events_only.and(level))
 }

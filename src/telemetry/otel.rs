@@ -69,17 +69,31 @@ pub fn tracer_provider(resource: Resource) -> Result<SdkTracerProvider, String> 
         .build())
 }
 
-/// Builds the meter provider (periodic export over OTLP/HTTP; `OTEL_METRIC_EXPORT_INTERVAL`, default 60 s).
-pub fn meter_provider(resource: Resource) -> Result<SdkMeterProvider, String> {
-    let exporter = opentelemetry_otlp::MetricExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .build()
-        .map_err(|e| format!("OTLP metric exporter: {e}"))?;
-    Ok(SdkMeterProvider::builder()
-        .with_resource(resource)
-        .with_reader(PeriodicReader::builder(exporter).build())
-        .build())
+/// Builds the meter provider: periodic export over OTLP/HTTP when `otlp` (`OTEL_METRIC_EXPORT_INTERVAL`, default
+/// 60 s), and a pull reader feeding `registry` for `/metrics` when one is given.
+pub fn meter_provider(
+    resource: Resource,
+    otlp: bool,
+    registry: Option<prometheus::Registry>,
+) -> Result<SdkMeterProvider, String> {
+    let mut builder = SdkMeterProvider::builder().with_resource(resource);
+    if otlp {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .build()
+            .map_err(|e| format!("OTLP metric exporter: {e}"))?;
+        builder = builder.with_reader(PeriodicReader::builder(exporter).build());
+    }
+    if let Some(registry) = registry {
+        let reader = opentelemetry_prometheus::exporter()
+            .with_registry(registry)
+            .without_scope_info()
+            .build()
+            .map_err(|e| format!("Prometheus exporter: {e}"))?;
+        builder = builder.with_reader(reader);
+    }
+    Ok(builder.build())
 }
 
 /// A span exporter that lets only allow-listed, scrubbed attributes through to `inner`.

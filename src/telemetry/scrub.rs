@@ -78,6 +78,8 @@ pub const ALLOWED_KEYS: &[&str] = &[
     // process-level events
     "panic.location",
     "listen",
+    "process.signal",
+    "metrics.listen",
     // key and audit maintenance: version and sequence numbers only
     "key.active",
     "key.index",

@@ -534,6 +534,9 @@ mod crash {
             ),
         )
         .unwrap();
+        // The server first: it creates the database and keys, which `users add` (a maintenance command) then
+        // finds; on an empty data directory it would refuse.
+        let (mut child, base) = serve(dir.path());
         let mut add = command(dir.path())
             .args(["users", "add", "--username", "desk", "--role", "front_desk", "--password-stdin"])
             .stdin(Stdio::piped())
@@ -542,10 +545,9 @@ mod crash {
             .spawn()
             .unwrap();
         add.stdin.take().unwrap().write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
-        let out = add.wait_with_output().unwrap();
+        let out = tokio::task::block_in_place(|| add.wait_with_output().unwrap());
         assert!(out.status.success(), "users add: {}", String::from_utf8_lossy(&out.stderr));
 
-        let (mut child, base) = serve(dir.path());
         let client = client_trusting(&std::fs::read(dir.path().join("tls/cert.pem")).unwrap());
         let login: Value = client
             .post(format!("{base}/auth/login"))

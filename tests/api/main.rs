@@ -17,6 +17,7 @@ mod fhir;
 mod foundation;
 mod monitor;
 mod oidc;
+mod ops;
 mod retention;
 mod telemetry;
 mod world;

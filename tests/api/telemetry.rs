@@ -236,7 +236,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_and_metrics_are_exported_with_templates_and_no_client_values() {
     let (receiver, endpoint, collector) = Receiver::start();
-    let env = fast_export(&endpoint);
+    let mut env = fast_export(&endpoint);
+    // The Prometheus endpoint too, scraped below: the same canaries must not reach it.
+    let metrics_addr = format!("127.0.0.1:{}", crate::helpers::free_port());
+    env.push(("CAREVAULT_METRICS__LISTEN", metrics_addr.clone()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut server = Server::start(&env, add_user);
     let c = &server.client;
@@ -318,6 +321,38 @@ async fn spans_and_metrics_are_exported_with_templates_and_no_client_values() {
         // Every body, success or error, must be free of the canary: search Bundles' self/next links carry a sealed
         // cursor, not the searched values.
         bodies.push(resp.text().await.unwrap());
+    }
+
+    // `/metrics` (Prometheus text on `metrics.listen`): the instruments by route template, no client values.
+    let scrape = reqwest::get(format!("http://{metrics_addr}/metrics")).await.unwrap();
+    assert_eq!(scrape.status(), 200);
+    assert!(scrape.headers()["content-type"].to_str().unwrap().starts_with("text/plain"), "{:?}", scrape.headers());
+    let prom = scrape.text().await.unwrap();
+    for needle in [canary.as_str(), canary64.as_str(), canary64url.as_str(), canary.to_uppercase().as_str()] {
+        assert!(!prom.contains(needle), "canary in /metrics");
+    }
+    for family in [
+        "http_server_request_duration_seconds_bucket",
+        "carevault_audit_append_duration_seconds_bucket",
+        "carevault_audit_append_batch_size_bucket",
+        "carevault_crypto_decryptions_total",
+        "carevault_crypto_decrypt_failures_total",
+        "carevault_auth_failures_total",
+        "db_client_connection_count",
+        "db_client_connection_max",
+    ] {
+        assert!(prom.lines().any(|l| l.starts_with(family)), "{family} missing from /metrics:\n{prom}");
+    }
+    assert!(
+        prom.lines().any(|l| l.starts_with("http_server_request_duration_seconds_count")
+            && l.contains(r#"http_route="/health/live""#)
+            && l.contains(r#"http_response_status_code="200""#)),
+        "the /health/live requests by route template:\n{prom}"
+    );
+    // Every label value is a route template, a fixed code or a number: no path segment from a request.
+    for line in prom.lines().filter(|l| l.contains("http_route=")) {
+        let route = line.split("http_route=\"").nth(1).and_then(|r| r.split('"').next()).unwrap();
+        assert!(route.starts_with('/') && !route.contains("cnry"), "{line}");
     }
 
     // Give the exporters a few intervals, then stop gracefully (which flushes).
