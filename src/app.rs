@@ -83,7 +83,13 @@ impl AppState {
         let auth = Arc::new(
             AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer)
                 .with_oidc(oidc)
-                .requiring_admin_totp(config.profile == crate::config::Profile::Production),
+                .requiring_admin_totp(config.profile == crate::config::Profile::Production)
+                .with_throttle_keyer(crate::auth::attempts::ThrottleKeyer::new(
+                    cipher
+                        .ring()
+                        .derived_key(crate::auth::attempts::THROTTLE_KEY_LABEL)
+                        .map_err(|e| StartError::failed("cannot derive the throttle key", e))?,
+                )),
         );
         let audit = Auditor::start(db.clone());
         let access = Arc::new(

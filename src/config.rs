@@ -64,6 +64,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
     /// Safeguards switched off to measure their cost (`docs/benchmarks.md`); refused in production.
     #[serde(default)]
     pub benchmark: BenchmarkConfig,
@@ -242,6 +244,28 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self { retention_days: 6 * 365 }
     }
+}
+
+/// `[network]`: where a request's client address comes from (audit records, throttling, rate limits).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed. Empty (the default): the
+    /// peer address is the client and the header is ignored.
+    #[serde(default, deserialize_with = "deserialize_nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+fn deserialize_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| serde::de::Error::custom("network.trusted_proxies: not an address or CIDR range"))
+        })
+        .collect()
 }
 
 /// A safeguard that the load benchmark can switch off to measure what it costs.

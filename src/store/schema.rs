@@ -108,6 +108,21 @@ diesel::table! {
 }
 
 diesel::table! {
+    login_reservations (key) {
+        key -> Text,
+        holder -> Text,
+        until -> BigInt,
+    }
+}
+
+diesel::table! {
+    login_known_addresses (key) {
+        key -> Text,
+        last_success -> BigInt,
+    }
+}
+
+diesel::table! {
     break_glass (id) {
         id -> Text,
         account_id -> Text,
@@ -209,6 +224,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     sessions,
     refresh_tokens,
     login_failures,
+    login_reservations,
+    login_known_addresses,
     break_glass,
     audit_events,
     audit_patients,

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod access;
+mod attacks;
 mod audit;
 mod auth;
 mod cli;
