@@ -238,11 +238,19 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     pub retention_days: u32,
+    /// How often a running server signs a checkpoint of the chain head and ships it to the anchors; `audit
+    /// verify` fails when the newest checkpoint is older than twice this before the newest record.
+    pub checkpoint_interval_secs: u64,
+    /// Append-only anchor sink: a directory (on another volume) where every checkpoint is appended to
+    /// `carevault-checkpoints.ndjson` and fsynced; `audit verify` checks the trail against it.
+    pub anchor_dir: Option<PathBuf>,
+    /// Anchor sink: every checkpoint is POSTed as JSON to this URL (https; http only in development), retried.
+    pub anchor_webhook_url: Option<String>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { retention_days: 6 * 365 }
+        Self { retention_days: 6 * 365, checkpoint_interval_secs: 600, anchor_dir: None, anchor_webhook_url: None }
     }
 }
 

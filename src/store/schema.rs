@@ -146,6 +146,16 @@ diesel::table! {
         prev_hash -> Text,
         hash -> Text,
         action -> Text,
+        seal -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    audit_seal_keys (key_id) {
+        key_id -> Text,
+        wrapped -> Text,
+        first_seq -> BigInt,
+        created_at -> BigInt,
     }
 }
 
@@ -232,6 +242,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_head,
     audit_checkpoints,
     audit_signing_keys,
+    audit_seal_keys,
     alerts,
     oidc_logins,
 );

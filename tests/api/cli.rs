@@ -431,10 +431,10 @@ fn append_events(app: &TestApp, n: usize, at: time::OffsetDateTime) {
             .with_resource("Patient", Some(Uuid::new_v4()), Some(1))
         })
         .collect();
-    carevault::audit::store::append(&mut conn, &events).unwrap();
+    carevault::audit::store::append(&mut conn, app.state.audit.sealer(), &events).unwrap();
 }
 
-type AuditRow = (i64, String, i64, String, Option<String>, Option<String>, String, String, String);
+type AuditRow = (i64, String, i64, String, Option<String>, Option<String>, String, String, String, Option<String>);
 
 fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
     let mut conn = app.state.db.conn().unwrap();
@@ -450,6 +450,7 @@ fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
             audit_events::body,
             audit_events::prev_hash,
             audit_events::hash,
+            audit_events::seal,
         ))
         .load(&mut conn)
         .unwrap();
@@ -481,6 +482,7 @@ fn insert_row(conn: &mut carevault::store::AnyConnection, r: AuditRow) {
             audit_events::body.eq(r.6),
             audit_events::prev_hash.eq(r.7),
             audit_events::hash.eq(r.8),
+            audit_events::seal.eq(r.9),
         ))
         .execute(conn)
         .unwrap();
@@ -547,6 +549,7 @@ both_backends!(audit_verify_names_the_first_bad_record, |app: TestApp| async mov
             String::from_utf8(canonical).unwrap(),
             to_hex(&link.prev_hash),
             to_hex(&link.hash),
+            None,
         ),
     );
     assert_broken(&app, "audit record 7: inserted");

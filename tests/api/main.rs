@@ -19,5 +19,6 @@ mod foundation;
 mod monitor;
 mod oidc;
 mod retention;
+mod tamper;
 mod telemetry;
 mod world;
