@@ -257,10 +257,22 @@ impl Auditor {
     }
 }
 
-/// Walks the whole trail in order; returns the number of events, or the first bad record. Without a sealing
-/// key: the chain and every column only (see [`verify_sealed`]).
+/// How a walk treats seals.
+#[derive(Debug, Clone, Copy)]
+pub enum Seals<'a> {
+    /// An unkeyed walk (chain and columns only): seals are not looked at.
+    Skip,
+    /// The database's sealing key: every seal must verify and the trail must end in one from its transition
+    /// point on.
+    With(&'a Sealer),
+    /// The database has no sealing key: a seal found anyway means the key row was removed.
+    NoKey,
+}
+
+/// Walks the whole trail in order; returns the number of events, or the first bad record. Unkeyed: the chain
+/// and every column only (see [`verify_sealed`] for the seals).
 pub fn verify(conn: &mut AnyConnection, progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
-    verify_sealed(conn, None, None, &[], progress)
+    verify_sealed(conn, Seals::Skip, None, &[], progress)
 }
 
 /// [`verify`], also requiring the chain to pass through each `(seq, hash)` of `anchors` (signature-checked
@@ -271,7 +283,7 @@ pub fn verify_anchored(
     anchors: &[(i64, super::Hash)],
     progress: impl FnMut(u64),
 ) -> AppResult<Result<u64, super::ChainError>> {
-    verify_sealed(conn, None, start, anchors, progress)
+    verify_sealed(conn, Seals::Skip, start, anchors, progress)
 }
 
 type WalkRow =
@@ -290,12 +302,16 @@ type WalkRow =
 /// `start` is the signed anchor of a retention purge: the walk resumes after it instead of at the first record.
 pub fn verify_sealed(
     conn: &mut AnyConnection,
-    sealer: Option<&Sealer>,
+    seals: Seals<'_>,
     start: Option<(i64, super::Hash)>,
     anchors: &[(i64, super::Hash)],
     mut progress: impl FnMut(u64),
 ) -> AppResult<Result<u64, super::ChainError>> {
     use super::{BreakKind, ChainError};
+    let sealer = match seals {
+        Seals::With(k) => Some(k),
+        Seals::Skip | Seals::NoKey => None,
+    };
     let first = start.map_or_else(Verifier::new, |(seq, hash)| Verifier::resume(seq, hash));
     let mut verifier = anchors
         .iter()
@@ -359,7 +375,7 @@ pub fn verify_sealed(
                         checkpoint_events.push(seq);
                     }
                 }
-                if let Some(stored) = &seal {
+                if let Some(stored) = seal.as_ref().filter(|_| !matches!(seals, Seals::Skip)) {
                     if sealer.is_some_and(|k| k.check(seq, &hash, stored)) {
                         last_sealed = seq;
                     } else if problem.is_none() {

@@ -295,7 +295,11 @@ pub fn verify_with(
     let total: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(conn)?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "verifying");
     let start = std::time::Instant::now();
-    let walked = crate::audit::store::verify_sealed(conn, sealer.as_ref(), resume, &anchors, |n| bar.set_position(n))?;
+    let seals = match &sealer {
+        Some(k) => crate::audit::store::Seals::With(k),
+        None => crate::audit::store::Seals::NoKey,
+    };
+    let walked = crate::audit::store::verify_sealed(conn, seals, resume, &anchors, |n| bar.set_position(n))?;
     bar.finish_and_clear();
     let records = match walked {
         Ok(records) => records,

@@ -434,7 +434,9 @@ fn append_events(app: &TestApp, n: usize, at: time::OffsetDateTime) {
     carevault::audit::store::append(&mut conn, app.state.audit.sealer(), &events).unwrap();
 }
 
-type AuditRow = (i64, String, i64, String, Option<String>, Option<String>, String, String, String, Option<String>);
+/// Every column of a row (the helper restores them all: `audit verify` checks each one).
+type AuditRow =
+    (i64, String, i64, String, Option<String>, Option<String>, String, String, String, Option<String>, String);
 
 fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
     let mut conn = app.state.db.conn().unwrap();
@@ -451,6 +453,7 @@ fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
             audit_events::prev_hash,
             audit_events::hash,
             audit_events::seal,
+            audit_events::action,
         ))
         .load(&mut conn)
         .unwrap();
@@ -483,6 +486,7 @@ fn insert_row(conn: &mut carevault::store::AnyConnection, r: AuditRow) {
             audit_events::prev_hash.eq(r.7),
             audit_events::hash.eq(r.8),
             audit_events::seal.eq(r.9),
+            audit_events::action.eq(r.10),
         ))
         .execute(conn)
         .unwrap();
@@ -550,6 +554,7 @@ both_backends!(audit_verify_names_the_first_bad_record, |app: TestApp| async mov
             to_hex(&link.prev_hash),
             to_hex(&link.hash),
             None,
+            "R".into(),
         ),
     );
     assert_broken(&app, "audit record 7: inserted");
