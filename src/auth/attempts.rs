@@ -202,6 +202,21 @@ pub fn finish(
     })
 }
 
+/// [`finish`] for an attempt that came to an outcome (`Some(success)`), [`release`] for one that ended in an
+/// error (`None`: nothing is counted).
+pub fn conclude(
+    c: &mut AnyConnection,
+    keys: &AttemptKeys,
+    reservation: &Reservation,
+    outcome: Option<bool>,
+    now: OffsetDateTime,
+) -> AppResult<()> {
+    match outcome {
+        Some(success) => finish(c, keys, reservation, success, now),
+        None => release(c, reservation),
+    }
+}
+
 /// Gives a reservation back without recording anything (an attempt that ended in an error).
 pub fn release(c: &mut AnyConnection, reservation: &Reservation) -> AppResult<()> {
     diesel::delete(

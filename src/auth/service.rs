@@ -350,9 +350,10 @@ impl AuthService {
             }
         };
         let result = self.check_login(&username, password, totp.as_deref(), now).await;
-        let success = matches!(&result, Ok((Some(_), None, _)));
+        // An attempt that ended in an error records nothing; it only gives the reservation back.
+        let outcome = result.as_ref().ok().map(|(account, failed, _)| account.is_some() && failed.is_none());
         let k = keys.clone();
-        let finished = self.db.run(move |c| attempts::finish(c, &k, &reservation, success, now)).await;
+        let finished = self.db.run(move |c| attempts::conclude(c, &k, &reservation, outcome, now)).await;
         let (account, failed, password) = result?;
         finished?;
         if let Some(reason) = failed {
@@ -605,9 +606,9 @@ impl AuthService {
             Ok::<_, AppError>(account.filter(|a| v.ok && !a.disabled))
         }
         .await;
-        let success = matches!(&result, Ok(Some(_)));
+        let outcome = result.as_ref().ok().map(Option::is_some);
         let k = keys.clone();
-        let finished = self.db.run(move |c| attempts::finish(c, &k, &reservation, success, now)).await;
+        let finished = self.db.run(move |c| attempts::conclude(c, &k, &reservation, outcome, now)).await;
         let account = result?;
         finished?;
         match account {
