@@ -1,5 +1,6 @@
 //! Audit chain micro-benchmarks: `cargo bench --bench audit` (events/s = throughput × elements).
 
+use carevault::audit::seal::Sealer;
 use carevault::audit::{Agent, AuditEvent, AuditKind, ChainLink, Outcome, Verifier};
 use carevault::role::Role;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -64,6 +65,30 @@ fn bench(c: &mut Criterion) {
             black_box(v.finish(None))
         })
     });
+    g.finish();
+
+    // The append path of one group-commit batch (512 events, the appender's largest): canonical bytes and a
+    // chain link per event, with and without the batch's seal (one HMAC-SHA256, issue 18).
+    const BATCH: usize = 512;
+    let events: Vec<AuditEvent> = (0..BATCH).map(event).collect();
+    let sealer = Sealer::from_parts("bench", [7; 32], 1);
+    let mut g = c.benchmark_group("audit_append");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let link_batch = |events: &[AuditEvent]| {
+        let mut last: Option<ChainLink> = None;
+        for e in events {
+            last = Some(ChainLink::next(last.as_ref(), &e.canonical_bytes().unwrap_or_default()));
+        }
+        last
+    };
+    g.bench_function("batch_512_unsealed", |b| b.iter(|| black_box(link_batch(&events))));
+    g.bench_function("batch_512_sealed", |b| {
+        b.iter(|| {
+            let last = link_batch(&events);
+            black_box(last.map(|l| sealer.seal(l.seq, &l.hash)))
+        })
+    });
+    g.bench_function("seal_only", |b| b.iter(|| black_box(sealer.seal(black_box(512), &[9; 32]))));
     g.finish();
 }
 

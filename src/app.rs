@@ -83,9 +83,20 @@ impl AppState {
         let auth = Arc::new(
             AuthService::new(db.clone(), clock.clone(), keys.clone(), token_keys, sessions, ttl, issuer)
                 .with_oidc(oidc)
-                .requiring_admin_totp(config.profile == crate::config::Profile::Production),
+                .requiring_admin_totp(config.profile == crate::config::Profile::Production)
+                .with_throttle_keyer(crate::auth::attempts::ThrottleKeyer::new(
+                    cipher
+                        .ring()
+                        .derived_key(crate::auth::attempts::THROTTLE_KEY_LABEL)
+                        .map_err(|e| StartError::failed("cannot derive the throttle key", e))?,
+                )),
         );
-        let audit = Auditor::start(db.clone());
+        let sealer = {
+            let mut conn = db.conn().map_err(|e| StartError::failed("cannot get a database connection", e))?;
+            crate::audit::seal::load_or_create(&mut conn, keys.as_ref(), now)
+                .map_err(|e| StartError::failed("cannot load the audit seal key", e))?
+        };
+        let audit = Auditor::start(db.clone(), Arc::new(sealer));
         config.check_policy_dir()?;
         let access = Arc::new(
             AccessControl::from_source(&config.policy_source(), Arc::new(R4Catalog))
@@ -235,7 +246,7 @@ impl Application {
         let server = server.run();
         state
             .monitor
-            .start(&state.db, &state.config, &state.clock)
+            .start(&state.db, &state.config, &state.clock, state.audit.sealer_arc().clone())
             .map_err(|e| StartError::failed("cannot start the alert monitor", e))?;
         spawn_key_watcher(&state);
         spawn_checkpointer(&state);
@@ -281,15 +292,18 @@ fn announce_benchmark_mode(s: crate::config::BenchmarkSwitches) {
     }
 }
 
-/// How often a running server signs the audit chain head (a checkpoint to export for off-site anchoring).
+/// How often a running server signs the audit chain head by default (`audit.checkpoint_interval_secs`).
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Signs the audit head periodically (the same operation as `carevault audit checkpoint`).
+/// Signs the audit head every `audit.checkpoint_interval_secs` (the same operation as `carevault audit
+/// checkpoint`) and ships each checkpoint to the configured anchors (`audit.anchor_*`, [`crate::audit::anchor`]).
 fn spawn_checkpointer(state: &AppState) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     let state = state.clone();
+    let every = std::time::Duration::from_secs(state.config.audit.checkpoint_interval_secs.max(1));
+    let shipper = crate::audit::anchor::Shipper::from_config(&state.config);
     runtime.spawn(async move {
-        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
             tick.tick().await;
@@ -298,11 +312,20 @@ fn spawn_checkpointer(state: &AppState) {
                 .db
                 .run(move |c| {
                     let event = crate::cli::admin_event(now, "audit-checkpoint");
-                    crate::audit::checkpoints::checkpoint(c, keys.as_ref(), event, now).map(|(cp, _)| cp.seq)
+                    crate::audit::checkpoints::checkpoint(c, keys.as_ref(), event, now)
                 })
                 .await;
             match signed {
-                Ok(seq) => tracing::info!(audit.checkpoint_seq = seq, "audit checkpoint signed"),
+                Ok((cp, public_key)) => {
+                    tracing::info!(audit.checkpoint_seq = cp.seq, "audit checkpoint signed");
+                    if !shipper.is_empty() {
+                        let sealed_from = Some(state.audit.sealer().first_seq());
+                        let line = crate::audit::anchor::line(&cp, &public_key, sealed_from);
+                        if shipper.ship(&line).await {
+                            tracing::info!(audit.checkpoint_seq = cp.seq, "audit checkpoint shipped");
+                        }
+                    }
+                }
                 Err(_) => tracing::warn!("audit checkpoint could not be signed"),
             }
         }

@@ -97,6 +97,8 @@ pub struct Config {
     /// Prometheus `/metrics` (off unless `metrics.listen` is set).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
     /// Safeguards switched off to measure their cost (`docs/benchmarks.md`); refused in production.
     #[serde(default)]
     pub benchmark: BenchmarkConfig,
@@ -271,11 +273,19 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     pub retention_days: u32,
+    /// How often a running server signs a checkpoint of the chain head and ships it to the anchors; `audit
+    /// verify` fails when the newest checkpoint is older than twice this before the newest record.
+    pub checkpoint_interval_secs: u64,
+    /// Append-only anchor sink: a directory (on another volume) where every checkpoint is appended to
+    /// `carevault-checkpoints.ndjson` and fsynced; `audit verify` checks the trail against it.
+    pub anchor_dir: Option<PathBuf>,
+    /// Anchor sink: every checkpoint is POSTed as JSON to this URL (https; http only in development), retried.
+    pub anchor_webhook_url: Option<String>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { retention_days: 6 * 365 }
+        Self { retention_days: 6 * 365, checkpoint_interval_secs: 600, anchor_dir: None, anchor_webhook_url: None }
     }
 }
 
@@ -286,6 +296,28 @@ pub struct MetricsConfig {
     /// Address of the plain-HTTP `/metrics` listener (no PHI is ever in a metric; bind it to an internal
     /// interface). Unset: no listener.
     pub listen: Option<SocketAddr>,
+}
+
+/// `[network]`: where a request's client address comes from (audit records, throttling, rate limits).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed. Empty (the default): the
+    /// peer address is the client and the header is ignored.
+    #[serde(default, deserialize_with = "deserialize_nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+fn deserialize_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| serde::de::Error::custom("network.trusted_proxies: not an address or CIDR range"))
+        })
+        .collect()
 }
 
 /// A safeguard that the load benchmark can switch off to measure what it costs.

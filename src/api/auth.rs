@@ -4,7 +4,7 @@
 use crate::app::AppState;
 use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
 use crate::auth::principal::Principal;
-use crate::auth::service::{Account, LoginFailure, LoginOutcome};
+use crate::auth::service::{Account, ClientOutcome, LoginFailure, LoginOutcome};
 use crate::auth::session::RefreshDecision;
 use crate::error::{AppError, AppResult};
 use crate::telemetry::metrics;
@@ -21,9 +21,31 @@ use tracing::Instrument;
 /// Longest credential field accepted (anything longer is refused before hashing).
 const MAX_FIELD: usize = 1024;
 
-/// The peer address (the proxy's, unless the deployment terminates TLS here).
+/// The client address: the peer's, or the one a trusted proxy forwarded ([`crate::api::client_addr`]).
 pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
-    req.peer_addr().map(|a| a.ip())
+    let peer = req.peer_addr()?.ip();
+    let trusted = req.app_data::<web::Data<AppState>>().map(|s| s.config.network.trusted_proxies.as_slice());
+    let forwarded = req.headers().get_all("x-forwarded-for").filter_map(|v| v.to_str().ok());
+    Some(crate::api::client_addr::resolve(peer, forwarded, trusted.unwrap_or(&[])))
+}
+
+/// A throttled attempt: audited as a failed sign-in (so the failed-login rules count it, CONTRACT §8) and
+/// answered 429 with `Retry-After`.
+async fn throttled(
+    state: &AppState,
+    account: Option<&Account>,
+    ip: Option<IpAddr>,
+    retry_after: time::Duration,
+    now: time::OffsetDateTime,
+) -> AppResult<HttpResponse> {
+    metrics::auth_failure("throttled");
+    let agent = match account {
+        Some(a) => agent_of(a, ip),
+        None => ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip)),
+    };
+    let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent).with_detail("throttled");
+    state.audit.record(event).await?;
+    Err(crate::auth::throttle::too_many_requests(retry_after))
 }
 
 fn agent_of(account: &Account, ip: Option<IpAddr>) -> Agent {
@@ -130,6 +152,9 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             state.audit.record(event).await?;
             Err(AppError::Unauthenticated)
         }
+        LoginOutcome::Throttled { account, retry_after } => {
+            throttled(&state, account.as_ref(), ip, retry_after, now).await
+        }
     }
 }
 
@@ -188,20 +213,24 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             if id.len() > 64 || secret.len() > MAX_FIELD {
                 return Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
             }
-            match state.auth.client_credentials(id, SecretString::from(secret)).await? {
-                Some((tokens, account)) => {
+            let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+            match state.auth.client_credentials(id, SecretString::from(secret), address).await? {
+                ClientOutcome::Ok(tokens, account) => {
                     let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&account, ip))
                         .with_detail("client-credentials");
                     state.audit.record(event).await?;
                     Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
                 }
-                None => {
+                ClientOutcome::Failed => {
                     metrics::auth_failure("invalid-client");
                     let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
                     let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
                         .with_detail("invalid-client");
                     state.audit.record(event).await?;
                     Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"))
+                }
+                ClientOutcome::Throttled { account, retry_after } => {
+                    throttled(&state, account.as_ref(), ip, retry_after, now).await
                 }
             }
         }

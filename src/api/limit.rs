@@ -53,7 +53,11 @@ pub async fn rate_limit(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
     let wait = match (req.app_data::<web::Data<AppState>>(), req.peer_addr()) {
-        (Some(state), Some(peer)) => state.limits.check(peer.ip()),
+        (Some(state), Some(peer)) => {
+            let forwarded = req.headers().get_all("x-forwarded-for").filter_map(|v| v.to_str().ok());
+            let ip = crate::api::client_addr::resolve(peer.ip(), forwarded, &state.config.network.trusted_proxies);
+            state.limits.check(ip)
+        }
         _ => None,
     };
     if let Some(retry_after_secs) = wait {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_addr;
 pub mod error;
 pub mod fhir;
 pub mod health;

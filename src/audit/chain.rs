@@ -80,6 +80,16 @@ pub enum BreakKind {
     Truncated,
     /// The chain up to this seq differs from the signed checkpoint: history was rewritten and re-hashed.
     CheckpointMismatch,
+    /// A seal does not verify under the sealing key (the record or one before it was rewritten and re-hashed
+    /// after it was sealed), or a seal is present and the sealing key is not.
+    BadSeal,
+    /// Records from this seq on (from the sealing transition point) are not covered by any seal: they were
+    /// appended or rewritten by someone without the key, or the seals were removed.
+    Unsealed,
+    /// An `audit-checkpoint` record names a checkpoint that is no longer stored.
+    CheckpointMissing,
+    /// The newest checkpoint is older than twice the checkpoint interval (checkpoints stopped or were deleted).
+    StaleCheckpoint,
     /// A checkpoint before the end of the walk was not registered with [`Verifier::anchored`], so it could not
     /// be checked (a caller error; fails closed).
     Unanchored,
@@ -96,6 +106,10 @@ impl BreakKind {
             Self::Truncated => "truncated",
             Self::CheckpointMismatch => "does not match the signed checkpoint",
             Self::Unanchored => "checkpoint not registered before the walk",
+            Self::BadSeal => "seal does not verify (rewritten after sealing, or the seal key is missing)",
+            Self::Unsealed => "not covered by a seal (appended or rewritten without the key)",
+            Self::CheckpointMissing => "its checkpoint is missing (deleted)",
+            Self::StaleCheckpoint => "the newest checkpoint is older than twice the checkpoint interval",
         }
     }
 }
@@ -184,6 +198,17 @@ impl Verifier {
         stored_hash: &Hash,
     ) -> Result<(), ChainError> {
         self.checked(seq, Some(canonical), stored_prev, stored_hash)
+    }
+
+    /// Checks a record by its canonical bytes; `None` for a row that has none (it cannot be genuine).
+    pub fn push_canonical(
+        &mut self,
+        seq: i64,
+        canonical: Option<&[u8]>,
+        stored_prev: &Hash,
+        stored_hash: &Hash,
+    ) -> Result<(), ChainError> {
+        self.checked(seq, canonical, stored_prev, stored_hash)
     }
 
     /// Checks a stored row whose event is kept as JSON (the serde form of [`AuditEvent`]): the JSON is parsed

@@ -76,7 +76,8 @@ pub fn checkpoint(
 ) -> AppResult<(Checkpoint, String)> {
     conn.transaction(|c| {
         let head = lock_head(c)?;
-        let head = append_locked(c, head, &[event])?.ok_or_else(|| AppError::internal("empty audit trail"))?;
+        let sealer = super::seal::load_or_create(c, provider, now)?;
+        let head = append_locked(c, &sealer, head, &[event])?.ok_or_else(|| AppError::internal("empty audit trail"))?;
         let signer = signer(c, provider, now)?;
         let cp = signer.sign(head.seq, head.hash, now);
         diesel::insert_into(audit_checkpoints::table)
@@ -203,8 +204,9 @@ pub fn purge(
             .first(c)
             .optional()
             .map_err(db_err)?;
+        let sealer = super::seal::load_or_create(c, provider, now)?;
         let Some((seq, hash)) = boundary else {
-            append_locked(c, head, &[event])?;
+            append_locked(c, &sealer, head, &[event])?;
             return Ok(None);
         };
         let hash = hash_from_hex(&hash).ok_or_else(|| AppError::internal("stored audit hash is malformed"))?;
@@ -226,7 +228,7 @@ pub fn purge(
         }
         diesel::delete(audit_events::table.filter(audit_events::seq.le(seq))).execute(c).map_err(db_err)?;
         diesel::delete(audit_patients::table.filter(audit_patients::seq.le(seq))).execute(c).map_err(db_err)?;
-        append_locked(c, head, &[event])?;
+        append_locked(c, &sealer, head, &[event])?;
         Ok(Some(seq))
     })
 }

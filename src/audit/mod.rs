@@ -2,11 +2,13 @@
 //! the FHIR `AuditEvent` form, and the patient access report. Persistence (the table, the durable group-commit
 //! appender, `audit verify` / `audit export`) builds on these; see [`chain`] for how appends must be ordered.
 
+pub mod anchor;
 pub mod chain;
 pub mod checkpoints;
 pub mod event;
 pub mod fhir;
 pub mod report;
+pub mod seal;
 pub mod store;
 
 pub use chain::{

@@ -8,11 +8,13 @@
 
 use super::chain::{ChainLink, Verifier, hash_from_hex, to_hex};
 use super::event::AuditEvent;
+use super::seal::Sealer;
 use crate::crypto::store::micros;
 use crate::error::{AppError, AppResult};
 use crate::store::schema::{audit_events, audit_head, audit_patients};
 use crate::store::{AnyConnection, Db};
 use diesel::prelude::*;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Most events committed in one transaction by the group-commit appender.
@@ -33,8 +35,10 @@ pub fn lock_head(conn: &mut AnyConnection) -> AppResult<Option<ChainLink>> {
 }
 
 /// Appends events after `head` (from [`lock_head`] in the same transaction) and moves the head.
+/// The last row of the batch carries the seal ([`super::seal`]): one HMAC per batch.
 pub fn append_locked(
     conn: &mut AnyConnection,
+    sealer: &Sealer,
     head: Option<ChainLink>,
     events: &[AuditEvent],
 ) -> AppResult<Option<ChainLink>> {
@@ -55,6 +59,7 @@ pub fn append_locked(
             body: String::from_utf8(canonical).map_err(AppError::internal)?,
             prev_hash: to_hex(&link.prev_hash),
             hash: to_hex(&link.hash),
+            seal: None,
         });
         named.extend(e.disclosed().iter().map(|p| PatientRow {
             patient_id: p.to_string(),
@@ -62,6 +67,9 @@ pub fn append_locked(
             recorded: micros(e.recorded),
         }));
         prev = Some(link);
+    }
+    if let (Some(last), Some(row)) = (prev.as_ref(), rows.last_mut()) {
+        row.seal = Some(sealer.seal(last.seq, &last.hash));
     }
     // One multi-row INSERT per batch (the group commit's round trips), through the concrete connection, since
     // diesel's MultiConnection has no batch insert.
@@ -99,6 +107,7 @@ struct EventRow {
     body: String,
     prev_hash: String,
     hash: String,
+    seal: Option<String>,
 }
 
 /// One row of `audit_patients`: a patient an event names.
@@ -111,10 +120,10 @@ struct PatientRow {
 }
 
 /// Appends events in their own transaction.
-pub fn append(conn: &mut AnyConnection, events: &[AuditEvent]) -> AppResult<()> {
+pub fn append(conn: &mut AnyConnection, sealer: &Sealer, events: &[AuditEvent]) -> AppResult<()> {
     conn.transaction(|c| {
         let head = lock_head(c)?;
-        append_locked(c, head, events).map(|_| ())
+        append_locked(c, sealer, head, events).map(|_| ())
     })
 }
 
@@ -125,13 +134,15 @@ type Job = (Option<AuditEvent>, oneshot::Sender<AppResult<()>>);
 #[derive(Debug, Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<Job>,
+    sealer: Arc<Sealer>,
     /// Benchmark builds only (`benchmark.disable = ["audit"]`, refused in production): record nothing.
     #[cfg(feature = "benchmark")]
     off: bool,
 }
 
 impl Auditor {
-    pub fn start(db: Db) -> Auditor {
+    pub fn start(db: Db, sealer: Arc<Sealer>) -> Auditor {
+        let seals = sealer.clone();
         let (tx, mut rx) = mpsc::channel::<Job>(8192);
         std::thread::Builder::new()
             .name("audit-appender".into())
@@ -146,8 +157,11 @@ impl Auditor {
                     }
                     let events: Vec<AuditEvent> = batch.iter().filter_map(|(e, _)| e.clone()).collect();
                     let started = std::time::Instant::now();
-                    let result =
-                        if events.is_empty() { Ok(()) } else { db.conn().and_then(|mut c| append(&mut c, &events)) };
+                    let result = if events.is_empty() {
+                        Ok(())
+                    } else {
+                        db.conn().and_then(|mut c| append(&mut c, &seals, &events))
+                    };
                     match &result {
                         Ok(()) if events.is_empty() => {}
                         Ok(()) => crate::telemetry::metrics::audit_append(events.len(), started.elapsed()),
@@ -164,6 +178,7 @@ impl Auditor {
             .map_or_else(|_| tracing::error!("cannot start the audit appender"), |_| ());
         Auditor {
             tx,
+            sealer,
             #[cfg(feature = "benchmark")]
             off: false,
         }
@@ -174,6 +189,16 @@ impl Auditor {
     #[cfg(feature = "benchmark")]
     pub fn benchmark_off(self) -> Auditor {
         Auditor { off: true, ..self }
+    }
+
+    /// The sealing key this process appends with (for appends outside the group commit).
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// [`Auditor::sealer`], shared.
+    pub fn sealer_arc(&self) -> &Arc<Sealer> {
+        &self.sealer
     }
 
     /// [`lock_head`] for a write's own transaction (no lock, `None`, when switched off for a benchmark).
@@ -218,7 +243,7 @@ impl Auditor {
         head: Option<ChainLink>,
         events: &[AuditEvent],
     ) -> AppResult<Option<ChainLink>> {
-        if self.off() { Ok(head) } else { append_locked(conn, head, events) }
+        if self.off() { Ok(head) } else { append_locked(conn, &self.sealer, head, events) }
     }
 
     /// Returns once every event queued before this call is committed (the appender works in order): the last
@@ -246,24 +271,61 @@ impl Auditor {
     }
 }
 
-/// Walks the whole trail in order; returns the number of events, or the first bad record.
+/// How a walk treats seals.
+#[derive(Debug, Clone, Copy)]
+pub enum Seals<'a> {
+    /// An unkeyed walk (chain and columns only): seals are not looked at.
+    Skip,
+    /// The database's sealing key: every seal must verify and the trail must end in one from its transition
+    /// point on.
+    With(&'a Sealer),
+    /// The database has no sealing key: a seal found anyway means the key row was removed.
+    NoKey,
+}
+
+/// Walks the whole trail in order; returns the number of events, or the first bad record. Unkeyed: the chain
+/// and every column only (see [`verify_sealed`] for the seals).
 pub fn verify(conn: &mut AnyConnection, progress: impl FnMut(u64)) -> AppResult<Result<u64, super::ChainError>> {
-    verify_anchored(conn, None, &[], progress)
+    verify_sealed(conn, Seals::Skip, None, &[], progress)
 }
 
 /// [`verify`], also requiring the chain to pass through each `(seq, hash)` of `anchors` (signature-checked
 /// checkpoints): a rewritten history fails at the checkpoint, and a trail ending before one is truncated.
+pub fn verify_anchored(
+    conn: &mut AnyConnection,
+    start: Option<(i64, super::Hash)>,
+    anchors: &[(i64, super::Hash)],
+    progress: impl FnMut(u64),
+) -> AppResult<Result<u64, super::ChainError>> {
+    verify_sealed(conn, Seals::Skip, start, anchors, progress)
+}
+
+type WalkRow =
+    (i64, String, i64, String, String, Option<String>, Option<String>, String, String, String, Option<String>);
+
+/// The full walk. Checks, for every record: the hash chain (edited, missing, inserted, reordered, unlinked),
+/// that every other column (`id`, `recorded`, `kind`, `action`, `agent`, `patient_id`, and `body` byte for
+/// byte) is what the hashed event says (else edited), and each seal under `sealer`; then that the trail from
+/// the sealer's transition point on ends in a valid seal (else unsealed), and that every `audit-checkpoint`
+/// record still has its stored checkpoint (else checkpoint missing). A seal present without a sealing key
+/// fails too (the key row was removed to pass the trail off as one from before seals).
 ///
 /// Safe while servers append: the walk goes up to the head read at its start, then follows the head until it
 /// stops moving; a row beyond the head (never legitimate: rows and head commit together) counts as inserted.
 ///
 /// `start` is the signed anchor of a retention purge: the walk resumes after it instead of at the first record.
-pub fn verify_anchored(
+pub fn verify_sealed(
     conn: &mut AnyConnection,
+    seals: Seals<'_>,
     start: Option<(i64, super::Hash)>,
     anchors: &[(i64, super::Hash)],
     mut progress: impl FnMut(u64),
 ) -> AppResult<Result<u64, super::ChainError>> {
+    use super::{BreakKind, ChainError};
+    let sealer = match seals {
+        Seals::With(k) => Some(k),
+        Seals::Skip | Seals::NoKey => None,
+    };
     let first = start.map_or_else(Verifier::new, |(seq, hash)| Verifier::resume(seq, hash));
     let mut verifier = anchors
         .iter()
@@ -271,24 +333,68 @@ pub fn verify_anchored(
         .fold(first, |v, (seq, hash)| v.anchored(*seq, *hash));
     let mut after = start.map_or(0, |(seq, _)| seq);
     let mut n = 0u64;
+    // The first column or seal problem; the chain's own errors come first unless this one is earlier.
+    let mut problem: Option<ChainError> = None;
+    let mut last_sealed = 0i64;
+    let mut checkpoint_events = Vec::new();
+    let earliest = |chain: ChainError, other: Option<ChainError>| match other {
+        Some(o) if o.seq < chain.seq => o,
+        _ => chain,
+    };
     let mut head = read_head(conn)?;
     loop {
         let upto = head.map_or(0, |(seq, _)| seq);
         loop {
-            let rows: Vec<(i64, String, String, String)> = audit_events::table
+            let rows: Vec<WalkRow> = audit_events::table
                 .filter(audit_events::seq.gt(after))
                 .filter(audit_events::seq.le(upto))
                 .order(audit_events::seq.asc())
                 .limit(5000)
-                .select((audit_events::seq, audit_events::body, audit_events::prev_hash, audit_events::hash))
+                .select((
+                    audit_events::seq,
+                    audit_events::id,
+                    audit_events::recorded,
+                    audit_events::kind,
+                    audit_events::action,
+                    audit_events::agent,
+                    audit_events::patient_id,
+                    audit_events::body,
+                    audit_events::prev_hash,
+                    audit_events::hash,
+                    audit_events::seal,
+                ))
                 .load(conn)?;
             let Some(last) = rows.last() else { break };
             after = last.0;
-            for (seq, body, prev, hash) in rows {
+            for (seq, id, recorded, kind, action, agent, patient_id, body, prev, hash, seal) in rows {
                 let prev = hash_from_hex(&prev).unwrap_or([0; 32]);
                 let hash = hash_from_hex(&hash).unwrap_or([0; 32]);
-                if let Err(e) = verifier.push_stored(seq, body.as_bytes(), &prev, &hash) {
-                    return Ok(Err(e));
+                let event = serde_json::from_slice::<AuditEvent>(body.as_bytes()).ok();
+                let canonical = event.as_ref().and_then(|e| e.canonical_bytes().ok());
+                if let Err(e) = verifier.push_canonical(seq, canonical.as_deref(), &prev, &hash) {
+                    return Ok(Err(earliest(e, problem)));
+                }
+                if let (Some(e), Some(c)) = (&event, &canonical) {
+                    let columns_match = c.as_slice() == body.as_bytes()
+                        && e.id.to_string() == id
+                        && micros(e.recorded) == recorded
+                        && e.kind.as_str() == kind
+                        && e.action.as_str() == action
+                        && e.agent.user == agent
+                        && e.patient.map(|p| p.to_string()) == patient_id;
+                    if !columns_match && problem.is_none() {
+                        problem = Some(ChainError { seq, kind: BreakKind::Edited });
+                    }
+                    if e.kind == super::AuditKind::Admin && e.detail.as_deref() == Some("audit-checkpoint") {
+                        checkpoint_events.push(seq);
+                    }
+                }
+                if let Some(stored) = seal.as_ref().filter(|_| !matches!(seals, Seals::Skip)) {
+                    if sealer.is_some_and(|k| k.check(seq, &hash, stored)) {
+                        last_sealed = seq;
+                    } else if problem.is_none() {
+                        problem = Some(ChainError { seq, kind: BreakKind::BadSeal });
+                    }
                 }
                 n += 1;
             }
@@ -312,12 +418,32 @@ pub fn verify_anchored(
         .get_result(conn)?;
     if beyond > 0 {
         let seq = head.map_or(0, |(seq, _)| seq) + 1;
-        return Ok(Err(super::ChainError { seq, kind: super::BreakKind::Inserted }));
+        return Ok(Err(earliest(ChainError { seq, kind: BreakKind::Inserted }, problem)));
     }
-    match verifier.finish(head) {
-        Ok(_) => Ok(Ok(n)),
-        Err(e) => Ok(Err(e)),
+    if let Err(e) = verifier.finish(head) {
+        return Ok(Err(earliest(e, problem)));
     }
+    if let Some(p) = problem {
+        return Ok(Err(p));
+    }
+    let head_seq = head.map_or(0, |(seq, _)| seq);
+    if let Some(k) = sealer
+        && head_seq >= k.first_seq()
+        && last_sealed < head_seq
+    {
+        let seq = (last_sealed + 1).max(k.first_seq()).max(start.map_or(0, |(s, _)| s + 1));
+        return Ok(Err(ChainError { seq, kind: BreakKind::Unsealed }));
+    }
+    for chunk in checkpoint_events.chunks(500) {
+        let stored: Vec<i64> = crate::store::schema::audit_checkpoints::table
+            .filter(crate::store::schema::audit_checkpoints::seq.eq_any(chunk))
+            .select(crate::store::schema::audit_checkpoints::seq)
+            .load(conn)?;
+        if let Some(seq) = chunk.iter().find(|s| !stored.contains(s)) {
+            return Ok(Err(ChainError { seq: *seq, kind: BreakKind::CheckpointMissing }));
+        }
+    }
+    Ok(Ok(n))
 }
 
 /// The stored head, `None` for an empty trail; a malformed hash never matches anything.

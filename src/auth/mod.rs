@@ -3,6 +3,7 @@
 //!
 //! Persistence and HTTP live elsewhere; every type here that must be stored says which fields to store.
 
+pub mod attempts;
 pub mod oidc;
 pub mod password;
 pub mod principal;

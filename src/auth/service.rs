@@ -4,20 +4,20 @@
 //! Session state is shared through the database, so every replica sees a logout or revocation; each replica
 //! caches a session's state for at most [`SESSION_CACHE`] (the "within 5 seconds" of the contract).
 
+use super::attempts::{self, Admission, ThrottleKeyer};
 use super::oidc::OidcService;
 use super::password::{check_policy, hash_password, verify_password};
 use super::principal::Principal;
 use super::session::{
     RefreshDecision, RefreshTokenRecord, SessionPolicy, SessionRecord, hash_refresh_token, new_refresh_token,
 };
-use super::throttle::{self, too_many_requests};
 use super::token::{SigningKey, TokenKeys};
 use crate::clock::SharedClock;
 use crate::crypto::KeyProvider;
 use crate::crypto::store::micros;
 use crate::error::{AppError, AppResult};
 use crate::role::Role;
-use crate::store::schema::{accounts, login_failures, refresh_tokens, sessions, signing_keys};
+use crate::store::schema::{accounts, refresh_tokens, sessions, signing_keys};
 use crate::store::{AnyConnection, Db};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -25,6 +25,7 @@ use diesel::prelude::*;
 use secrecy::SecretString;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -105,8 +106,29 @@ pub enum LoginFailure {
 /// What a login attempt came to.
 #[derive(Debug)]
 pub enum LoginOutcome {
-    Ok { tokens: TokenResponse, account: Account, session: Uuid },
-    Failed { account: Option<Account>, reason: LoginFailure },
+    Ok {
+        tokens: TokenResponse,
+        account: Account,
+        session: Uuid,
+    },
+    Failed {
+        account: Option<Account>,
+        reason: LoginFailure,
+    },
+    /// Refused by throttling before any verification (audited and counted by the failed-login rules all the
+    /// same); `account` is the account the name belongs to, if any.
+    Throttled {
+        account: Option<Account>,
+        retry_after: Duration,
+    },
+}
+
+/// What a client-credentials attempt came to.
+#[derive(Debug)]
+pub enum ClientOutcome {
+    Ok(TokenResponse, Account),
+    Failed,
+    Throttled { account: Option<Account>, retry_after: Duration },
 }
 
 pub struct AuthService {
@@ -122,6 +144,10 @@ pub struct AuthService {
     oidc: Option<Arc<OidcService>>,
     /// Production: admin accounts must have TOTP enrolled to sign in.
     require_admin_totp: bool,
+    /// Throttle keys (keyed hashes of names and addresses).
+    keyer: ThrottleKeyer,
+    /// Password and client-secret verifications run (argon2), for tests and figures.
+    password_checks: AtomicU64,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -220,7 +246,46 @@ impl AuthService {
             cache: RwLock::new(HashMap::new()),
             oidc: None,
             require_admin_totp: false,
+            keyer: ThrottleKeyer::random(),
+            password_checks: AtomicU64::new(0),
         }
+    }
+
+    /// Throttle keys under a key derived from the key ring, so every replica and restart computes the same ones.
+    pub fn with_throttle_keyer(mut self, keyer: ThrottleKeyer) -> Self {
+        self.keyer = keyer;
+        self
+    }
+
+    /// How many argon2 verifications (passwords and client secrets) this service has run.
+    pub fn password_checks(&self) -> u64 {
+        self.password_checks.load(Ordering::Relaxed)
+    }
+
+    /// One argon2 verification off the async runtime, counted.
+    async fn verify(
+        &self,
+        phc: Option<String>,
+        secret: SecretString,
+    ) -> AppResult<(super::password::Verification, SecretString)> {
+        self.password_checks.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || (verify_password(phc.as_deref(), &secret), secret))
+            .await
+            .map_err(|e| AppError::internal_from("password task", e))
+    }
+
+    async fn find_by_name(&self, name: &str, kind: &'static str) -> AppResult<Option<Account>> {
+        let name = name.to_owned();
+        self.db
+            .run(move |c| {
+                Ok(accounts::table
+                    .filter(accounts::username.eq(&name))
+                    .filter(accounts::kind.eq(kind))
+                    .select(Account::as_select())
+                    .first(c)
+                    .optional()?)
+            })
+            .await
     }
 
     /// Adds the configured OpenID Connect provider: its login flow and its access tokens as bearer tokens.
@@ -264,7 +329,9 @@ impl AuthService {
         Ok((token, (exp - now).whole_seconds()))
     }
 
-    /// Password login with throttling per account name and per address. Unknown names cost the same as known.
+    /// Password login with throttling per account name and per address (see [`attempts`]): at most one
+    /// verification per name is in flight, and an attempt refused by throttling reaches no argon2 check.
+    /// Unknown names cost the same as known ones.
     pub async fn login(
         &self,
         username: String,
@@ -273,62 +340,27 @@ impl AuthService {
         address: String,
     ) -> AppResult<LoginOutcome> {
         let now = self.clock.now();
-        let account_key = format!("account:{username}");
-        let address_key = format!("address:{address}");
-        {
-            let (ak, dk) = (account_key.clone(), address_key.clone());
-            let waits = self.db.run(move |c| Ok((failures(c, &ak, now)?, failures(c, &dk, now)?))).await?;
-            let wait = [
-                waits.0.and_then(|(n, last)| throttle::ACCOUNT.retry_after(n, last, now)),
-                waits.1.and_then(|(n, last)| throttle::ADDRESS.retry_after(n, last, now)),
-            ]
-            .into_iter()
-            .flatten()
-            .max();
-            if let Some(wait) = wait {
-                return Err(too_many_requests(wait));
+        let keys = self.keyer.keys("account", &username, &address);
+        let k = keys.clone();
+        let reservation = match self.db.run(move |c| attempts::admit(c, &k, now)).await? {
+            Admission::Proceed(r) => r,
+            Admission::Throttled(retry_after) => {
+                let account = self.find_by_name(&username, "user").await?;
+                return Ok(LoginOutcome::Throttled { account, retry_after });
             }
-        }
-        let name = username.clone();
-        let account = self
-            .db
-            .run(move |c| {
-                Ok(accounts::table
-                    .filter(accounts::username.eq(&name))
-                    .filter(accounts::kind.eq("user"))
-                    .select(Account::as_select())
-                    .first(c)
-                    .optional()?)
-            })
-            .await?;
-        let phc = account.as_ref().and_then(|a| a.password_hash.clone());
-        let (verification, password) =
-            tokio::task::spawn_blocking(move || (verify_password(phc.as_deref(), &password), password))
-                .await
-                .map_err(|e| AppError::internal_from("password task", e))?;
-        let mut failed = match &account {
-            None => Some(LoginFailure::UnknownOrWrong),
-            Some(_) if !verification.ok => Some(LoginFailure::UnknownOrWrong),
-            Some(a) if a.disabled => Some(LoginFailure::Disabled),
-            Some(_) => None,
         };
-        if failed.is_none()
-            && let Some(a) = &account
-            && !self.second_factor_ok(a, totp.as_deref(), now).await?
-        {
-            failed = Some(LoginFailure::SecondFactor);
-        }
+        let result = self.check_login(&username, password, totp.as_deref(), now).await;
+        // An attempt that ended in an error records nothing; it only gives the reservation back.
+        let outcome = result.as_ref().ok().map(|(account, failed, _)| account.is_some() && failed.is_none());
+        let k = keys.clone();
+        let finished = self.db.run(move |c| attempts::conclude(c, &k, &reservation, outcome, now)).await;
+        let (account, failed, password) = result?;
+        finished?;
         if let Some(reason) = failed {
-            self.db
-                .run(move |c| {
-                    record_failure(c, &account_key, now)?;
-                    record_failure(c, &address_key, now)
-                })
-                .await?;
             return Ok(LoginOutcome::Failed { account, reason });
         }
         let Some(account) = account else { return Err(AppError::Unauthenticated) };
-        if verification.needs_rehash {
+        if let Some(password) = password {
             // Parameters are upgraded on the next successful login, the only time the password is at hand.
             let id = account.id.clone();
             let phc = tokio::task::spawn_blocking(move || super::password::hash_password(&password))
@@ -345,6 +377,34 @@ impl AuthService {
         }
         let (tokens, session) = self.open_session(&account, now).await?;
         Ok(LoginOutcome::Ok { tokens, account, session })
+    }
+
+    /// The checks of one admitted login: the account, why it failed (if it did), and the password when its
+    /// hash needs new parameters.
+    async fn check_login(
+        &self,
+        username: &str,
+        password: SecretString,
+        totp: Option<&str>,
+        now: OffsetDateTime,
+    ) -> AppResult<(Option<Account>, Option<LoginFailure>, Option<SecretString>)> {
+        let account = self.find_by_name(username, "user").await?;
+        let phc = account.as_ref().and_then(|a| a.password_hash.clone());
+        let (verification, password) = self.verify(phc, password).await?;
+        let mut failed = match &account {
+            None => Some(LoginFailure::UnknownOrWrong),
+            Some(_) if !verification.ok => Some(LoginFailure::UnknownOrWrong),
+            Some(a) if a.disabled => Some(LoginFailure::Disabled),
+            Some(_) => None,
+        };
+        if failed.is_none()
+            && let Some(a) = &account
+            && !self.second_factor_ok(a, totp, now).await?
+        {
+            failed = Some(LoginFailure::SecondFactor);
+        }
+        let rehash = (failed.is_none() && verification.needs_rehash).then_some(password);
+        Ok((account, failed, rehash))
     }
 
     /// TOTP for accounts that enrolled it (required for admins in production). A code is accepted once.
@@ -419,12 +479,26 @@ impl AuthService {
             .db
             .run(move |c| {
                 c.transaction(|c| {
+                    // Spend first, compare-and-set: of concurrent refreshes with one token exactly one sees
+                    // `affected == 1`; the others find it spent and are reuse. Writing first also takes SQLite's
+                    // write lock at once (a read-then-write transaction fails with SQLITE_BUSY under contention
+                    // instead of waiting), and on PostgreSQL the row lock makes the others wait for the winner.
+                    let spent_now = diesel::update(
+                        refresh_tokens::table
+                            .filter(refresh_tokens::hash.eq(&hash))
+                            .filter(refresh_tokens::spent_at.is_null()),
+                    )
+                    .set(refresh_tokens::spent_at.eq(Some(micros(now))))
+                    .execute(c)?
+                        == 1;
                     let token: Option<(String, String, Option<i64>)> = refresh_tokens::table
                         .filter(refresh_tokens::hash.eq(&hash))
                         .select((refresh_tokens::hash, refresh_tokens::session_id, refresh_tokens::spent_at))
                         .first(c)
                         .optional()?;
                     let Some((_, sid, spent)) = token else { return Ok((RefreshDecision::Reject, None)) };
+                    // Spent by this call: decided as the unspent token it was.
+                    let spent = if spent_now { None } else { spent.or(Some(micros(now))) };
                     let sid_uuid =
                         Uuid::parse_str(&sid).map_err(|e| AppError::internal_from("stored session id", e))?;
                     let session: Option<(String, String, i64, i64, Option<i64>)> = sessions::table
@@ -461,9 +535,6 @@ impl AuthService {
                     }
                     match decision {
                         RefreshDecision::Rotate => {
-                            diesel::update(refresh_tokens::table.filter(refresh_tokens::hash.eq(&hash)))
-                                .set(refresh_tokens::spent_at.eq(Some(micros(now))))
-                                .execute(c)?;
                             insert_refresh(c, &new_hash, sid_uuid, now)?;
                             diesel::update(sessions::table.filter(sessions::id.eq(&sid)))
                                 .set(sessions::last_seen.eq(micros(now)))
@@ -474,7 +545,15 @@ impl AuthService {
                             revoke_session_rows(c, &sid, now)?;
                             Ok((decision, account.map(|a| (a, sid_uuid))))
                         }
-                        RefreshDecision::Reject => Ok((decision, None)),
+                        RefreshDecision::Reject => {
+                            if spent_now {
+                                // Refused for another reason (session over): the token stays as it was.
+                                diesel::update(refresh_tokens::table.filter(refresh_tokens::hash.eq(&hash)))
+                                    .set(refresh_tokens::spent_at.eq(None::<i64>))
+                                    .execute(c)?;
+                            }
+                            Ok((decision, None))
+                        }
                     }
                 })
             })
@@ -503,38 +582,45 @@ impl AuthService {
     }
 
     /// `grant_type=client_credentials`: service clients (accounts of kind `service`) get an access token only.
+    /// Throttled like password logins (per client id and address, one verification in flight per client id).
     pub async fn client_credentials(
         &self,
         client_id: String,
         secret: SecretString,
-    ) -> AppResult<Option<(TokenResponse, Account)>> {
+        address: String,
+    ) -> AppResult<ClientOutcome> {
         let now = self.clock.now();
-        let id = client_id.clone();
-        let account: Option<Account> = self
-            .db
-            .run(move |c| {
-                Ok(accounts::table
-                    .filter(accounts::username.eq(&id))
-                    .filter(accounts::kind.eq("service"))
-                    .select(Account::as_select())
-                    .first(c)
-                    .optional()?)
-            })
-            .await?;
-        let phc = account.as_ref().and_then(|a| a.password_hash.clone());
-        let v = tokio::task::spawn_blocking(move || verify_password(phc.as_deref(), &secret))
-            .await
-            .map_err(|e| AppError::internal_from("password task", e))?;
+        let keys = self.keyer.keys("client", &client_id, &address);
+        let k = keys.clone();
+        let reservation = match self.db.run(move |c| attempts::admit(c, &k, now)).await? {
+            Admission::Proceed(r) => r,
+            Admission::Throttled(retry_after) => {
+                let account = self.find_by_name(&client_id, "service").await?;
+                return Ok(ClientOutcome::Throttled { account, retry_after });
+            }
+        };
+        let result = async {
+            let account = self.find_by_name(&client_id, "service").await?;
+            let phc = account.as_ref().and_then(|a| a.password_hash.clone());
+            let (v, _) = self.verify(phc, secret).await?;
+            Ok::<_, AppError>(account.filter(|a| v.ok && !a.disabled))
+        }
+        .await;
+        let outcome = result.as_ref().ok().map(Option::is_some);
+        let k = keys.clone();
+        let finished = self.db.run(move |c| attempts::conclude(c, &k, &reservation, outcome, now)).await;
+        let account = result?;
+        finished?;
         match account {
-            Some(a) if v.ok && !a.disabled => {
+            Some(a) => {
                 let principal = a.principal(None, &self.issuer)?;
                 let (access, expires_in) = self.issue(&principal, now)?;
-                Ok(Some((
+                Ok(ClientOutcome::Ok(
                     TokenResponse { access_token: access, token_type: "Bearer", expires_in, refresh_token: None },
                     a,
-                )))
+                ))
             }
-            _ => Ok(None),
+            None => Ok(ClientOutcome::Failed),
         }
     }
 
@@ -722,29 +808,6 @@ pub fn revoke_account_sessions(c: &mut AnyConnection, account_id: &str, now: Off
         revoke_session_rows(c, sid, now)?;
     }
     Ok(sids.len())
-}
-
-/// Failures in the throttle window for a key: (count, last failure time).
-fn failures(c: &mut AnyConnection, key: &str, now: OffsetDateTime) -> AppResult<Option<(u32, OffsetDateTime)>> {
-    let since = micros(now - throttle::WINDOW);
-    let times: Vec<i64> = login_failures::table
-        .filter(login_failures::key.eq(key))
-        .filter(login_failures::at.gt(since))
-        .select(login_failures::at)
-        .load(c)?;
-    let Some(last) = times.iter().max() else { return Ok(None) };
-    Ok(Some((u32::try_from(times.len()).unwrap_or(u32::MAX), from_micros(*last))))
-}
-
-fn record_failure(c: &mut AnyConnection, key: &str, now: OffsetDateTime) -> AppResult<()> {
-    diesel::insert_into(login_failures::table)
-        .values((
-            login_failures::id.eq(Uuid::new_v4().to_string()),
-            login_failures::key.eq(key),
-            login_failures::at.eq(micros(now)),
-        ))
-        .execute(c)?;
-    Ok(())
 }
 
 pub fn hex(bytes: &[u8]) -> String {

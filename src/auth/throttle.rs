@@ -7,10 +7,11 @@
 //! - after that the next attempt waits 1 s, then 2 s, 4 s, … from the latest failure, capped at 15 minutes;
 //! - with `hard_limit` failures in the hour the key is locked until an hour after the latest failure.
 //!
-//! The caller checks both keys *before* verifying the password (a throttled attempt never reaches argon2 and
-//! is not counted as a failure), answers 429 with `Retry-After` = the larger wait, and records a failure for
-//! both keys after a wrong password. Unknown usernames count against their name like real ones, so throttling
-//! does not reveal which accounts exist.
+//! [`super::attempts`] checks both keys *before* verifying the password, under a reservation of the account's
+//! key (a throttled attempt never reaches argon2 and is not counted as a failure, but it is audited so the
+//! failed-login rules see it), answers 429 with `Retry-After` = the larger wait, and records a failure after a
+//! wrong password. Keys are keyed hashes, never names. Unknown usernames count against their name like real ones,
+//! so throttling does not reveal which accounts exist.
 //!
 //! A client address gets more free attempts than an account because many users may share one (a clinic's
 //! NAT), and no hard lock, so one careless workstation cannot lock a whole site out for an hour.

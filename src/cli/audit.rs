@@ -15,7 +15,7 @@
 
 use super::{Cli, CliError, Context};
 use crate::audit::checkpoints::{self, CheckpointInvalid};
-use crate::audit::{AuditEvent, ChainError, Checkpoint, to_fhir};
+use crate::audit::{AuditEvent, ChainError, to_fhir};
 use crate::crypto::store::micros;
 use crate::store::StoreError;
 use crate::store::schema::{audit_events, audit_head};
@@ -63,7 +63,7 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), CliError> {
     let mut conn = super::connect(&state)?;
     match cmd {
         AuditCommand::Verify { anchor, json } => {
-            let result = verify(&mut conn, state.keys.as_ref(), anchor.as_deref());
+            let result = verify_with(&mut conn, state.keys.as_ref(), anchor.as_deref(), &state.config.audit);
             let detail = if matches!(result, Ok(Ok(_))) { "audit-verified" } else { "audit-verify-failed" };
             let logged = super::audit_admin(&state, &mut conn, detail);
             let outcome = result?;
@@ -130,6 +130,11 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), CliError> {
             let event = super::admin_event(now, "audit-checkpoint");
             let (cp, public_key) = checkpoints::checkpoint(&mut conn, state.keys.as_ref(), event, now)?;
             println!("{}", json!({"checkpoint": cp, "public_key": public_key}));
+            // Shipped to the anchor directory too (the server's checkpointer also posts to the webhook).
+            if let Some(dir) = &state.config.audit.anchor_dir {
+                let line = crate::audit::anchor::line(&cp, &public_key, Some(state.audit.sealer().first_seq()));
+                crate::audit::anchor::append_to_dir(dir, &line).context("cannot append to `audit.anchor_dir`")?;
+            }
             Ok(())
         }
     }
@@ -197,14 +202,33 @@ pub fn purge_allowed(cutoff: OffsetDateTime, now: OffsetDateTime, retention_days
     cutoff <= now - Duration::days(i64::from(retention_days))
 }
 
-/// Checks the checkpoints' signatures, then walks the chain through them.
+/// [`verify_with`] with the default audit settings (no anchor directory, the default checkpoint interval).
 pub fn verify(
     conn: &mut crate::store::AnyConnection,
     keys: &dyn crate::crypto::KeyProvider,
     anchor: Option<&std::path::Path>,
 ) -> Result<Result<Intact, Broken>, CliError> {
+    verify_with(conn, keys, anchor, &crate::config::AuditConfig::default())
+}
+
+fn broken(seq: i64, kind: crate::audit::BreakKind) -> Broken {
+    ChainError { seq, kind }.into()
+}
+
+/// Checks the checkpoints' signatures (stored, `--anchor`, and every one shipped to `audit.anchor_dir`),
+/// then walks the chain through them with the seal key (`crate::audit::store::verify_sealed`), and finally
+/// that the newest checkpoint is no older than twice `audit.checkpoint_interval_secs` before the newest record.
+pub fn verify_with(
+    conn: &mut crate::store::AnyConnection,
+    keys: &dyn crate::crypto::KeyProvider,
+    anchor: Option<&std::path::Path>,
+    settings: &crate::config::AuditConfig,
+) -> Result<Result<Intact, Broken>, CliError> {
+    use crate::audit::BreakKind;
     let mut anchors = Vec::new();
     let mut latest = None;
+    let mut newest_at: Option<OffsetDateTime> = None;
+    let sealer = crate::audit::seal::load(conn, keys)?;
     if let Some(stored) = checkpoints::latest(conn)? {
         let cp = match stored {
             Ok(cp) => cp,
@@ -215,14 +239,32 @@ pub fn verify(
         }
         anchors.push((cp.seq, cp.hash));
         latest = Some(cp.seq);
+        newest_at = newest_at.max(Some(cp.at));
     }
+    let mut shipped = Vec::new();
     if let Some(path) = anchor {
-        let cp = read_anchor(path)?;
+        shipped.push(read_anchor(path)?);
+    }
+    if let Some(dir) = &settings.anchor_dir {
+        match crate::audit::anchor::all_in_dir(dir) {
+            Ok(all) => shipped.extend(all),
+            Err(message) => return Ok(Err(Broken { seq: 0, problem: "anchor unreadable", message })),
+        }
+    }
+    for a in shipped {
+        let cp = a.checkpoint;
         if let Err(e) = checkpoints::check(conn, keys, &cp)? {
             return Ok(Err(e.into()));
         }
+        // The seal transition point the anchor names must still be the database's.
+        if let Some(from) = a.sealed_from
+            && sealer.as_ref().is_none_or(|s| s.first_seq() != from)
+        {
+            return Ok(Err(broken(from, BreakKind::BadSeal)));
+        }
         anchors.push((cp.seq, cp.hash));
         latest = latest.max(Some(cp.seq));
+        newest_at = newest_at.max(Some(cp.at));
     }
     // After a retention purge the trail starts later: it must resume from the signed anchor the purge left.
     let first: Option<i64> = crate::store::schema::audit_events::table
@@ -253,23 +295,39 @@ pub fn verify(
     let total: i64 = audit_head::table.filter(audit_head::id.eq(1)).select(audit_head::seq).first(conn)?;
     let bar = super::progress(u64::try_from(total).unwrap_or(0), "verifying");
     let start = std::time::Instant::now();
-    let walked = crate::audit::store::verify_anchored(conn, resume, &anchors, |n| bar.set_position(n))?;
+    let seals = match &sealer {
+        Some(k) => crate::audit::store::Seals::With(k),
+        None => crate::audit::store::Seals::NoKey,
+    };
+    let walked = crate::audit::store::verify_sealed(conn, seals, resume, &anchors, |n| bar.set_position(n))?;
     bar.finish_and_clear();
-    Ok(match walked {
-        Ok(records) => Ok(Intact { records, seconds: start.elapsed().as_secs_f64(), checkpoint: latest }),
-        Err(e) => Err(e.into()),
-    })
+    let records = match walked {
+        Ok(records) => records,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    // Checkpoints are made every interval while records are written: a newest checkpoint much older than the
+    // newest record means checkpointing stopped, or the newest checkpoints were removed.
+    if let Some(at) = newest_at {
+        let newest: Option<(i64, i64)> = audit_events::table
+            .order(audit_events::seq.desc())
+            .select((audit_events::seq, audit_events::recorded))
+            .first(conn)
+            .optional()?;
+        let limit = i64::try_from(settings.checkpoint_interval_secs.max(1)).unwrap_or(i64::MAX / 4).saturating_mul(2);
+        if let Some((seq, recorded)) = newest
+            && recorded - micros(at) > limit.saturating_mul(1_000_000)
+        {
+            return Ok(Err(broken(seq, BreakKind::StaleCheckpoint)));
+        }
+    }
+    Ok(Ok(Intact { records, seconds: start.elapsed().as_secs_f64(), checkpoint: latest }))
 }
 
-/// An exported checkpoint: the output of `audit checkpoint`, or the bare checkpoint object.
-fn read_anchor(path: &std::path::Path) -> Result<Checkpoint, CliError> {
+/// An exported checkpoint: the output of `audit checkpoint`, an anchor line, or the bare checkpoint object.
+fn read_anchor(path: &std::path::Path) -> Result<crate::audit::anchor::Shipped, CliError> {
     let bad = || format!("--anchor {}: not a checkpoint exported by `carevault audit checkpoint`", path.display());
     let text = std::fs::read_to_string(path).context(bad())?;
-    let mut value: Value = serde_json::from_str(&text).map_err(|_| bad())?;
-    if let Some(inner) = value.get_mut("checkpoint") {
-        value = inner.take();
-    }
-    Ok(serde_json::from_value(value).map_err(|_| bad())?)
+    Ok(crate::audit::anchor::parse(&text).ok_or_else(bad)?)
 }
 
 /// RFC 3339, or a date (start of that day, UTC; with `end_of_day`, the start of the next day).

@@ -78,7 +78,7 @@ pub fn run(cli: &Cli, cmd: &IncidentCommand) -> Result<(), CliError> {
             Ok(())
         }
         IncidentCommand::Contain { user, json } => {
-            let done = incident::contain(&mut conn, user, operator(), now)
+            let done = incident::contain(&mut conn, state.audit.sealer(), user, operator(), now)
                 .context("cannot contain the account")?
                 .ok_or("no such account")?;
             if *json {

@@ -329,7 +329,10 @@ fn rotate_master(cli: &Cli, file: &std::path::Path) -> Result<(), CliError> {
             let data = crate::crypto::store::rewrap(c, old.as_ref(), new.as_ref())?;
             let signing = rewrap_signing(c, old.as_ref(), new.as_ref())?;
             let checkpoint = crate::audit::checkpoints::rewrap(c, old.as_ref(), new.as_ref())?;
-            crate::audit::store::append(c, &[super::admin_event(now, "master-key-rotated")])?;
+            // The seal key is rewrapped too (its bytes, and so every seal, stay the same).
+            let sealer = crate::audit::seal::load_or_create(c, old.as_ref(), now)?;
+            crate::audit::seal::rewrap(c, old.as_ref(), new.as_ref())?;
+            crate::audit::store::append(c, &sealer, &[super::admin_event(now, "master-key-rotated")])?;
             Ok::<_, AppError>((data, signing, checkpoint))
         })
         .context("cannot rewrap the keys; nothing was changed")?;

@@ -224,7 +224,7 @@ pub fn audit_admin(
     detail: &'static str,
 ) -> Result<(), CliError> {
     let event = admin_event(state.clock.now(), detail);
-    crate::audit::store::append(conn, &[event]).context("cannot write the audit trail")
+    crate::audit::store::append(conn, state.audit.sealer(), &[event]).context("cannot write the audit trail")
 }
 
 /// The audit record of an administrative action by the operator running this command (`cli:$USER`, letters and

@@ -267,6 +267,16 @@ impl KeyRing {
         [&self.index].into_iter().chain(self.older_index.values().rev()).map(|k| BlindIndexer::new(k.bytes())).collect()
     }
 
+    /// A 256-bit key for another keyed-hash purpose (`label`, e.g. `carevault/throttle/v1`), derived from the
+    /// newest index key by HKDF-SHA256. Never stored; it changes when the index key is rotated.
+    pub fn derived_key(&self, label: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
+        let mut out = Zeroizing::new([0u8; KEY_LEN]);
+        hkdf::Hkdf::<sha2::Sha256>::new(Some(b"carevault/derived-key/v1"), self.index.bytes())
+            .expand(label.as_bytes(), out.as_mut())
+            .map_err(|_| CryptoError::KeyRing("derived key length"))?;
+        Ok(out)
+    }
+
     /// What [`crate::crypto::store::key_stamp`] reads from the database for this ring: (active data-key version,
     /// number of data-key versions, index-key versions).
     pub fn stamp(&self) -> (u32, usize, Vec<u32>) {

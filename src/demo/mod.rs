@@ -195,7 +195,8 @@ async fn audit_seed(state: &AppState, subject: &str, detail: &'static str) -> Ap
     let event =
         AuditEvent::new(AuditKind::Admin, state.clock.now(), Outcome::Success, Agent::user(subject, None, None))
             .with_detail(detail);
-    state.db.run(move |c| crate::audit::store::append(c, &[event])).await
+    let sealer = state.audit.clone();
+    state.db.run(move |c| crate::audit::store::append(c, sealer.sealer(), &[event])).await
 }
 
 /// Seeds the demo on its first run; on later runs finds the accounts and changes nothing.

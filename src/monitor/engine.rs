@@ -69,7 +69,13 @@ impl Monitor {
 
     /// Starts the engine and (when configured) the webhook sender on the current tokio runtime. The cursor is
     /// set to the chain head before this returns, so every event appended afterwards is evaluated.
-    pub fn start(&self, db: &Db, config: &Arc<Config>, clock: &SharedClock) -> AppResult<()> {
+    pub fn start(
+        &self,
+        db: &Db,
+        config: &Arc<Config>,
+        clock: &SharedClock,
+        sealer: Arc<crate::audit::seal::Sealer>,
+    ) -> AppResult<()> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| crate::error::AppError::internal_from("the monitor needs a tokio runtime", e))?;
         let mut conn = db.conn()?;
@@ -78,7 +84,7 @@ impl Monitor {
         self.processed.store(head, Ordering::Release);
         let sink = super::sink::Sender::from_config(config);
         let (me, db1, config) = (self.clone(), db.clone(), config.clone());
-        runtime.spawn(async move { me.run(db1, config, head).await });
+        runtime.spawn(async move { me.run(db1, config, sealer, head).await });
         if let Some(sender) = sink {
             let (me, db, clock) = (self.clone(), db.clone(), clock.clone());
             runtime.spawn(async move { sender.run(db, clock, me).await });
@@ -86,15 +92,15 @@ impl Monitor {
         Ok(())
     }
 
-    async fn run(self, db: Db, config: Arc<Config>, mut cursor: i64) {
+    async fn run(self, db: Db, config: Arc<Config>, sealer: Arc<crate::audit::seal::Sealer>, mut cursor: i64) {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
                 () = self.wake.notified() => {}
             }
-            let config = config.clone();
+            let (config, sealer) = (config.clone(), sealer.clone());
             let after = cursor;
-            match db.run(move |c| evaluate_after(c, &config, after)).await {
+            match db.run(move |c| evaluate_after(c, &config, &sealer, after)).await {
                 Ok(Some((last, raised))) => {
                     cursor = last;
                     self.processed.store(last, Ordering::Release);
@@ -111,7 +117,12 @@ impl Monitor {
 
 /// Evaluates every rule over the events after `after`; returns the last `seq` read and how many alerts were
 /// raised, or `None` when there was nothing new.
-pub fn evaluate_after(conn: &mut AnyConnection, config: &Config, after: i64) -> AppResult<Option<(i64, usize)>> {
+pub fn evaluate_after(
+    conn: &mut AnyConnection,
+    config: &Config,
+    sealer: &crate::audit::seal::Sealer,
+    after: i64,
+) -> AppResult<Option<(i64, usize)>> {
     let rows: Vec<(i64, String)> = audit_events::table
         .filter(audit_events::seq.gt(after))
         .order(audit_events::seq.asc())
@@ -149,7 +160,7 @@ pub fn evaluate_after(conn: &mut AnyConnection, config: &Config, after: i64) -> 
             let count = i64::try_from(count).unwrap_or(i64::MAX);
             // The alert is raised now; its window is the one that ended at the triggering event.
             let now = at;
-            if super::raise_with(conn, rule, &subject, count, window, webhook, now)?.is_some() {
+            if super::raise_with(conn, sealer, rule, &subject, count, window, webhook, now)?.is_some() {
                 raised += 1;
             }
         }

@@ -230,7 +230,7 @@ pub fn report(
         events.push(
             AuditEvent::new(AuditKind::Export, now, Outcome::Success, operator.clone()).with_detail("incident-report"),
         );
-        append_locked(c, head, &events)?;
+        append_locked(c, state.audit.sealer(), head, &events)?;
         AppResult::Ok(by_state)
     })?;
     let duties = duties(&by_state, discovered);
@@ -314,6 +314,7 @@ pub struct Contained {
 /// grants, in one transaction with its audit record (kind `admin`, detail `incident-contain`).
 pub fn contain(
     conn: &mut AnyConnection,
+    sealer: &crate::audit::seal::Sealer,
     user: &str,
     operator: Agent,
     now: OffsetDateTime,
@@ -327,7 +328,7 @@ pub fn contain(
         let sessions = revoke_account_sessions(c, &account.id, now)?;
         let grants = crate::records::maintenance::revoke_grants(c, &account.id, micros(now))?;
         let event = AuditEvent::new(AuditKind::Admin, now, Outcome::Success, operator).with_detail("incident-contain");
-        append_locked(c, head, &[event])?;
+        append_locked(c, sealer, head, &[event])?;
         Ok(Some(Contained { account: account.id, username: account.username, sessions, break_glass_grants: grants }))
     })
 }

@@ -27,6 +27,7 @@ use crate::store::schema::alerts;
 use crate::store::{AnyConnection, Db};
 use diesel::prelude::*;
 use serde_json::json;
+use std::sync::Arc;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -90,6 +91,7 @@ impl Alert {
 /// `raise(&state.db, &state.config, rules::DECRYPT_FAILURE, Subject::System("field-cipher"), 1, now)`.
 pub async fn raise(
     db: &Db,
+    sealer: &Arc<crate::audit::seal::Sealer>,
     config: &Config,
     rule: &'static str,
     subject: Subject,
@@ -99,12 +101,15 @@ pub async fn raise(
     let rule = rules::rule(rule).ok_or_else(|| AppError::internal("unknown alert rule"))?;
     let window = rule.window_for(config);
     let webhook = config.alerts.webhook_url.is_some();
-    db.run(move |c| raise_with(c, rule, &subject, count, window, webhook, now)).await
+    let sealer = sealer.clone();
+    db.run(move |c| raise_with(c, &sealer, rule, &subject, count, window, webhook, now)).await
 }
 
 /// [`raise`] on a connection the caller holds.
+#[allow(clippy::too_many_arguments)]
 pub fn raise_with(
     conn: &mut AnyConnection,
+    sealer: &crate::audit::seal::Sealer,
     rule: &'static Rule,
     subject: &Subject,
     count: i64,
@@ -150,7 +155,7 @@ pub fn raise_with(
         let event = AuditEvent::new(AuditKind::Alert, now, Outcome::Success, Agent::default())
             .with_resource("Alert", Some(id), None)
             .with_detail(rule.name);
-        append_locked(c, head, &[event])?;
+        append_locked(c, sealer, head, &[event])?;
         tracing::warn!(alert.id = %alert.id, alert.rule = rule.name, alert.severity = %alert.severity, "alert raised");
         Ok(Some(alert))
     })
@@ -194,6 +199,7 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> AppResult<Option<Alert>> {
 /// `Ok(None)`: no such alert; `Err(Conflict)`: already acknowledged.
 pub fn acknowledge(
     conn: &mut AnyConnection,
+    sealer: &crate::audit::seal::Sealer,
     id: &str,
     note_ciphertext: Option<String>,
     agent: Agent,
@@ -212,7 +218,7 @@ pub fn acknowledge(
         let event = AuditEvent::new(AuditKind::Admin, now, Outcome::Success, agent)
             .with_resource("Alert", Some(uuid), None)
             .with_detail("alert-acknowledged");
-        append_locked(c, head, &[event])?;
+        append_locked(c, sealer, head, &[event])?;
         find(c, id)
     })
 }

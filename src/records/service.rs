@@ -287,10 +287,11 @@ impl Records {
             tracing::error!("cannot raise the decrypt-failure alert here (no runtime or no alert settings)");
             return;
         };
-        let db = self.db.clone();
+        let (db, sealer) = (self.db.clone(), self.audit.sealer_arc().clone());
         runtime.spawn(async move {
             let subject = AlertSubject::System("field-cipher");
-            if let Err(e) = crate::monitor::raise(&db, &config, rules::DECRYPT_FAILURE, subject, 1, now).await {
+            if let Err(e) = crate::monitor::raise(&db, &sealer, &config, rules::DECRYPT_FAILURE, subject, 1, now).await
+            {
                 tracing::error!(error.kind = %e, "cannot raise the decrypt-failure alert");
             }
         });

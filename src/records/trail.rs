@@ -364,8 +364,9 @@ pub(super) async fn ack_alert(
     let ciphertext = r.cipher.encrypt(&monitor::ack_note_aad(&id), note.as_bytes()).map_err(AppError::internal)?;
     let agent = caller.agent();
     let now = r.clock.now();
+    let sealer = r.audit.clone();
     let alert =
-        r.db.run(move |c| monitor::acknowledge(c, &id, Some(ciphertext), agent, now))
+        r.db.run(move |c| monitor::acknowledge(c, sealer.sealer(), &id, Some(ciphertext), agent, now))
             .await?
             .ok_or(AppError::NotFound)?;
     d.durable();
@@ -425,7 +426,16 @@ impl Records {
                     if let Some(config) = &self.config {
                         let now = self.clock.now();
                         let subject = Subject::System("field-cipher");
-                        if let Err(e) = monitor::raise(&self.db, config, rules::DECRYPT_FAILURE, subject, 1, now).await
+                        if let Err(e) = monitor::raise(
+                            &self.db,
+                            self.audit.sealer_arc(),
+                            config,
+                            rules::DECRYPT_FAILURE,
+                            subject,
+                            1,
+                            now,
+                        )
+                        .await
                         {
                             tracing::error!(error.kind = %e, "cannot raise the decrypt-failure alert");
                         }

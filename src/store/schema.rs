@@ -108,6 +108,21 @@ diesel::table! {
 }
 
 diesel::table! {
+    login_reservations (key) {
+        key -> Text,
+        holder -> Text,
+        until -> BigInt,
+    }
+}
+
+diesel::table! {
+    login_known_addresses (key) {
+        key -> Text,
+        last_success -> BigInt,
+    }
+}
+
+diesel::table! {
     break_glass (id) {
         id -> Text,
         account_id -> Text,
@@ -131,6 +146,16 @@ diesel::table! {
         prev_hash -> Text,
         hash -> Text,
         action -> Text,
+        seal -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    audit_seal_keys (key_id) {
+        key_id -> Text,
+        wrapped -> Text,
+        first_seq -> BigInt,
+        created_at -> BigInt,
     }
 }
 
@@ -209,12 +234,15 @@ diesel::allow_tables_to_appear_in_same_query!(
     sessions,
     refresh_tokens,
     login_failures,
+    login_reservations,
+    login_known_addresses,
     break_glass,
     audit_events,
     audit_patients,
     audit_head,
     audit_checkpoints,
     audit_signing_keys,
+    audit_seal_keys,
     alerts,
     oidc_logins,
 );

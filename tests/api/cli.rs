@@ -431,10 +431,12 @@ fn append_events(app: &TestApp, n: usize, at: time::OffsetDateTime) {
             .with_resource("Patient", Some(Uuid::new_v4()), Some(1))
         })
         .collect();
-    carevault::audit::store::append(&mut conn, &events).unwrap();
+    carevault::audit::store::append(&mut conn, app.state.audit.sealer(), &events).unwrap();
 }
 
-type AuditRow = (i64, String, i64, String, Option<String>, Option<String>, String, String, String);
+/// Every column of a row (the helper restores them all: `audit verify` checks each one).
+type AuditRow =
+    (i64, String, i64, String, Option<String>, Option<String>, String, String, String, Option<String>, String);
 
 fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
     let mut conn = app.state.db.conn().unwrap();
@@ -450,6 +452,8 @@ fn snapshot(app: &TestApp) -> (Vec<AuditRow>, (i64, String)) {
             audit_events::body,
             audit_events::prev_hash,
             audit_events::hash,
+            audit_events::seal,
+            audit_events::action,
         ))
         .load(&mut conn)
         .unwrap();
@@ -481,6 +485,8 @@ fn insert_row(conn: &mut carevault::store::AnyConnection, r: AuditRow) {
             audit_events::body.eq(r.6),
             audit_events::prev_hash.eq(r.7),
             audit_events::hash.eq(r.8),
+            audit_events::seal.eq(r.9),
+            audit_events::action.eq(r.10),
         ))
         .execute(conn)
         .unwrap();
@@ -547,6 +553,8 @@ both_backends!(audit_verify_names_the_first_bad_record, |app: TestApp| async mov
             String::from_utf8(canonical).unwrap(),
             to_hex(&link.prev_hash),
             to_hex(&link.hash),
+            None,
+            "R".into(),
         ),
     );
     assert_broken(&app, "audit record 7: inserted");

@@ -274,11 +274,11 @@ fn seed_trail(app: &TestApp, n: usize, t0: time::OffsetDateTime) {
             .with_purpose(purpose::TREAT);
         batch.push(e);
         if batch.len() == 5000 {
-            carevault::audit::store::append(&mut conn, &batch).unwrap();
+            carevault::audit::store::append(&mut conn, app.state.audit.sealer(), &batch).unwrap();
             batch.clear();
         }
     }
-    carevault::audit::store::append(&mut conn, &batch).unwrap();
+    carevault::audit::store::append(&mut conn, app.state.audit.sealer(), &batch).unwrap();
 }
 
 async fn count(app: &TestApp, s: &Session, query: &str) -> u64 {

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod access;
+mod attacks;
 mod audit;
 mod auth;
 mod cli;
@@ -19,5 +20,6 @@ mod monitor;
 mod oidc;
 mod ops;
 mod retention;
+mod tamper;
 mod telemetry;
 mod world;

@@ -42,7 +42,7 @@ fn account_id(app: &TestApp, username: &str) -> String {
 
 fn append(app: &TestApp, events: &[AuditEvent]) {
     let mut conn = app.state.db.conn().unwrap();
-    carevault::audit::store::append(&mut conn, events).unwrap();
+    carevault::audit::store::append(&mut conn, app.state.audit.sealer(), events).unwrap();
 }
 
 fn access(account: &str, kind: AuditKind, patient: Uuid, at: time::OffsetDateTime) -> AuditEvent {
@@ -270,7 +270,9 @@ both_backends!(refresh_token_reuse_raises_an_alert, |app: TestApp| async move {
 
 both_backends!(alerts_api_roles_filters_and_ack, |app: TestApp| async move {
     let now = app.clock.now();
-    let raise = |rule, subject| monitor::raise(&app.state.db, &app.state.config, rule, subject, 1, now);
+    let raise = |rule, subject| {
+        monitor::raise(&app.state.db, app.state.audit.sealer_arc(), &app.state.config, rule, subject, 1, now)
+    };
     let a = raise(rules::DECRYPT_FAILURE, Subject::System("field-cipher")).await.unwrap().unwrap();
     raise(rules::BREAK_GLASS, Subject::Account("acct-1".into())).await.unwrap().unwrap();
     assert!(raise(rules::DECRYPT_FAILURE, Subject::System("field-cipher")).await.unwrap().is_none(), "deduped");
@@ -519,9 +521,16 @@ both_backends!(incident_contain_cuts_the_account_off, |app: TestApp| async move 
     assert_eq!(status(s.access.clone()).await, 200);
     let operator = Agent { user: Some("cli:test".into()), ..Agent::default() };
     let mut conn = app.state.db.conn().unwrap();
-    let done = monitor::incident::contain(&mut conn, "mallory", operator.clone(), app.clock.now()).unwrap().unwrap();
+    let done =
+        monitor::incident::contain(&mut conn, app.state.audit.sealer(), "mallory", operator.clone(), app.clock.now())
+            .unwrap()
+            .unwrap();
     assert_eq!((done.account.as_str(), done.sessions, done.break_glass_grants), (mallory.as_str(), 1, 1));
-    assert!(monitor::incident::contain(&mut conn, "nobody", operator, app.clock.now()).unwrap().is_none());
+    assert!(
+        monitor::incident::contain(&mut conn, app.state.audit.sealer(), "nobody", operator, app.clock.now())
+            .unwrap()
+            .is_none()
+    );
     let revoked: Vec<(String, Option<i64>)> = break_glass::table
         .order(break_glass::id)
         .select((break_glass::id, break_glass::revoked_at))

@@ -18,7 +18,7 @@ both_backends!(purge_past_retention_re_anchors_the_chain, |app: TestApp| async m
     let events: Vec<AuditEvent> = (0..10)
         .map(|i| AuditEvent::new(AuditKind::Login, old + Duration::minutes(i), Outcome::Success, Agent::default()))
         .collect();
-    carevault::audit::store::append(&mut conn, &events).unwrap();
+    carevault::audit::store::append(&mut conn, app.state.audit.sealer(), &events).unwrap();
     drop(conn);
     app.user("recent", carevault::role::Role::Auditor, None).await;
     let mut conn = app.state.db.conn().unwrap();

@@ -1,0 +1,2 @@
+DROP TABLE audit_seal_keys;
+ALTER TABLE audit_events DROP COLUMN seal;
