@@ -38,6 +38,10 @@ pub fn private_dir(path: &Path) -> std::io::Result<()> {
 /// Makes `path` a file only its owner may read or write (mode 0600 on Unix): created empty when missing,
 /// tightened when it exists with a looser mode.
 pub fn private_file(path: &Path) -> std::io::Result<()> {
+    if path.exists() && !path.is_file() {
+        // Not a regular file (a directory, a device): whoever opens it next reports what is wrong with it.
+        return Ok(());
+    }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(false);
     #[cfg(unix)]
