@@ -73,6 +73,10 @@ pub struct Config {
     database_url: Option<SecretString>,
     #[serde(default)]
     database_url_file: Option<PathBuf>,
+    /// Demo seeding: the demo accounts' passwords, one `username password` per line, as `carevault deploy init`
+    /// writes them (so `docker compose logs init` can print the logins); unset: generated at seeding.
+    #[serde(default)]
+    pub demo_passwords_file: Option<PathBuf>,
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Public base URL used in links (`Location`, Bundle links); default `https://{listen}`.

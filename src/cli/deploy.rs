@@ -19,6 +19,7 @@
 use super::{Cli, CliError, Context};
 use base64::Engine as _;
 use rand::RngCore;
+use secrecy::ExposeSecret;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Subcommand)]
@@ -122,6 +123,24 @@ fn init(args: &InitArgs) -> Result<(), CliError> {
     ensure_secret(&api.join("webhook_secret"), 32, Alphabet::Base64, &mut made)?;
     let admin_password = ensure_secret(&kc.join("admin_password"), 18, Alphabet::UrlSafe, &mut made)?;
 
+    // carevault's own demo accounts: their passwords are made here so that this log names every login; the api's
+    // demo seeding reads the file (`demo_passwords_file`).
+    let demo_file = api.join("demo_passwords");
+    let mut accounts = read_logins(&demo_file);
+    let before = accounts.len();
+    for (name, _) in crate::demo::ACCOUNTS {
+        if !accounts.iter().any(|(u, _)| u == name) {
+            let password = crate::demo::generate_password(&mut rand::thread_rng(), name);
+            accounts.push((name.to_owned(), password.expose_secret().to_owned()));
+        }
+    }
+    if accounts.len() == before {
+        made.kept += 1;
+    } else {
+        write_file(&demo_file, crate::demo::passwords_text(&accounts).as_bytes(), 0o600)?;
+        made.made.push(demo_file.display().to_string());
+    }
+
     // The realm, with the client secret and one generated password per demo user.
     let mut logins = read_logins(&root.join("demo-logins.txt"));
     if let Some(template) = &args.realm_template {
@@ -163,7 +182,10 @@ fn init(args: &InitArgs) -> Result<(), CliError> {
             println!("  {u:<14} {p}");
         }
         println!("Keycloak admin console: user admin, password {admin_password}");
-        println!("carevault's own demo accounts are printed by the api at start (`docker compose logs api`).");
+    }
+    println!("carevault demo accounts (synthetic demo only; sign in at the API's /auth/login):");
+    for (u, p) in &accounts {
+        println!("  {u:<18} {p}");
     }
     Ok(())
 }

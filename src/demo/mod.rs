@@ -58,6 +58,41 @@ pub enum SeedError {
     Records(#[from] AppError),
     #[error("cannot write the demo credentials file")]
     Credentials,
+    #[error(
+        "the demo passwords file (`demo_passwords_file`) cannot be read, lacks a demo account, or holds a password the policy refuses"
+    )]
+    Passwords,
+}
+
+/// The demo accounts' passwords from `path` (`username password` lines, `#` comments), in [`ACCOUNTS`] order;
+/// every one must be present and pass the password policy.
+pub fn read_passwords(path: &Path) -> Result<Vec<SecretString>, SeedError> {
+    let text = std::fs::read_to_string(path).map_err(|_| SeedError::Passwords)?;
+    let pairs: Vec<(&str, &str)> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .map(|(u, p)| (u.trim(), p.trim()))
+        .collect();
+    ACCOUNTS
+        .iter()
+        .map(|(name, _)| {
+            let password = pairs.iter().find(|(u, _)| u == name).map(|(_, p)| SecretString::from(*p));
+            match password {
+                Some(p) if crate::auth::password::check_policy(&p, name).is_ok() => Ok(p),
+                _ => Err(SeedError::Passwords),
+            }
+        })
+        .collect()
+}
+
+/// The text of a demo passwords file (what `deploy init` writes and [`read_passwords`] reads).
+pub fn passwords_text(passwords: &[(String, String)]) -> String {
+    let mut text = String::from("# carevault demo accounts (synthetic demo only): username password\n");
+    for (u, p) in passwords {
+        text.push_str(&format!("{u} {p}\n"));
+    }
+    text
 }
 
 /// What [`seed_demo`] did.
@@ -217,7 +252,10 @@ pub async fn seed_demo(state: &AppState, patients: usize) -> Result<DemoOutcome,
         return Err(SeedError::Interrupted);
     }
     let mut rng = StdRng::from_entropy();
-    let passwords: Vec<SecretString> = ACCOUNTS.iter().map(|(n, _)| generate_password(&mut rng, n)).collect();
+    let passwords: Vec<SecretString> = match &state.config.demo_passwords_file {
+        Some(file) => read_passwords(file)?,
+        None => ACCOUNTS.iter().map(|(n, _)| generate_password(&mut rng, n)).collect(),
+    };
     let mut links: Vec<Option<String>> = vec![None; ACCOUNTS.len()];
     let records = &state.records;
 
@@ -323,6 +361,30 @@ pub fn login_hint(config: &Config, credentials: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_passwords_file_must_name_every_account_with_a_policy_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        let all: Vec<(String, String)> = ACCOUNTS
+            .iter()
+            .map(|(n, _)| ((*n).to_owned(), generate_password(&mut rng, n).expose_secret().to_owned()))
+            .collect();
+        let write = |pairs: &[(String, String)]| {
+            let path = dir.path().join(format!("p{}", pairs.len()));
+            std::fs::write(&path, passwords_text(pairs)).unwrap();
+            path
+        };
+        let read = read_passwords(&write(&all)).unwrap();
+        assert!(read.iter().zip(&all).all(|(r, (_, p))| r.expose_secret() == p), "in ACCOUNTS order");
+        assert!(matches!(read_passwords(&write(&all[1..])), Err(SeedError::Passwords)), "an account is missing");
+        let mut weak = all.clone();
+        weak[0].1 = "password".into();
+        let path = dir.path().join("weak");
+        std::fs::write(&path, passwords_text(&weak)).unwrap();
+        assert!(matches!(read_passwords(&path), Err(SeedError::Passwords)), "the policy applies");
+        assert!(matches!(read_passwords(&dir.path().join("none")), Err(SeedError::Passwords)));
+    }
 
     #[test]
     fn generated_passwords_pass_the_policy_and_differ() {

@@ -183,7 +183,15 @@ fn command(bin: &Path, data: &Path) -> Command {
 
 /// Starts `serve --demo` on a free port; returns the child, its standard output up to "serving", and the port.
 fn serve_demo(bin: &Path, data: &Path) -> (Child, String, u16) {
-    let mut child = command(bin, data)
+    serve_demo_with(bin, data, &[])
+}
+
+fn serve_demo_with(bin: &Path, data: &Path, env: &[(&str, &Path)]) -> (Child, String, u16) {
+    let mut cmd = command(bin, data);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .args(["serve", "--demo", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -252,6 +260,40 @@ async fn binary_demo_start_restart_and_seed() {
     let front = login(&client, &base, "demo-front-desk", &creds["demo-front-desk"].password).await;
     let r = client.get(format!("{base}/fhir/Patient?_summary=count")).bearer_auth(&front.access).send().await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["total"], 30);
+    stop(child);
+}
+
+/// The compose demo: `deploy init` makes and prints carevault's demo logins (`docker compose logs init`), and the
+/// api's demo seeding gives the accounts exactly those passwords (`demo_passwords_file`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_demo_accounts_get_the_passwords_deploy_init_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = binary(tmp.path());
+    let secrets = tmp.path().join("secrets");
+    let init =
+        command(&bin, &tmp.path().join("unused")).args(["deploy", "init", "--dir"]).arg(&secrets).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let printed = String::from_utf8_lossy(&init.stdout).to_string();
+    let logins: BTreeMap<String, String> = printed
+        .lines()
+        .skip_while(|l| !l.starts_with("carevault demo accounts"))
+        .skip(1)
+        .filter_map(|l| l.split_once(char::is_whitespace).map(|_| l.trim()))
+        .filter_map(|l| l.split_whitespace().collect::<Vec<_>>().try_into().ok())
+        .map(|[u, p]: [&str; 2]| (u.to_owned(), p.to_owned()))
+        .collect();
+    assert_eq!(logins.len(), ACCOUNTS.len(), "{printed}");
+    let data = tmp.path().join("data");
+    let file = secrets.join("api/demo_passwords");
+    let (child, out, port) = serve_demo_with(&bin, &data, &[("CAREVAULT_DEMO_PASSWORDS_FILE", &file)]);
+    assert!(out.contains("Demo data seeded: 8 accounts"), "{out}");
+    let client = client_trusting(&std::fs::read(data.join("tls/cert.pem")).unwrap());
+    let base = format!("https://localhost:{port}");
+    for (username, password) in &logins {
+        login(&client, &base, username, password).await;
+    }
+    let creds = read_credentials(&data.join(CREDENTIALS_FILE));
+    assert!(logins.iter().all(|(u, p)| creds[u].password == *p), "the credentials file holds the same passwords");
     stop(child);
 }
 

@@ -358,6 +358,7 @@ async fn deploy_init_makes_every_secret_once_with_private_modes() {
         "keycloak/oidc_client_secret",
         "keycloak/import/carevault-realm.json",
         "postgres/password",
+        "api/demo_passwords",
     ];
     let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
     for f in files.iter().filter(|f| !f.ends_with("ca.pem")) {
@@ -378,6 +379,13 @@ async fn deploy_init_makes_every_secret_once_with_private_modes() {
         let name = u["username"].as_str().unwrap();
         let password = u["credentials"][0]["value"].as_str().unwrap();
         assert!(stdout.contains(name) && stdout.contains(password), "init prints the demo login of {name}");
+    }
+    // carevault's own demo accounts too: every one, with the password the demo seeding will give it.
+    let passwords = carevault::demo::read_passwords(&dir.join("api/demo_passwords")).expect("a valid passwords file");
+    for ((name, _), password) in carevault::demo::ACCOUNTS.iter().zip(&passwords) {
+        use secrecy::ExposeSecret;
+        let line = format!("{name:<18} {}", password.expose_secret());
+        assert!(stdout.contains(&line), "init prints the carevault login of {name}: {stdout}");
     }
 
     let second = init();
