@@ -140,6 +140,7 @@ start_api() {
     -e CAREVAULT_DATABASE_URL_FILE=/secrets/api/database_url \
     -e CAREVAULT_TLS__CERT_FILE=/secrets/api/tls_cert.pem -e CAREVAULT_TLS__KEY_FILE=/secrets/api/tls_key.pem \
     -e CAREVAULT_KEYS__MASTER_KEY_FILE=/secrets/api/master_key -e RUST_LOG=info \
+    -e CAREVAULT_DEMO_PASSWORDS_FILE=/secrets/api/demo_passwords \
     "$IMAGE" serve >/dev/null
 }
 wait_healthy() {
