@@ -1,8 +1,7 @@
 //! `carevault incident report --user U --since T [--until T] [--discovered D] [--json]` and
 //! `carevault incident contain --user U [--json]` (docs/breach-response.md, steps 2 and 3).
 
-use super::{Cli, CliError, Context};
-use crate::audit::Agent;
+use super::{Cli, CliError, Context, operator};
 use crate::monitor::incident;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
@@ -45,15 +44,6 @@ fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(s, &Rfc3339)
         .or_else(|_| parse_date(s).map(|d| d.midnight().assume_utc()))
         .map_err(|_| "expected an RFC 3339 time like 2026-03-01T00:00:00Z or a date".into())
-}
-
-/// The operator as the audit trail names them.
-fn operator() -> Agent {
-    let name = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    Agent {
-        user: Some(format!("cli:{}", name.chars().filter(char::is_ascii_alphanumeric).collect::<String>())),
-        ..Agent::default()
-    }
 }
 
 pub fn run(cli: &Cli, cmd: &IncidentCommand) -> Result<(), CliError> {

@@ -227,16 +227,45 @@ pub fn audit_admin(
     crate::audit::store::append(conn, state.audit.sealer(), &[event]).context("cannot write the audit trail")
 }
 
-/// The audit record of an administrative action by the operator running this command (`cli:$USER`, letters and
-/// digits only), with a fixed `detail` code.
+/// The audit record of an administrative action by the operator running this command ([`operator`]), with a
+/// fixed `detail` code.
 pub fn admin_event(now: time::OffsetDateTime, detail: &'static str) -> crate::audit::AuditEvent {
-    use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
-    let operator = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    let agent = Agent {
-        user: Some(format!("cli:{}", operator.chars().filter(char::is_ascii_alphanumeric).collect::<String>())),
-        ..Agent::default()
-    };
-    AuditEvent::new(AuditKind::Admin, now, Outcome::Success, agent).with_detail(detail)
+    use crate::audit::{AuditEvent, AuditKind, Outcome};
+    AuditEvent::new(AuditKind::Admin, now, Outcome::Success, operator()).with_detail(detail)
+}
+
+/// The operator as the audit trail names them: `cli:NAME` for the account of the process's uid (from
+/// `/etc/passwd`; letters, digits, `-`, `_` and `.` only), `cli:uid-N` when it has no entry. Never `$USER`, which
+/// whoever runs the command can set to anything.
+pub fn operator() -> crate::audit::Agent {
+    crate::audit::Agent { user: Some(format!("cli:{}", operator_name())), ..crate::audit::Agent::default() }
+}
+
+fn operator_name() -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // /proc/self belongs to the process's own uid; no libc call (and no unsafe) needed.
+        let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+            return "unknown".into();
+        };
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let name = passwd.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)?.parse::<u32>().ok()? == uid).then_some(name)
+        });
+        match name {
+            Some(n) if !n.is_empty() => {
+                n.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect()
+            }
+            _ => format!("uid-{uid}"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        "unknown".into()
+    }
 }
 
 /// A progress bar on standard error (hidden when it is not a terminal).

@@ -228,6 +228,23 @@ fn grant_reason(app: &TestApp, id: &str) -> String {
     break_glass::table.filter(break_glass::id.eq(id)).select(break_glass::reason).first(&mut conn).unwrap()
 }
 
+// The operator a CLI record names comes from the process's uid, not from `$USER`, which anyone can set.
+both_backends!(cli_records_name_the_real_operator_not_the_user_variable, |app: TestApp| async move {
+    ok(cli_env(&app, &["keys", "rotate"], &[("USER", "mallory")]));
+    let agent: Option<String> = {
+        let mut conn = app.state.db.conn().unwrap();
+        audit_events::table
+            .filter(audit_events::kind.eq("admin"))
+            .order(audit_events::seq.desc())
+            .select(audit_events::agent)
+            .first(&mut conn)
+            .unwrap()
+    };
+    let me = Command::new("id").arg("-un").output().unwrap();
+    let me = String::from_utf8_lossy(&me.stdout).trim().to_owned();
+    assert_eq!(agent, Some(format!("cli:{me}")));
+});
+
 both_backends!(rotate_then_reencrypt_moves_every_row, |app: TestApp| async move {
     let ids = write_patients(&app, &app.state.cipher, 130);
     let grant = write_grant(&app, &app.state.cipher, &ids[0], "unconscious on arrival");
