@@ -300,11 +300,13 @@ pub(super) async fn break_glass(
     let audit = r.audit.clone();
     r.db.run(move |c| {
         c.transaction(|c| {
-            let early = audit.lock_early(c)?;
+            // The chain lock first, on both backends (break-glass is rare): it serialises the cap's
+            // count-then-insert below, so concurrent requests cannot all pass it.
+            let head = audit.lock_late(c, None)?;
             if store::current_unscoped(c, "Patient", &patient.to_string())?.is_none_or(|row| row.deleted) {
                 return Err(AppError::NotFound);
             }
-            // The daily cap, counted under the audit lock so that concurrent requests cannot all pass it.
+            // The daily cap, counted under the chain lock.
             let day_ago = micros(now - time::Duration::days(1));
             if store::grants_since(c, &account, day_ago)? >= per_day {
                 return Err(AppError::TooManyRequests { retry_after_secs: 3600 });
@@ -320,7 +322,6 @@ pub(super) async fn break_glass(
                     expires_at: micros(expires),
                 },
             )?;
-            let head = audit.lock_late(c, early)?;
             audit.append_locked(c, head, &[event])?;
             Ok(())
         })

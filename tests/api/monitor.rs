@@ -244,6 +244,31 @@ both_backends_with!(
     }
 );
 
+// The daily cap holds under concurrency: six simultaneous requests against a cap of two give exactly two grants.
+both_backends_with!(
+    break_glass_cap_holds_under_concurrent_requests,
+    "break_glass_per_day = 2\n",
+    |app: TestApp| async move {
+        let w = app.world().await;
+        let body = json!({"patient": format!("Patient/{}", w.bob), "reason": "patient unconscious in the emergency department"});
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let (client, url, token, body) =
+                    (app.client.clone(), app.url("/auth/break-glass"), w.nurse.access.clone(), body.clone());
+                tokio::spawn(
+                    async move { client.post(url).bearer_auth(token).json(&body).send().await.unwrap().status() },
+                )
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap().as_u16());
+        }
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 201, 429, 429, 429, 429]);
+    }
+);
+
 both_backends!(refresh_token_reuse_raises_an_alert, |app: TestApp| async move {
     let s = app.user("carol", Role::FrontDesk, None).await;
     let carol = account_id(&app, "carol");
