@@ -22,15 +22,14 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let mut timestamp = String::new();
-        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let (timestamp, mut fields) = recorded(event)?;
         let meta = event.metadata();
-        let mut fields = Fields(Map::new(), meta.target().starts_with("opentelemetry"));
-        fields.0.insert("timestamp".into(), Value::String(timestamp));
-        fields.0.insert("level".into(), Value::String(meta.level().as_str().to_owned()));
-        fields.0.insert("target".into(), Value::String(scrub(meta.target()).into_owned()));
-        event.record(&mut fields);
-        writeln!(writer, "{}", Value::Object(fields.0))
+        let mut line = Map::new();
+        line.insert("timestamp".into(), Value::String(timestamp));
+        line.insert("level".into(), Value::String(meta.level().as_str().to_owned()));
+        line.insert("target".into(), Value::String(scrub(meta.target()).into_owned()));
+        line.append(&mut fields.0);
+        writeln!(writer, "{}", Value::Object(line))
     }
 }
 
@@ -45,11 +44,8 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let mut timestamp = String::new();
-        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let (timestamp, mut fields) = recorded(event)?;
         let meta = event.metadata();
-        let mut fields = Fields(Map::new(), meta.target().starts_with("opentelemetry"));
-        event.record(&mut fields);
         let message = match fields.0.remove("message") {
             Some(Value::String(m)) => m,
             Some(other) => other.to_string(),
@@ -64,6 +60,15 @@ where
         }
         writeln!(writer)
     }
+}
+
+/// The time of an event and its fields, allow-listed and scrubbed: what both layouts write.
+fn recorded(event: &Event<'_>) -> Result<(String, Fields), fmt::Error> {
+    let mut timestamp = String::new();
+    SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+    let mut fields = Fields(Map::new(), event.metadata().target().starts_with("opentelemetry"));
+    event.record(&mut fields);
+    Ok((timestamp, fields))
 }
 
 /// The event's fields; the flag marks the OpenTelemetry SDK's own diagnostics (export failures), whose `name`,
