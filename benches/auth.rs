@@ -26,6 +26,8 @@ fn tokens(c: &mut Criterion) {
         session_id: Some(Uuid::new_v4()),
         issuer: "https://carevault.test".into(),
         client_id: None,
+        scopes: None,
+        context_patient: None,
     };
     let (token, _) = keys.issue(&principal, now, DEFAULT_TTL).unwrap();
     c.bench_function("token verify", |b| b.iter(|| keys.verify(black_box(&token), now).unwrap()));

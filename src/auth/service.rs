@@ -70,6 +70,8 @@ impl Account {
             session_id: session,
             issuer: issuer.to_owned(),
             client_id: (self.kind == "service").then(|| self.username.clone()),
+            scopes: None,
+            context_patient: None,
         })
     }
 }
