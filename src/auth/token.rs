@@ -310,6 +310,15 @@ impl TokenKeys {
     }
 
     /// Verifies an access token at `now`. Every failure is the same [`InvalidToken`].
+    /// Signs an OpenID Connect id token (`typ: JWT`) with the active key; the caller builds the claims.
+    pub fn sign_id_token(&self, claims: &serde_json::Value) -> AppResult<String> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.active_kid.clone());
+        header.typ = Some("JWT".to_owned());
+        jsonwebtoken::encode(&header, claims, &self.active)
+            .map_err(|e| AppError::internal_from("cannot sign a token", e))
+    }
+
     pub fn verify(&self, token: &str, now: OffsetDateTime) -> Result<AccessClaims, InvalidToken> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(invalid("too long"));

@@ -20,6 +20,7 @@ mod monitor;
 mod oidc;
 mod ops;
 mod retention;
+mod smart;
 mod tamper;
 mod telemetry;
 mod world;
