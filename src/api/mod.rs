@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client_addr;
+pub mod cors;
 pub mod error;
 pub mod fhir;
 pub mod health;

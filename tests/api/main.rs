@@ -11,6 +11,7 @@ mod attacks;
 mod audit;
 mod auth;
 mod cli;
+mod cors;
 mod demo;
 mod disclosure;
 mod encryption;
