@@ -197,7 +197,11 @@ both_backends!(standalone_launch_confines_a_clinician_to_the_chosen_patient, |ap
     let (status, _) = exchange(&app, &client, &code, VERIFIER).await;
     assert_eq!(status, 400, "a code is single use, even after a failed exchange");
 
+    let started = std::time::Instant::now();
     let tokens = launch(&app, &client, scope, "doc", Some(&w.alice)).await;
+    // Authorize page, sign-in (one argon2id verification), consent (a search and a read as the user, audited),
+    // code exchange: the whole round trip a user waits for, minus their typing.
+    eprintln!("FIGURE smart-launch backend={:?} authorize+sign-in+consent+token={:?}", app.backend, started.elapsed());
     assert_eq!(tokens["patient"], json!(w.alice));
     assert_eq!(tokens["token_type"], "Bearer");
     let granted = tokens["scope"].as_str().unwrap();
