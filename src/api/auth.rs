@@ -282,6 +282,7 @@ async fn authorization_code(
     match outcome {
         crate::auth::service::CodeExchange::Ok { tokens, account, client_id } => {
             let agent = agent_of(&account, ip).with_client(client_id);
+            let tokens = *tokens;
             let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent).with_detail("smart-code");
             state.audit.record(event).await?;
             Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
@@ -318,7 +319,8 @@ async fn backend_service(
     let token_url = format!("{}/auth/token", state.config.base_url());
     let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
     match state.auth.backend_token(&assertion, form.scope.as_deref(), &token_url, address).await? {
-        BackendOutcome::Ok(tokens, account) => {
+        BackendOutcome::Ok(ok) => {
+            let (tokens, account) = *ok;
             let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&account, ip))
                 .with_detail("client-assertion");
             state.audit.record(event).await?;
