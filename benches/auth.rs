@@ -5,8 +5,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use carevault::access::Action;
 use carevault::auth::Principal;
 use carevault::auth::password::{hash_password, verify_password};
+use carevault::auth::scope::ScopeSet;
 use carevault::auth::token::{DEFAULT_TTL, SigningKey, TokenKeys};
 use carevault::role::Role;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -26,10 +28,30 @@ fn tokens(c: &mut Criterion) {
         session_id: Some(Uuid::new_v4()),
         issuer: "https://carevault.test".into(),
         client_id: None,
+        scopes: None,
+        context_patient: None,
     };
     let (token, _) = keys.issue(&principal, now, DEFAULT_TTL).unwrap();
     c.bench_function("token verify", |b| b.iter(|| keys.verify(black_box(&token), now).unwrap()));
     c.bench_function("token issue", |b| b.iter(|| keys.issue(black_box(&principal), now, DEFAULT_TTL).unwrap()));
+    // A SMART token: scopes parsed into the principal, then the scope check of one interaction.
+    let scoped = Principal {
+        scopes: Some(std::sync::Arc::new(ScopeSet::parse(
+            "launch/patient openid fhirUser offline_access patient/Patient.rs patient/Observation.rs \
+             patient/Condition.rs?category=problem-list-item user/Practitioner.rs",
+        ))),
+        context_patient: Some(Uuid::new_v4()),
+        client_id: Some("app-0123456789abcdef".into()),
+        ..principal.clone()
+    };
+    let (token, _) = keys.issue(&scoped, now, DEFAULT_TTL).unwrap();
+    c.bench_function("token verify with SMART scopes", |b| {
+        b.iter(|| {
+            let p = keys.verify(black_box(&token), now).unwrap().into_principal();
+            let scopes = p.scopes.as_deref().unwrap();
+            black_box(scopes.permit("Observation", Action::Search, p.context_patient.is_some()))
+        })
+    });
 }
 
 fn passwords(c: &mut Criterion) {

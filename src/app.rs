@@ -218,6 +218,7 @@ impl Application {
         // Every body extractor (`web::Bytes`) takes its limit from here; actix's default (256 KiB) would otherwise
         // win over `limits.max_body_bytes`.
         let max_body = cfg.limits.max_body_bytes;
+        let origins = cfg.cors.allowed_origins.clone();
         let factory = move || {
             App::new()
                 .app_data(data.clone())
@@ -226,6 +227,7 @@ impl Application {
                 .wrap(from_fn(api::body_limit))
                 .wrap(from_fn(api::limit::rate_limit))
                 .wrap(api::security_headers())
+                .wrap(api::cors::layer(&origins))
                 .wrap(Condition::new(!bench.telemetry_off, from_fn(crate::telemetry::request_log)))
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))

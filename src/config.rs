@@ -103,6 +103,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    #[serde(default)]
+    pub cors: CorsConfig,
     /// Safeguards switched off to measure their cost (`docs/benchmarks.md`); refused in production.
     #[serde(default)]
     pub benchmark: BenchmarkConfig,
@@ -302,6 +304,45 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[cors]`: browser apps on other origins (CONTRACT §5b).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins (`scheme://host[:port]`, exact) whose pages may call the API. Empty (the default): none, and no
+    /// response carries CORS headers. Production: https origins only.
+    #[serde(default, deserialize_with = "deserialize_origins")]
+    pub allowed_origins: Vec<String>,
+}
+
+fn deserialize_origins<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    for (i, s) in items.iter().enumerate() {
+        if !is_origin(s) {
+            return Err(serde::de::Error::custom(format!(
+                "cors.allowed_origins[{i}]: not an origin (scheme://host[:port], http or https, nothing after)"
+            )));
+        }
+    }
+    Ok(items)
+}
+
+/// `scheme://host[:port]` and nothing more (the form browsers send in `Origin`).
+fn is_origin(s: &str) -> bool {
+    match url::Url::parse(s) {
+        Ok(u) => {
+            matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some()
+                && u.username().is_empty()
+                && u.password().is_none()
+                && u.query().is_none()
+                && u.fragment().is_none()
+                && u.path() == "/"
+                && !s.ends_with('/')
+        }
+        Err(_) => false,
+    }
+}
+
 /// `[network]`: where a request's client address comes from (audit records, throttling, rate limits).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -471,6 +512,9 @@ impl Config {
     /// The production profile refuses every development convenience, naming the missing setting.
     fn check_production(&self) -> Result<(), ConfigError> {
         let prod = |setting, why| Err(ConfigError::Production { setting, why });
+        if self.cors.allowed_origins.iter().any(|o| !o.starts_with("https://")) {
+            return prod("cors.allowed_origins", "browser apps on plain-http origins are for development only");
+        }
         if !self.benchmark.disable.is_empty() {
             return Err(ConfigError::Refused {
                 setting: "benchmark.disable",

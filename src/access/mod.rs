@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use serde_json::Value;
 
+use crate::auth::Principal;
 use crate::error::AppError;
 use crate::role::Role;
 
@@ -157,6 +158,47 @@ pub struct Decision {
     pub write_mask: Arc<FieldMask>,
     /// The policy line(s) that decided, or why it was denied: for `policy explain` and the audit trail.
     pub rule: Arc<str>,
+    /// What the caller's token scopes take away from what the role allows (SMART); `None`: nothing.
+    pub narrowing: Option<Arc<Narrowing>>,
+}
+
+/// What a SMART token's scopes subtract from a role's decision ([`narrow`]): never anything added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Narrowing {
+    /// Only this patient's compartment (a `patient/` scope, the launch patient in context).
+    pub patient: Option<uuid::Uuid>,
+    /// Search clauses every query must also satisfy and every resource disclosed must match (granular scopes,
+    /// e.g. `category=laboratory`).
+    pub params: Vec<(String, String)>,
+}
+
+/// The effective permission: the role's decision intersected with the token's scopes (SMART App Launch).
+/// A principal without scopes (a first-party login) keeps the role's decision; with scopes, an interaction no
+/// scope grants is denied, a `patient/` grant confines the decision to the launch patient, and a granular scope
+/// restricts it further. Scopes never widen: a denied decision stays denied.
+pub fn narrow(decision: Decision, principal: &Principal, resource_type: &str, action: Action) -> Decision {
+    let Some(scopes) = principal.scopes.as_deref() else { return decision };
+    if !decision.allowed {
+        return decision;
+    }
+    match scopes.permit(resource_type, action, principal.context_patient.is_some()) {
+        None => Decision {
+            allowed: false,
+            scope: None,
+            read_mask: Arc::new(FieldMask::nothing()),
+            write_mask: Arc::new(FieldMask::nothing()),
+            rule: Arc::from(format!("denied: the token's scopes do not grant {action} on {resource_type}")),
+            narrowing: None,
+        },
+        Some(permit) if !permit.confined && permit.params.is_empty() => decision,
+        Some(permit) => Decision {
+            narrowing: Some(Arc::new(Narrowing {
+                patient: if permit.confined { principal.context_patient } else { None },
+                params: permit.params,
+            })),
+            ..decision
+        },
+    }
 }
 
 /// A write touched an element the caller may not write. Carries no client data.
@@ -307,6 +349,11 @@ impl AccessControl {
         let decision = self.current.load().decide(roles, resource_type, action);
         crate::telemetry::metrics::policy_decision(decision.allowed);
         decision
+    }
+
+    /// The decision for `principal`: its roles' decision narrowed by its token's scopes ([`narrow`]).
+    pub fn decide_for(&self, principal: &Principal, resource_type: &str, action: Action) -> Decision {
+        narrow(self.decide(&principal.roles, resource_type, action), principal, resource_type, action)
     }
 
     /// The decision and the rule that made it, for `carevault policy explain`.

@@ -195,6 +195,7 @@ impl PolicySet {
                     read_mask: Arc::clone(read),
                     write_mask: Arc::clone(write),
                     rule: Arc::clone(&grant.rule),
+                    narrowing: None,
                 }
             }
         }
@@ -218,6 +219,7 @@ impl PolicySet {
                 read_mask: Arc::new(best.read_mask.union(&next.read_mask)),
                 write_mask: Arc::new(best.write_mask.union(&next.write_mask)),
                 rule: Arc::from(format!("{} | {}", best.rule, next.rule)),
+                narrowing: None,
             },
         })
     }
@@ -229,6 +231,7 @@ impl PolicySet {
             read_mask: Arc::clone(&self.nothing),
             write_mask: Arc::clone(&self.nothing),
             rule,
+            narrowing: None,
         }
     }
 

@@ -460,6 +460,7 @@ fn readable_but_not_writable_elements_may_be_sent_back_unchanged() {
         read_mask: Arc::new(read),
         write_mask: Arc::new(write),
         rule: Arc::from("test"),
+        narrowing: None,
     };
     let stored =
         json!({ "resourceType": "Patient", "gender": "female", "name": [ { "family": "A" } ], "active": true });

@@ -31,7 +31,7 @@ pub fn client_ip(req: &HttpRequest) -> Option<IpAddr> {
 
 /// A throttled attempt: audited as a failed sign-in (so the failed-login rules count it, CONTRACT §8) and
 /// answered 429 with `Retry-After`.
-async fn throttled(
+pub(crate) async fn throttled(
     state: &AppState,
     account: Option<&Account>,
     ip: Option<IpAddr>,
@@ -48,7 +48,7 @@ async fn throttled(
     Err(crate::auth::throttle::too_many_requests(retry_after))
 }
 
-fn agent_of(account: &Account, ip: Option<IpAddr>) -> Agent {
+pub(crate) fn agent_of(account: &Account, ip: Option<IpAddr>) -> Agent {
     let agent = Agent::user(account.id.clone(), Some(account.username.clone()), account.role());
     match ip {
         Some(ip) => agent.with_address(ip),
@@ -159,7 +159,7 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
 }
 
 /// An RFC 6749 §5.2 error.
-fn oauth_error(status: actix_web::http::StatusCode, code: &'static str) -> HttpResponse {
+pub(crate) fn oauth_error(status: actix_web::http::StatusCode, code: &'static str) -> HttpResponse {
     HttpResponse::build(status).insert_header((header::PRAGMA, "no-cache")).json(json!({ "error": code }))
 }
 
@@ -169,7 +169,16 @@ pub struct TokenForm {
     refresh_token: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+    code_verifier: Option<String>,
+    client_assertion_type: Option<String>,
+    client_assertion: Option<String>,
+    scope: Option<String>,
 }
+
+/// RFC 7523 client assertions (SMART Backend Services).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// `POST /auth/token` (form): `refresh_token` and `client_credentials`.
 pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> AppResult<HttpResponse> {
@@ -205,6 +214,8 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
                 }
             }
         }
+        Some("authorization_code") => authorization_code(&state, &req, form, ip, now).await,
+        Some("client_credentials") if form.client_assertion.is_some() => backend_service(&state, form, ip, now).await,
         Some("client_credentials") => {
             let (id, secret) = basic_credentials(&req).or_else(|| form.client_id.zip(form.client_secret)).unzip();
             let (Some(id), Some(secret)) = (id, secret) else {
@@ -239,7 +250,96 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     }
 }
 
-fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
+/// `grant_type=authorization_code` (SMART App Launch): the code, PKCE verifier and redirect URI; a confidential
+/// app authenticates with `client_secret_basic`, a public one names itself.
+async fn authorization_code(
+    state: &AppState,
+    req: &HttpRequest,
+    form: TokenForm,
+    ip: Option<IpAddr>,
+    now: time::OffsetDateTime,
+) -> AppResult<HttpResponse> {
+    use actix_web::http::StatusCode;
+    let Some(code) = form.code.filter(|c| !c.is_empty() && c.len() <= 128) else {
+        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+    };
+    let basic = basic_credentials(req);
+    let client_id = basic.as_ref().map(|(i, _)| i.clone()).or(form.client_id);
+    let secret = basic.map(|(_, s)| SecretString::from(s));
+    let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    let outcome = state
+        .auth
+        .exchange_code(
+            &code,
+            form.redirect_uri.as_deref(),
+            form.code_verifier.as_deref(),
+            client_id.as_deref().filter(|c| c.len() <= 64),
+            secret,
+            address,
+            state.records.base(),
+        )
+        .await?;
+    match outcome {
+        crate::auth::service::CodeExchange::Ok { tokens, account, client_id } => {
+            let agent = agent_of(&account, ip).with_client(client_id);
+            let tokens = *tokens;
+            let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent).with_detail("smart-code");
+            state.audit.record(event).await?;
+            Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
+        }
+        crate::auth::service::CodeExchange::Refused(code) => {
+            metrics::auth_failure("invalid-grant");
+            let status = if code == "invalid_client" { StatusCode::UNAUTHORIZED } else { StatusCode::BAD_REQUEST };
+            if code == "invalid_client" {
+                let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
+                let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
+                    .with_detail("invalid-client");
+                state.audit.record(event).await?;
+            }
+            Ok(oauth_error(status, code))
+        }
+    }
+}
+
+/// `grant_type=client_credentials` with a client assertion (SMART Backend Services, `private_key_jwt`).
+async fn backend_service(
+    state: &AppState,
+    form: TokenForm,
+    ip: Option<IpAddr>,
+    now: time::OffsetDateTime,
+) -> AppResult<HttpResponse> {
+    use crate::auth::service::BackendOutcome;
+    use actix_web::http::StatusCode;
+    let (Some(JWT_BEARER), Some(assertion)) = (form.client_assertion_type.as_deref(), form.client_assertion) else {
+        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+    };
+    if assertion.len() > 8192 || form.scope.as_ref().is_some_and(|s| s.len() > crate::auth::scope::MAX_SCOPE_LEN) {
+        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+    }
+    let token_url = format!("{}/auth/token", state.config.base_url());
+    let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    match state.auth.backend_token(&assertion, form.scope.as_deref(), &token_url, address).await? {
+        BackendOutcome::Ok(ok) => {
+            let (tokens, account) = *ok;
+            let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&account, ip))
+                .with_detail("client-assertion");
+            state.audit.record(event).await?;
+            Ok(HttpResponse::Ok().insert_header((header::PRAGMA, "no-cache")).json(tokens))
+        }
+        BackendOutcome::InvalidScope => Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_scope")),
+        BackendOutcome::Throttled(retry_after) => throttled(state, None, ip, retry_after, now).await,
+        BackendOutcome::Failed(_) => {
+            metrics::auth_failure("invalid-client");
+            let agent = ip.map_or_else(Agent::default, |ip| Agent::default().with_address(ip));
+            let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
+                .with_detail("invalid-client");
+            state.audit.record(event).await?;
+            Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"))
+        }
+    }
+}
+
+pub(crate) fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
     use base64::Engine;
     let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
     let decoded = base64::engine::general_purpose::STANDARD.decode(v.trim()).ok()?;
@@ -312,5 +412,8 @@ pub async fn session(req: HttpRequest, principal: Principal) -> HttpResponse {
         "patient": principal.patient,
         "session": principal.session_id.is_some(),
         "expires_at": expires_at,
+        "client_id": principal.client_id,
+        "scope": principal.scopes.as_ref().map(|s| s.render()),
+        "launch_patient": principal.context_patient,
     }))
 }

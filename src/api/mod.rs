@@ -3,11 +3,13 @@
 pub mod admin;
 pub mod auth;
 pub mod client_addr;
+pub mod cors;
 pub mod error;
 pub mod fhir;
 pub mod health;
 pub mod limit;
 pub mod oidc;
+pub mod smart;
 
 use crate::app::AppState;
 use crate::error::AppError;
@@ -25,6 +27,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
         .service(web::resource("/.well-known/jwks.json").route(web::get().to(auth::jwks)))
+        .service(web::resource("/.well-known/smart-configuration").route(web::get().to(smart::configuration)))
+        .service(web::resource("/fhir/.well-known/smart-configuration").route(web::get().to(smart::configuration)))
+        .service(web::resource("/auth/authorize").route(web::get().to(smart::authorize)))
+        .service(web::resource("/auth/authorize/login").route(web::post().to(smart::login)))
+        .service(web::resource("/auth/authorize/consent").route(web::post().to(smart::consent)))
+        .service(web::resource("/auth/introspect").route(web::post().to(smart::introspect)))
         .service(web::resource("/auth/login").route(web::post().to(auth::login)))
         .service(web::resource("/auth/token").route(web::post().to(auth::token)))
         .service(web::resource("/auth/revoke").route(web::post().to(auth::revoke)))

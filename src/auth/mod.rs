@@ -7,6 +7,7 @@ pub mod attempts;
 pub mod oidc;
 pub mod password;
 pub mod principal;
+pub mod scope;
 pub mod service;
 pub mod session;
 pub mod throttle;

@@ -523,6 +523,8 @@ impl OidcService {
             session_id: None,
             issuer: self.settings.issuer.clone(),
             client_id: None,
+            scopes: None,
+            context_patient: None,
         })
     }
 

@@ -1,8 +1,10 @@
 //! The authenticated caller: one type whichever way the caller signed in (local password, refresh, OIDC
 //! bearer token, client credentials). Authorization decisions look only at this.
 
+use std::sync::Arc;
 use uuid::Uuid;
 
+use super::scope::ScopeSet;
 use crate::role::Role;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +22,12 @@ pub struct Principal {
     pub session_id: Option<Uuid>,
     /// Who vouched for the caller (`iss`): this server or the configured OIDC provider.
     pub issuer: String,
-    /// The OAuth client, for client-credentials callers.
+    /// The OAuth client: a service client (client credentials) or the SMART app the token was issued to.
     pub client_id: Option<String>,
+    /// The token's SMART scopes; `None` for first-party sign-ins (login, OIDC), which the role alone decides.
+    pub scopes: Option<Arc<ScopeSet>>,
+    /// The patient in the SMART launch context (`launch/patient`), which `patient/` scopes confine to.
+    pub context_patient: Option<Uuid>,
 }
 
 impl Principal {
@@ -49,6 +55,8 @@ mod tests {
             session_id: None,
             issuer: "https://carevault.test".into(),
             client_id: None,
+            scopes: None,
+            context_patient: None,
         };
         assert!(p.has_role(Role::Nurse));
         assert!(!p.has_role(Role::Clinician));

@@ -30,6 +30,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
+mod smart;
+pub use smart::{
+    App, AppKind, AuthorizeRequest, AuthorizeStart, BackendOutcome, ClientCheck, CodeExchange, FlowConsent, FlowSignIn,
+    NewApp, SmartGrant, list_apps, new_client_secret, register_app, remove_app,
+};
+
 /// How long a replica trusts its cached view of a session.
 pub const SESSION_CACHE: Duration = Duration::seconds(5);
 /// How stale `last_seen` may get in the database before a request refreshes it.
@@ -70,6 +76,8 @@ impl Account {
             session_id: session,
             issuer: issuer.to_owned(),
             client_id: (self.kind == "service").then(|| self.username.clone()),
+            scopes: None,
+            context_patient: None,
         })
     }
 }
@@ -82,6 +90,30 @@ pub struct TokenResponse {
     pub expires_in: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
+    /// SMART: the scopes granted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// SMART: the patient in the launch context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<Uuid>,
+    /// SMART: an OpenID Connect id token (`openid fhirUser`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+}
+
+impl TokenResponse {
+    /// A first-party token response (login, refresh, client credentials).
+    pub fn bearer(access_token: String, expires_in: i64, refresh_token: Option<String>) -> Self {
+        Self {
+            access_token,
+            token_type: "Bearer",
+            expires_in,
+            refresh_token,
+            scope: None,
+            patient: None,
+            id_token: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -339,6 +371,24 @@ impl AuthService {
         totp: Option<String>,
         address: String,
     ) -> AppResult<LoginOutcome> {
+        match self.sign_in(username, password, totp, address).await? {
+            LoginOutcome::Ok { account, .. } => {
+                let (tokens, session) = self.open_session(&account, self.clock.now()).await?;
+                Ok(LoginOutcome::Ok { tokens, account, session })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The credential checks of [`AuthService::login`] without opening a session (the SMART authorize page
+    /// signs in, then asks for consent): `Ok` carries no tokens.
+    pub async fn sign_in(
+        &self,
+        username: String,
+        password: SecretString,
+        totp: Option<String>,
+        address: String,
+    ) -> AppResult<LoginOutcome> {
         let now = self.clock.now();
         let keys = self.keyer.keys("account", &username, &address);
         let k = keys.clone();
@@ -375,8 +425,7 @@ impl AuthService {
                 })
                 .await?;
         }
-        let (tokens, session) = self.open_session(&account, now).await?;
-        Ok(LoginOutcome::Ok { tokens, account, session })
+        Ok(LoginOutcome::Ok { tokens: empty_tokens(), account, session: Uuid::nil() })
     }
 
     /// The checks of one admitted login: the account, why it failed (if it did), and the password when its
@@ -443,9 +492,26 @@ impl AuthService {
 
     /// Opens a session for an account (password or OIDC login) and issues its first tokens.
     pub async fn open_session(&self, account: &Account, now: OffsetDateTime) -> AppResult<(TokenResponse, Uuid)> {
+        self.open_session_for(account, None, now).await
+    }
+
+    /// Opens a session, first-party (`smart` = `None`) or for a SMART app (its client, granted scopes and launch
+    /// patient are stored with the session, so refreshes stay as narrow; a refresh token only with
+    /// `offline_access` or `online_access`).
+    pub(crate) async fn open_session_for(
+        &self,
+        account: &Account,
+        smart: Option<SmartGrant>,
+        now: OffsetDateTime,
+    ) -> AppResult<(TokenResponse, Uuid)> {
         let session = Uuid::new_v4();
+        let wants_refresh = smart.as_ref().is_none_or(|g| g.scopes.offline_access || g.scopes.online_access);
         let (refresh, hash) = new_refresh_token();
         let account_id = account.id.clone();
+        let (client, scope, launch) = match &smart {
+            Some(g) => (Some(g.client_id.clone()), Some(g.scopes.render()), g.patient.map(|p| p.to_string())),
+            None => (None, None, None),
+        };
         self.db
             .run(move |c| {
                 c.transaction(|c| {
@@ -455,18 +521,26 @@ impl AuthService {
                             sessions::account_id.eq(&account_id),
                             sessions::created_at.eq(micros(now)),
                             sessions::last_seen.eq(micros(now)),
+                            sessions::client_id.eq(client),
+                            sessions::scope.eq(scope),
+                            sessions::launch_patient.eq(launch),
                         ))
                         .execute(c)?;
-                    insert_refresh(c, &hash, session, now)
+                    if wants_refresh { insert_refresh(c, &hash, session, now) } else { Ok(()) }
                 })
             })
             .await?;
-        let principal = account.principal(Some(session), &self.issuer)?;
+        let mut principal = account.principal(Some(session), &self.issuer)?;
+        if let Some(g) = &smart {
+            g.apply(&mut principal);
+        }
         let (access, expires_in) = self.issue(&principal, now)?;
-        Ok((
-            TokenResponse { access_token: access, token_type: "Bearer", expires_in, refresh_token: Some(refresh) },
-            session,
-        ))
+        let mut tokens = TokenResponse::bearer(access, expires_in, wants_refresh.then_some(refresh));
+        if let Some(g) = &smart {
+            tokens.scope = Some(g.scopes.render());
+            tokens.patient = g.patient;
+        }
+        Ok((tokens, session))
     }
 
     /// `grant_type=refresh_token`: rotates the refresh token; a spent one revokes the whole session.
@@ -512,6 +586,12 @@ impl AuthService {
                         ))
                         .first(c)
                         .optional()?;
+                    let smart: Option<SmartGrant> = sessions::table
+                        .filter(sessions::id.eq(&sid))
+                        .select((sessions::client_id, sessions::scope, sessions::launch_patient))
+                        .first::<(Option<String>, Option<String>, Option<String>)>(c)
+                        .optional()?
+                        .and_then(SmartGrant::from_columns);
                     let account: Option<Account> = match &session {
                         Some((_, aid, ..)) => accounts::table
                             .filter(accounts::id.eq(aid))
@@ -539,11 +619,11 @@ impl AuthService {
                             diesel::update(sessions::table.filter(sessions::id.eq(&sid)))
                                 .set(sessions::last_seen.eq(micros(now)))
                                 .execute(c)?;
-                            Ok((decision, account.map(|a| (a, sid_uuid))))
+                            Ok((decision, account.map(|a| (a, sid_uuid, smart))))
                         }
                         RefreshDecision::Reuse => {
                             revoke_session_rows(c, &sid, now)?;
-                            Ok((decision, account.map(|a| (a, sid_uuid))))
+                            Ok((decision, account.map(|a| (a, sid_uuid, smart))))
                         }
                         RefreshDecision::Reject => {
                             if spent_now {
@@ -559,23 +639,25 @@ impl AuthService {
             })
             .await?;
         match outcome {
-            (RefreshDecision::Rotate, Some((account, sid))) => {
-                let principal = account.principal(Some(sid), &self.issuer)?;
+            (RefreshDecision::Rotate, Some((account, sid, smart))) => {
+                let mut principal = account.principal(Some(sid), &self.issuer)?;
+                if let Some(g) = &smart {
+                    g.apply(&mut principal);
+                }
                 let (access, expires_in) = self.issue(&principal, now)?;
                 self.forget(sid);
                 let tokens = TokenResponse {
-                    access_token: access,
-                    token_type: "Bearer",
-                    expires_in,
-                    refresh_token: Some(new_refresh),
+                    scope: principal.scopes.as_ref().map(|s| s.render()),
+                    patient: principal.context_patient,
+                    ..TokenResponse::bearer(access, expires_in, Some(new_refresh))
                 };
                 Ok((RefreshDecision::Rotate, Some((tokens, account))))
             }
             (RefreshDecision::Reuse, found) => {
-                if let Some((_, sid)) = &found {
+                if let Some((_, sid, _)) = &found {
                     self.forget(*sid);
                 }
-                Ok((RefreshDecision::Reuse, found.map(|(a, _)| (empty_tokens(), a))))
+                Ok((RefreshDecision::Reuse, found.map(|(a, _, _)| (empty_tokens(), a))))
             }
             _ => Ok((RefreshDecision::Reject, None)),
         }
@@ -615,10 +697,7 @@ impl AuthService {
             Some(a) => {
                 let principal = a.principal(None, &self.issuer)?;
                 let (access, expires_in) = self.issue(&principal, now)?;
-                Ok(ClientOutcome::Ok(
-                    TokenResponse { access_token: access, token_type: "Bearer", expires_in, refresh_token: None },
-                    a,
-                ))
+                Ok(ClientOutcome::Ok(TokenResponse::bearer(access, expires_in, None), a))
             }
             None => Ok(ClientOutcome::Failed),
         }
@@ -771,7 +850,7 @@ impl AuthService {
 }
 
 fn empty_tokens() -> TokenResponse {
-    TokenResponse { access_token: String::new(), token_type: "Bearer", expires_in: 0, refresh_token: None }
+    TokenResponse::bearer(String::new(), 0, None)
 }
 
 fn insert_refresh(c: &mut AnyConnection, hash: &[u8; 32], session: Uuid, now: OffsetDateTime) -> AppResult<()> {

@@ -139,6 +139,12 @@ pub struct AccessClaims {
     pub patient: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// SMART scopes granted (RFC 9068 `scope`); absent for first-party sign-ins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The patient in the SMART launch context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_patient: Option<Uuid>,
 }
 
 impl AccessClaims {
@@ -153,6 +159,8 @@ impl AccessClaims {
             session_id: self.sid,
             issuer: self.iss,
             client_id: self.client_id,
+            scopes: self.scope.map(|s| std::sync::Arc::new(crate::auth::scope::ScopeSet::parse(&s))),
+            context_patient: self.launch_patient,
         }
     }
 }
@@ -290,6 +298,8 @@ impl TokenKeys {
             practitioner: principal.practitioner,
             patient: principal.patient,
             client_id: principal.client_id.clone(),
+            scope: principal.scopes.as_ref().map(|s| s.render()),
+            launch_patient: principal.context_patient,
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.active_kid.clone());
@@ -300,6 +310,15 @@ impl TokenKeys {
     }
 
     /// Verifies an access token at `now`. Every failure is the same [`InvalidToken`].
+    /// Signs an OpenID Connect id token (`typ: JWT`) with the active key; the caller builds the claims.
+    pub fn sign_id_token(&self, claims: &serde_json::Value) -> AppResult<String> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.active_kid.clone());
+        header.typ = Some("JWT".to_owned());
+        jsonwebtoken::encode(&header, claims, &self.active)
+            .map_err(|e| AppError::internal_from("cannot sign a token", e))
+    }
+
     pub fn verify(&self, token: &str, now: OffsetDateTime) -> Result<AccessClaims, InvalidToken> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(invalid("too long"));
@@ -377,6 +396,8 @@ mod tests {
             session_id: Some(Uuid::new_v4()),
             issuer: ISS.into(),
             client_id: None,
+            scopes: None,
+            context_patient: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The command line (CONTRACT §1): one module per subcommand group. Every subcommand takes `--data-dir`
 //! (before or after it) and reads the same configuration as the server.
 
+pub mod apps;
 pub mod audit;
 pub mod deploy;
 pub mod healthcheck;
@@ -114,6 +115,9 @@ pub enum Command {
     /// Manage local accounts and service clients.
     #[command(subcommand)]
     Users(users::UsersCommand),
+    /// SMART apps: register, list, remove.
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
     /// Incident response: scope a user's access, contain an account.
     #[command(subcommand)]
     Incident(incident::IncidentCommand),
@@ -152,6 +156,7 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Serve(args)) => serve::run(&cli, args),
         Some(Command::Migrate) => migrate(&cli),
         Some(Command::Users(cmd)) => users::run(&cli, cmd),
+        Some(Command::Apps(cmd)) => apps::run(&cli, cmd),
         Some(Command::Incident(cmd)) => incident::run(&cli, cmd),
         Some(Command::Keys(cmd)) => keys::run(&cli, cmd),
         Some(Command::Audit(cmd)) => audit::run(&cli, cmd),

@@ -23,7 +23,8 @@ pub enum UsersCommand {
         patient: Option<Uuid>,
         #[arg(long)]
         password_stdin: bool,
-        /// Create a service client (for `client_credentials`) instead of a person's account.
+        /// Create a service client (for `client_credentials`) instead of a person's account; its secret is
+        /// generated (256 bits) and printed once.
         #[arg(long)]
         service: bool,
     },
@@ -56,12 +57,22 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), CliError> {
     let mut conn = super::connect(&state)?;
     match cmd {
         UsersCommand::Add { username, role, practitioner, patient, password_stdin, service } => {
-            if !password_stdin {
-                return Err("the password is read from standard input: pass --password-stdin".into());
-            }
-            let mut password = String::new();
-            std::io::stdin().read_to_string(&mut password).context("cannot read standard input")?;
-            let password = SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned());
+            // A service client's secret is made here (256 random bits, shown once), never chosen by a person.
+            let generated = service.then(crate::auth::service::new_client_secret);
+            let password = match (&generated, password_stdin) {
+                (Some(_), true) => {
+                    return Err("a service client's secret is generated: drop --password-stdin".into());
+                }
+                (Some(secret), false) => SecretString::from(secret.clone()),
+                (None, false) => {
+                    return Err("the password is read from standard input: pass --password-stdin".into());
+                }
+                (None, true) => {
+                    let mut password = String::new();
+                    std::io::stdin().read_to_string(&mut password).context("cannot read standard input")?;
+                    SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned())
+                }
+            };
             let new = NewAccount {
                 username: username.clone(),
                 kind: if *service { "service" } else { "user" },
@@ -72,6 +83,9 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), CliError> {
             let id = create_account(&mut conn, &new, &password, now)?;
             super::audit_admin(&state, &mut conn, "user-created")?;
             println!("created {} ({role}) id {id}", new.username);
+            if let Some(secret) = generated {
+                println!("client_secret (shown once, store it now): {secret}");
+            }
             Ok(())
         }
         UsersCommand::TotpEnroll { username } => {

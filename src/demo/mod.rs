@@ -148,6 +148,8 @@ fn caller(state: &AppState, subject: String, username: &str, role: Role, practit
             session_id: None,
             issuer: state.auth.issuer().to_owned(),
             client_id: None,
+            scopes: None,
+            context_patient: None,
         },
         ip: None,
     }

@@ -16,6 +16,7 @@ const READ_ONLY: &[&str] = &["read", "search-type"];
 /// The CapabilityStatement of this server. `base_url` is the FHIR base (e.g. `https://host/fhir`).
 pub fn capability_statement(base_url: &str, now: OffsetDateTime) -> Value {
     let date = now.format(&Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+    let server = base_url.strip_suffix("/fhir").unwrap_or(base_url);
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -34,9 +35,18 @@ pub fn capability_statement(base_url: &str, now: OffsetDateTime) -> Value {
                 case- and accent-insensitively; an unknown parameter is an error unless \
                 Prefer: handling=lenient.",
             "security": {
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [
+                        { "url": "authorize", "valueUri": format!("{server}/auth/authorize") },
+                        { "url": "token", "valueUri": format!("{server}/auth/token") },
+                        { "url": "introspect", "valueUri": format!("{server}/auth/introspect") },
+                        { "url": "revoke", "valueUri": format!("{server}/auth/revoke") }
+                    ]
+                }],
                 "service": [{ "coding": [{
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                    "code": "OAuth"
+                    "code": "SMART-on-FHIR"
                 }]}],
                 "description": "Bearer tokens; access is limited by role, care relationship and field policy."
             },

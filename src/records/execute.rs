@@ -171,7 +171,7 @@ impl Records {
                 if writes && d.read_only {
                     return Err(AppError::MethodNotAllowed);
                 }
-                let decision = self.decision(&p.roles, d.name, action);
+                let decision = self.decision(p, d.name, action);
                 if decision.allowed { Ok(Gate::Policy(decision)) } else { Err(AppError::Forbidden) }
             }
         }

@@ -252,18 +252,20 @@ impl Records {
                 read_mask: everything.clone(),
                 write_mask: everything,
                 rule: Arc::from("benchmark: access control off"),
+                narrowing: None,
             }),
         };
         self
     }
 
     /// The access decision (permit-all when a benchmark switched access control off).
-    pub(super) fn decision(&self, roles: &[Role], rtype: &str, action: Action) -> Decision {
+    /// The caller's roles decide, the token's scopes narrow ([`crate::access::narrow`]).
+    pub(super) fn decision(&self, principal: &Principal, rtype: &str, action: Action) -> Decision {
         #[cfg(feature = "benchmark")]
         if let Some(d) = &self.bench.permit_all {
             return d.clone();
         }
-        self.access.decide(roles, rtype, action)
+        self.access.decide_for(principal, rtype, action)
     }
 
     /// The server's settings: the `decrypt-failure` alert is raised with them when a stored element fails to
@@ -313,6 +315,58 @@ impl Records {
     /// Turns the decision's scope into SQL, reading care teams and break-glass grants now (a change takes
     /// effect on the next request). A care-team role without a linked Practitioner reaches nothing.
     fn resolve_scope(&self, conn: &mut AnyConnection, caller: &Caller, d: &Decision) -> AppResult<Reach> {
+        let reach = self.resolve_role_scope(conn, caller, d)?;
+        // A `patient/` scope: only the launch patient's compartment, within what the role reaches.
+        Ok(match d.narrowing.as_ref().and_then(|n| n.patient) {
+            None => reach,
+            Some(patient) => {
+                let patient = patient.to_string();
+                Reach {
+                    break_glass: reach.break_glass.into_iter().filter(|g| *g == patient).collect(),
+                    filter: ScopeFilter::Confined(Box::new(reach.filter), patient),
+                }
+            }
+        })
+    }
+
+    /// Whether `row` satisfies the granular scope restrictions of `d` (always, when there are none), judged on
+    /// the elements the caller may read.
+    pub(super) fn within_narrowing(&self, d: &'static ResourceDecl, row: &Row, dec: &Decision) -> AppResult<bool> {
+        let Some(n) = dec.narrowing.as_deref().filter(|n| !n.params.is_empty()) else { return Ok(true) };
+        let req = search::parse(d, &n.params, Handling::Strict)?;
+        self.matches(d, row, &dec.read_mask, &req)
+    }
+
+    /// A write under a narrowed decision stays inside it: the launch patient's compartment, and resources that
+    /// satisfy the granular restrictions (403 otherwise: the caller's own data, nothing revealed).
+    fn check_write_narrowing(
+        d: &'static ResourceDecl,
+        value: &Value,
+        patient: Option<&str>,
+        dec: &Decision,
+    ) -> AppResult<()> {
+        let Some(n) = dec.narrowing.as_deref() else { return Ok(()) };
+        if let Some(p) = n.patient
+            && patient != Some(p.to_string().as_str())
+        {
+            return Err(AppError::Forbidden);
+        }
+        if !n.params.is_empty() {
+            let req = search::parse(d, &n.params, Handling::Strict)?;
+            let entries = search::extract_index(d, value);
+            let ok = req.clauses.iter().all(|c| {
+                c.values
+                    .iter()
+                    .any(|v| entries.iter().filter(|e| e.param == c.param.name).any(|e| v.matches(c.param, &e.value)))
+            });
+            if !ok {
+                return Err(AppError::Forbidden);
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_role_scope(&self, conn: &mut AnyConnection, caller: &Caller, d: &Decision) -> AppResult<Reach> {
         let p = &caller.principal;
         Ok(match d.scope {
             Some(Scope::All) => Reach { filter: ScopeFilter::All, break_glass: vec![] },
@@ -638,6 +692,7 @@ impl Records {
                     let reach = this.resolve_scope(conn, &caller2, &decision)?;
                     this.check_references(conn, d, &value, &reach.filter)?;
                     let patient = Self::compartment(d, &id2, &value)?;
+                    Self::check_write_narrowing(d, &value, patient.as_deref(), &decision)?;
                     let row = Row {
                         resource_type: d.name.to_owned(),
                         id: id2.clone(),
@@ -664,7 +719,7 @@ impl Records {
             version,
             micros(now),
             obj,
-            &self.decision(&caller.principal.roles, rtype, Action::Read),
+            &self.decision(&caller.principal, rtype, Action::Read),
         )?;
         Ok(shown)
     }
@@ -752,6 +807,9 @@ impl Records {
         let this = self.clone_parts();
         let (caller2, id2, dec2) = (caller.clone(), id.to_owned(), decision.clone());
         let (row, purpose) = self.db.run(move |conn| this.reach_row(conn, &caller2, &dec2, d.name, &id2)).await?;
+        if !row.deleted && !self.within_narrowing(d, &row, &decision)? {
+            return Err(AppError::NotFound);
+        }
         trail.resource(d, id, row.version_id);
         trail.purpose(purpose);
         if row.deleted {
@@ -781,6 +839,9 @@ impl Records {
             .db
             .run(move |conn| {
                 let (current, purpose) = this.reach_row(conn, &caller2, &dec2, d.name, &id2)?;
+                if !current.deleted && !this.within_narrowing(d, &current, &dec2)? {
+                    return Err(AppError::NotFound);
+                }
                 let version = store::version(conn, d.name, &id2, vid)?.ok_or(AppError::NotFound)?;
                 Ok((current, version, purpose))
             })
@@ -812,6 +873,9 @@ impl Records {
             .db
             .run(move |conn| {
                 let (current, purpose) = this.reach_row(conn, &caller2, &dec2, d.name, &id2)?;
+                if !current.deleted && !this.within_narrowing(d, &current, &dec2)? {
+                    return Err(AppError::NotFound);
+                }
                 let versions = store::history(conn, d.name, &id2, 100)?;
                 Ok((current, versions, purpose))
             })
@@ -860,7 +924,7 @@ impl Records {
         let mut obj = self.parse_body(rtype, body)?;
         let expected = if_match.ok_or(AppError::PreconditionRequired)?;
         let now = self.clock.now();
-        let read_decision = self.decision(&caller.principal.roles, rtype, Action::Read);
+        let read_decision = self.decision(&caller.principal, rtype, Action::Read);
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
         let read2 = read_decision.clone();
@@ -922,6 +986,7 @@ impl Records {
                             Err(e)
                         }
                     })?;
+                    Self::check_write_narrowing(d, &value, patient.as_deref(), &decision)?;
                     if d.patient_link != PatientLink::Itself
                         && patient != current.patient_id
                         && current.patient_id.is_some()
@@ -1035,7 +1100,11 @@ impl Records {
         let d = decl_of(rtype)?;
         let (pairs, after) = self.open_cursor(caller, d, pairs)?;
         let self_link = self.cursor_link(caller, d, &pairs, after.as_deref())?;
-        let req = search::parse(d, &pairs, handling)?;
+        let req = match decision.narrowing.as_deref().filter(|n| !n.params.is_empty()) {
+            None => search::parse(d, &pairs, handling)?,
+            // Granular scopes: their clauses are ANDed to the query (the links keep the client's own).
+            Some(n) => search::parse(d, &[pairs.clone(), n.params.clone()].concat(), handling)?,
+        };
         // A role may search only by what it may read (else the result would reveal hidden values).
         for clause in &req.clauses {
             for path in clause.param.paths {
@@ -1223,7 +1292,7 @@ impl Records {
         parse_id(id)?;
         let this = self.clone_parts();
         let (caller2, id2) = (caller.clone(), id.to_owned());
-        let roles = caller.principal.roles.clone();
+        let principal = caller.principal.clone();
         let (rows, purpose) = self
             .db
             .run(move |conn| {
@@ -1237,10 +1306,15 @@ impl Records {
                     if !matches!(d.patient_link, PatientLink::Element(_)) {
                         continue;
                     }
-                    if !this.access.decide(&roles, d.name, Action::Read).allowed {
+                    let dec = this.decision(&principal, d.name, Action::Read);
+                    if !dec.allowed {
                         continue;
                     }
-                    rows.extend(store::compartment(conn, d.name, &id2, 1000)?);
+                    for row in store::compartment(conn, d.name, &id2, 1000)? {
+                        if this.within_narrowing(d, &row, &dec)? {
+                            rows.push(row);
+                        }
+                    }
                 }
                 let purpose = this.purpose_for(conn, &caller2, &reach, Some(&id2))?;
                 Ok((rows, purpose))
@@ -1250,9 +1324,9 @@ impl Records {
         for row in &rows {
             let d = decl_of(&row.resource_type)?;
             let dec = if d.name == "Patient" {
-                self.decision(&caller.principal.roles, "Patient", Action::Everything)
+                self.decision(&caller.principal, "Patient", Action::Everything)
             } else {
-                self.decision(&caller.principal.roles, d.name, Action::Read)
+                self.decision(&caller.principal, d.name, Action::Read)
             };
             entries.push(self.show(d, row.view(), &dec.read_mask, None)?);
         }

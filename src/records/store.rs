@@ -60,6 +60,8 @@ pub enum ScopeFilter {
     CareTeam { practitioner_id: String, extra_patients: Vec<String> },
     /// Nothing at all.
     Nothing,
+    /// What the inner filter reaches, within this one patient's compartment (a SMART `patient/` scope).
+    Confined(Box<ScopeFilter>, String),
 }
 
 /// The search index values of one resource: (parameter, value) pairs.
@@ -279,6 +281,9 @@ type BoxedRows<'a> = diesel::internal::table_macro::BoxedSelectStatement<
 
 fn apply_scope<'a>(q: BoxedRows<'a>, scope: &ScopeFilter) -> BoxedRows<'a> {
     match scope {
+        ScopeFilter::Confined(inner, patient) => {
+            apply_scope(q, inner).filter(resources::patient_id.eq(Some(patient.clone())))
+        }
         ScopeFilter::All => q,
         ScopeFilter::Nothing => q.filter(resources::id.eq("").and(resources::id.ne(""))),
         ScopeFilter::Patients(ids) => q.filter(resources::patient_id.eq_any(ids.clone())),

@@ -231,6 +231,10 @@ pub(super) async fn access_report(
     d: &mut Disclosure,
 ) -> AppResult<Value> {
     let patient = Uuid::parse_str(id).map_err(|_| AppError::NotFound)?;
+    // A `patient/` scope confines the report to the launch patient.
+    if decision.narrowing.as_ref().and_then(|n| n.patient).is_some_and(|p| p != patient) {
+        return Err(AppError::NotFound);
+    }
     match decision.scope {
         Some(Scope::All) => {}
         Some(Scope::Own) if caller.principal.patient == Some(patient) => {}

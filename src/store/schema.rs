@@ -87,6 +87,9 @@ diesel::table! {
         created_at -> BigInt,
         last_seen -> BigInt,
         revoked_at -> Nullable<BigInt>,
+        client_id -> Nullable<Text>,
+        scope -> Nullable<Text>,
+        launch_patient -> Nullable<Text>,
     }
 }
 
@@ -223,6 +226,50 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    apps (client_id) {
+        client_id -> Text,
+        name -> Text,
+        kind -> Text,
+        secret_hash -> Nullable<Text>,
+        redirect_uris -> Text,
+        scopes -> Text,
+        jwks -> Nullable<Text>,
+        jwks_url -> Nullable<Text>,
+        account_id -> Nullable<Text>,
+        created_at -> BigInt,
+        disabled -> Bool,
+    }
+}
+
+diesel::table! {
+    smart_authorizations (flow_hash) {
+        flow_hash -> Text,
+        client_id -> Text,
+        redirect_uri -> Text,
+        scope -> Text,
+        state -> Text,
+        nonce -> Nullable<Text>,
+        code_challenge -> Text,
+        account_id -> Nullable<Text>,
+        consent_hash -> Nullable<Text>,
+        code_hash -> Nullable<Text>,
+        granted_scope -> Nullable<Text>,
+        patient_id -> Nullable<Text>,
+        session_id -> Nullable<Text>,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    client_assertions (jti_hash) {
+        jti_hash -> Text,
+        expires_at -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     resources,
     resource_history,
@@ -245,6 +292,9 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_seal_keys,
     alerts,
     oidc_logins,
+    apps,
+    smart_authorizations,
+    client_assertions,
 );
 
 diesel::joinable!(sessions -> accounts (account_id));

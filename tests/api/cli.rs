@@ -895,3 +895,106 @@ both_backends!(index_key_rotation_keeps_searches_exact_and_resumes, |app: TestAp
         assert_eq!(family_hits(&app.client, base, &front.access, family).await, want, "{family} after rotation");
     }
 });
+
+both_backends!(apps_are_registered_listed_and_removed, |app: TestApp| async move {
+    let w: crate::world::World = app.world().await;
+    // A confidential app: the secret is made by the server, shown once, never listed.
+    let out = ok(cli(
+        &app,
+        &[
+            "apps",
+            "add",
+            "--name",
+            "Growth <Chart> & Co",
+            "--kind",
+            "confidential",
+            "--redirect-uri",
+            crate::smart::REDIRECT,
+            "--scopes",
+            "launch/patient patient/*.rs",
+            "--json",
+        ],
+    ));
+    let added: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let client = added["client_id"].as_str().unwrap().to_owned();
+    let secret = added["client_secret"].as_str().unwrap().to_owned();
+    assert!(secret.len() >= 43, "256 random bits, base64url");
+    let listed = ok(cli(&app, &["apps", "list", "--json"]));
+    assert!(listed.contains(&client) && !listed.contains(&secret), "{listed}");
+    // Refused registrations name the problem, not the value.
+    for (args, why) in [
+        (
+            vec!["--kind", "public", "--redirect-uri", "http://app.example/cb", "--scopes", "user/Patient.rs"],
+            "redirect",
+        ),
+        (
+            vec!["--kind", "public", "--redirect-uri", "https://app.example/cb", "--scopes", "system/Patient.rs"],
+            "system/",
+        ),
+        (
+            vec![
+                "--kind",
+                "backend",
+                "--scopes",
+                "system/Patient.rs",
+                "--role",
+                "clinician",
+                "--jwks-url",
+                "https://x/j",
+            ],
+            "role",
+        ),
+        (vec!["--kind", "public", "--redirect-uri", "https://app.example/cb", "--scopes", "openid"], "resource scope"),
+    ] {
+        let mut all = vec!["apps", "add", "--name", "x"];
+        all.extend(args);
+        let o = cli(&app, &all);
+        assert!(!o.status.success(), "{all:?}");
+        assert!(stderr(&o).contains(why), "{all:?}: {}", stderr(&o));
+    }
+    // The app opens a session; removing the app ends it at once.
+    let html = crate::smart::sign_in(&app, &client, "launch/patient patient/Patient.rs", "doc").await;
+    let to = crate::smart::consent(&app, &html, "approve", Some(&w.alice)).await.headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let code = to.split("code=").nth(1).unwrap().split('&').next().unwrap().to_owned();
+    let r = app
+        .client
+        .post(app.url("/auth/token"))
+        .basic_auth(&client, Some(&secret))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", crate::smart::REDIRECT),
+            ("code_verifier", "dBjftJeZ4CVP-mJ92K1hqvqLY0ZA3JnxDoS2yVx6RkWk4nDtlvv7mQaZ2FdLqQbB0cY9"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tokens: serde_json::Value = r.json().await.unwrap();
+    let s = crate::helpers::Session { access: tokens["access_token"].as_str().unwrap().into(), refresh: String::new() };
+    assert_eq!(app.get_json(&s, &format!("/fhir/Patient/{}", w.alice)).await.0, 200);
+    let removed = ok(cli(&app, &["apps", "remove", &client]));
+    assert!(removed.contains("1 session(s) ended"), "{removed}");
+    app.clock.advance(time::Duration::seconds(6));
+    assert_eq!(app.get_json(&s, &format!("/fhir/Patient/{}", w.alice)).await.0, 401);
+    assert!(!cli(&app, &["apps", "remove", &client]).status.success(), "gone");
+});
+
+both_backends!(service_client_secrets_are_generated_not_chosen, |app: TestApp| async move {
+    let o = cli(&app, &["users", "add", "--username", "feed", "--role", "billing", "--service", "--password-stdin"]);
+    assert!(!o.status.success() && stderr(&o).contains("generated"), "{}", stderr(&o));
+    let out = ok(cli(&app, &["users", "add", "--username", "feed", "--role", "billing", "--service"]));
+    let secret = out.lines().find_map(|l| l.strip_prefix("client_secret (shown once, store it now): ")).unwrap();
+    assert!(secret.len() >= 43);
+    let r = app
+        .client
+        .post(app.url("/auth/token"))
+        .form(&[("grant_type", "client_credentials"), ("client_id", "feed"), ("client_secret", secret)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+});
