@@ -17,6 +17,7 @@ mod encryption;
 mod faults;
 mod fhir;
 mod foundation;
+mod fuzz;
 mod monitor;
 mod oidc;
 mod ops;
