@@ -21,6 +21,7 @@ mod fuzz;
 mod monitor;
 mod oidc;
 mod ops;
+mod owasp;
 mod process;
 mod retention;
 mod tamper;
