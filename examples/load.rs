@@ -51,12 +51,32 @@ enum Cmd {
         #[arg(long, default_value = "")]
         label: String,
     },
+    /// A fixed mixed load for `--minutes`: per cycle one create, two reads and one search of Observations, at
+    /// `--rate` requests per second in all from `--concurrency` tasks. Prints one JSON line per minute (requests,
+    /// errors, p50/p99, the server's RSS read from `/proc/PID/status`) and a summary line; exits 1 on any error.
+    Soak {
+        #[arg(long)]
+        setup: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Seconds per sample (60 for the documented soak; shorter for a quick check).
+        #[arg(long, default_value_t = 60)]
+        sample_secs: u64,
+        /// The server's process id (its RSS is sampled).
+        #[arg(long)]
+        pid: u32,
+    },
 }
 
 struct Api {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: std::sync::RwLock<String>,
+    refresh: std::sync::Mutex<String>,
 }
 
 impl Api {
@@ -77,14 +97,39 @@ impl Api {
             .expect("login request");
         assert_eq!(resp.status(), 200, "login of {}", args.user);
         let body: Value = resp.json().await.unwrap();
-        Api { http, base: args.base.clone(), token: body["access_token"].as_str().unwrap().to_owned() }
+        Api {
+            http,
+            base: args.base.clone(),
+            token: std::sync::RwLock::new(body["access_token"].as_str().unwrap().to_owned()),
+            refresh: std::sync::Mutex::new(body["refresh_token"].as_str().unwrap_or_default().to_owned()),
+        }
+    }
+
+    fn token(&self) -> String {
+        self.token.read().unwrap().clone()
+    }
+
+    /// Rotates the refresh token and takes the new access token (access tokens live 5 minutes by default).
+    async fn refresh(&self) {
+        let refresh = self.refresh.lock().unwrap().clone();
+        let resp = self
+            .http
+            .post(format!("{}/auth/token", self.base))
+            .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh.as_str())])
+            .send()
+            .await
+            .expect("refresh request");
+        assert_eq!(resp.status(), 200, "token refresh");
+        let body: Value = resp.json().await.unwrap();
+        *self.token.write().unwrap() = body["access_token"].as_str().unwrap().to_owned();
+        *self.refresh.lock().unwrap() = body["refresh_token"].as_str().unwrap().to_owned();
     }
 
     async fn create(&self, rtype: &str, body: &Value) -> Result<String, u16> {
         let resp = self
             .http
             .post(format!("{}/fhir/{rtype}", self.base))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token())
             .header("content-type", "application/fhir+json")
             .body(body.to_string())
             .send()
@@ -97,11 +142,24 @@ impl Api {
         Ok(v["id"].as_str().unwrap_or_default().to_owned())
     }
 
+    async fn search(&self, rtype: &str, query: &str) -> Result<(), u16> {
+        let resp = self
+            .http
+            .get(format!("{}/fhir/{rtype}?{query}", self.base))
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .map_err(|_| 0u16)?;
+        let status = resp.status().as_u16();
+        resp.bytes().await.map_err(|_| 1u16)?;
+        if status == 200 { Ok(()) } else { Err(status) }
+    }
+
     async fn read(&self, rtype: &str, id: &str) -> Result<(), u16> {
         let resp = self
             .http
             .get(format!("{}/fhir/{rtype}/{id}", self.base))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token())
             .send()
             .await
             .map_err(|_| 0u16)?;
@@ -227,6 +285,141 @@ fn report(label: &str, op: &str, concurrency: usize, tally: &Tally, secs: f64) {
     );
 }
 
+/// Resident set size of a process in KiB (`VmRSS`), 0 when it cannot be read.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Sample {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    statuses: Vec<u16>,
+    behind: u64,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+async fn soak(
+    api: Arc<Api>,
+    patients: Arc<Vec<String>>,
+    concurrency: usize,
+    rate: f64,
+    minutes: u64,
+    sample_secs: u64,
+    pid: u32,
+) -> bool {
+    use std::sync::Mutex;
+    let samples = u64::max(1, minutes * 60 / sample_secs);
+    let current = Arc::new(Mutex::new(Sample::default()));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(samples * sample_secs);
+    let period = Duration::from_secs_f64(concurrency as f64 / rate);
+    let refresher = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                api.refresh().await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (api, patients, current) = (api.clone(), patients.clone(), current.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut mine: Vec<String> = Vec::new();
+            let mut n = t as u64;
+            let mut last = Instant::now();
+            loop {
+                tick.tick().await;
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let late = began.duration_since(last) > period * 2;
+                last = began;
+                let p = &patients[rand::thread_rng().gen_range(0..patients.len())];
+                let result = match n % 4 {
+                    0 => api.create("Observation", &observation(p, n)).await.map(|id| mine.push(id)),
+                    1 | 2 if !mine.is_empty() => {
+                        let id = &mine[rand::thread_rng().gen_range(0..mine.len())];
+                        api.read("Observation", id).await
+                    }
+                    _ => api.search("Observation", &format!("patient={p}&_count=10")).await,
+                };
+                n += 1;
+                let micros = u32::try_from(began.elapsed().as_micros()).unwrap_or(u32::MAX);
+                let mut s = current.lock().unwrap();
+                if late {
+                    s.behind += 1;
+                }
+                match result {
+                    Ok(()) => s.latencies_us.push(micros),
+                    Err(status) => {
+                        s.errors += 1;
+                        s.statuses.push(status);
+                    }
+                }
+            }
+        }));
+    }
+    let (mut total, mut errors) = (0usize, 0u64);
+    let (mut rss, mut p99s) = (Vec::new(), Vec::new());
+    for i in 1..=samples {
+        tokio::time::sleep_until((start + Duration::from_secs(i * sample_secs)).into()).await;
+        let mut s = std::mem::take(&mut *current.lock().unwrap());
+        s.latencies_us.sort_unstable();
+        s.statuses.sort_unstable();
+        s.statuses.dedup();
+        let r = rss_kib(pid);
+        let (p50, p99) = (percentile(&s.latencies_us, 0.50), percentile(&s.latencies_us, 0.99));
+        total += s.latencies_us.len();
+        errors += s.errors;
+        rss.push(r);
+        p99s.push(p99);
+        println!(
+            "{}",
+            json!({
+                "sample": i, "secs": sample_secs, "ok": s.latencies_us.len(), "errors": s.errors,
+                "error_statuses": s.statuses, "late_ticks": s.behind, "rps": s.latencies_us.len() as f64 / sample_secs as f64,
+                "p50_ms": p50, "p99_ms": p99, "rss_kib": r,
+            })
+        );
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    refresher.abort();
+    let min_rss = rss.iter().copied().min().unwrap_or(0);
+    let max_rss = rss.iter().copied().max().unwrap_or(0);
+    println!(
+        "{}",
+        json!({
+            "summary": true, "samples": samples, "ok": total, "errors": errors,
+            "rss_first_kib": rss.first(), "rss_last_kib": rss.last(), "rss_min_kib": min_rss, "rss_max_kib": max_rss,
+            "p99_first_ms": p99s.first(), "p99_last_ms": p99s.last(),
+            "p99_max_ms": p99s.iter().copied().fold(0.0_f64, f64::max),
+        })
+    );
+    errors == 0
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
@@ -275,6 +468,15 @@ async fn main() {
             })
             .await;
             report(label, "read", *concurrency, &tally, s);
+        }
+        Cmd::Soak { setup, concurrency, rate, minutes, sample_secs, pid } => {
+            let setup: Value = serde_json::from_slice(&std::fs::read(setup).expect("read --setup")).unwrap();
+            let patients: Arc<Vec<String>> = Arc::new(
+                setup["patients"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect(),
+            );
+            if !soak(api, patients, *concurrency, *rate, *minutes, *sample_secs, *pid).await {
+                std::process::exit(1);
+            }
         }
     }
 }

@@ -16,6 +16,8 @@ use diesel::{Connection, MultiConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use secrecy::ExposeSecret;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -130,10 +132,13 @@ fn unreachable_reason(driver: &str) -> &'static str {
 #[derive(Debug, Default)]
 struct QuietErrors {
     last: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Set when opening a connection fails; cleared by the next successful checkout ([`Db::conn`]).
+    unreachable: Arc<AtomicBool>,
 }
 
 impl r2d2::HandleError<r2d2::Error> for QuietErrors {
     fn handle_error(&self, error: r2d2::Error) {
+        self.unreachable.store(true, Ordering::SeqCst);
         let Ok(mut last) = self.last.lock() else { return };
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(30)) {
             return;
@@ -209,7 +214,12 @@ pub type DbConn = PooledConnection<Manager>;
 pub struct Db {
     pool: DbPool,
     backend: Backend,
+    /// The pool failed to open a connection since the last successful checkout: the database is down.
+    unreachable: Arc<AtomicBool>,
 }
+
+/// How long one checkout attempt waits before [`Db::conn`] looks again whether the database is down.
+const CHECKOUT_SLICE: Duration = Duration::from_millis(200);
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -238,13 +248,14 @@ impl Db {
             let source = DriverMessage::of(&e);
             return Err(StoreError::Unreachable { why: unreachable_reason(&source.0), source });
         }
+        let unreachable = Arc::new(AtomicBool::new(false));
         let pool = Pool::builder()
             .max_size(max_size)
             .connection_timeout(Duration::from_secs(10))
-            .error_handler(Box::new(QuietErrors::default()))
+            .error_handler(Box::new(QuietErrors { unreachable: unreachable.clone(), ..Default::default() }))
             .build(manager)
             .map_err(StoreError::Connect)?;
-        Ok(Db { pool, backend })
+        Ok(Db { pool, backend, unreachable })
     }
 
     /// Whether the database holds carevault's schema (at least one migration applied). Maintenance commands
@@ -264,8 +275,30 @@ impl Db {
     }
 
     /// A pooled connection, or 503 (fail closed) when the database cannot be reached.
+    ///
+    /// A busy pool is waited for (up to the pool's 10 s); a database that cannot be reached is not: once the
+    /// pool has failed to open a connection, a checkout that finds none within [`CHECKOUT_SLICE`] answers 503 at
+    /// once instead of holding the request for the whole timeout (PostgreSQL restarting, a network cut).
     pub fn conn(&self) -> Result<DbConn, AppError> {
-        self.pool.get().map_err(|e| StoreError::Pool(e).into())
+        self.checkout().map_err(AppError::from)
+    }
+
+    /// [`Db::conn`]'s checkout, in the store's own error type.
+    fn checkout(&self) -> Result<DbConn, StoreError> {
+        let deadline = std::time::Instant::now() + self.pool.connection_timeout();
+        loop {
+            match self.pool.get_timeout(CHECKOUT_SLICE) {
+                Ok(conn) => {
+                    self.unreachable.store(false, Ordering::SeqCst);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    if self.unreachable.load(Ordering::SeqCst) || std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Pool(e));
+                    }
+                }
+            }
+        }
     }
 
     /// Connections open, of which idle, and the pool's maximum size (for the pool gauges).
@@ -282,7 +315,7 @@ impl Db {
 
     /// True when the database answers and no migration is pending.
     pub fn ready(&self) -> bool {
-        let Ok(mut conn) = self.pool.get() else { return false };
+        let Ok(mut conn) = self.checkout() else { return false };
         let pending = match &mut *conn {
             AnyConnection::Postgresql(c) => c.has_pending_migration(PG_MIGRATIONS),
             AnyConnection::Sqlite(c) => c.has_pending_migration(SQLITE_MIGRATIONS),
@@ -302,9 +335,9 @@ impl Db {
             Backend::Sqlite => "sqlite",
         };
         let span = tracing::info_span!(target: "carevault::store", "store", db.system.name = system);
-        let pool = self.pool.clone();
+        let db = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = pool.get().map_err(StoreError::Pool)?;
+            let mut conn = db.checkout()?;
             f(&mut conn)
         })
         .instrument(span)
