@@ -199,8 +199,11 @@ pub struct TokenKeys {
     decoding: HashMap<String, DecodingKey>,
     validation: Validation,
     /// Tokens whose time-independent checks passed ([`TokenKeys::verify`]); new with every ring.
-    verified: std::sync::Arc<std::sync::RwLock<HashMap<[u8; 32], (AccessClaims, String)>>>,
+    verified: std::sync::Arc<std::sync::RwLock<VerifiedTokens>>,
 }
+
+/// Claims and key id of tokens that passed the time-independent checks, by the token's SHA-256.
+type VerifiedTokens = HashMap<[u8; 32], (AccessClaims, String)>;
 
 /// How many verified tokens a ring remembers (about 1 KiB each).
 pub const VERIFIED_CACHE: usize = 16_384;
