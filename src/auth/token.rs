@@ -198,7 +198,15 @@ pub struct TokenKeys {
     active_kid: String,
     decoding: HashMap<String, DecodingKey>,
     validation: Validation,
+    /// Tokens whose time-independent checks passed ([`TokenKeys::verify`]); new with every ring.
+    verified: std::sync::Arc<std::sync::RwLock<VerifiedTokens>>,
 }
+
+/// Claims and key id of tokens that passed the time-independent checks, by the token's SHA-256.
+type VerifiedTokens = HashMap<[u8; 32], (AccessClaims, String)>;
+
+/// How many verified tokens a ring remembers (about 1 KiB each).
+pub const VERIFIED_CACHE: usize = 16_384;
 
 impl std::fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -235,6 +243,7 @@ impl TokenKeys {
             active_kid,
             decoding,
             validation,
+            verified: std::sync::Arc::default(),
         })
     }
 
@@ -268,6 +277,9 @@ impl TokenKeys {
             std::mem::take(&mut self.keys).into_iter().partition(|k| k.publishable(now));
         for k in &gone {
             self.decoding.remove(&k.kid);
+        }
+        if !gone.is_empty() {
+            self.verified = std::sync::Arc::default();
         }
         self.keys = keep;
         gone.into_iter().map(|k| k.kid).collect()
@@ -309,7 +321,6 @@ impl TokenKeys {
         Ok((token, exp))
     }
 
-    /// Verifies an access token at `now`. Every failure is the same [`InvalidToken`].
     /// Signs an OpenID Connect id token (`typ: JWT`) with the active key; the caller builds the claims.
     pub fn sign_id_token(&self, claims: &serde_json::Value) -> AppResult<String> {
         let mut header = Header::new(Algorithm::EdDSA);
@@ -319,10 +330,51 @@ impl TokenKeys {
             .map_err(|e| AppError::internal_from("cannot sign a token", e))
     }
 
+    /// Verifies an access token at `now`. Every failure is the same [`InvalidToken`].
+    ///
+    /// The signature, issuer, audience and lifetime of a token never change, so a token that passed them is
+    /// remembered (by its SHA-256, at most [`VERIFIED_CACHE`] tokens) and only the checks that depend on `now`
+    /// (expiry, not-before, the key still published) run again: one hash instead of an Ed25519 verification per
+    /// request. Revocation is not affected: sessions are checked on every request by the auth service.
     pub fn verify(&self, token: &str, now: OffsetDateTime) -> Result<AccessClaims, InvalidToken> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(invalid("too long"));
         }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = self.verified.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&digest).cloned();
+        let (claims, kid) = match cached {
+            Some(hit) => hit,
+            None => {
+                let fresh = self.verify_signed(token)?;
+                let mut cache = self.verified.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.len() >= VERIFIED_CACHE {
+                    let t = now.unix_timestamp();
+                    cache.retain(|_, (c, _)| c.exp > t);
+                    if cache.len() >= VERIFIED_CACHE {
+                        cache.clear();
+                    }
+                }
+                cache.insert(digest, fresh.clone());
+                fresh
+            }
+        };
+        if !self.keys.iter().any(|k| k.kid == kid && k.publishable(now)) {
+            return Err(invalid("retired kid"));
+        }
+        let now = now.unix_timestamp();
+        let leeway = LEEWAY.whole_seconds();
+        if now >= claims.exp.saturating_add(leeway) {
+            return Err(invalid("expired"));
+        }
+        if claims.nbf > now.saturating_add(leeway) || claims.iat > now.saturating_add(leeway) {
+            return Err(invalid("not yet valid"));
+        }
+        Ok(claims)
+    }
+
+    /// The checks of [`TokenKeys::verify`] that do not depend on the time: header, known key, signature, issuer,
+    /// audience, lifetime. Answers the claims and the key id.
+    fn verify_signed(&self, token: &str) -> Result<(AccessClaims, String), InvalidToken> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed header"))?;
         if header.alg != Algorithm::EdDSA {
             return Err(invalid("algorithm"));
@@ -335,9 +387,6 @@ impl TokenKeys {
         }
         let kid = header.kid.ok_or(invalid("no kid"))?;
         let key = self.decoding.get(&kid).ok_or(invalid("unknown kid"))?;
-        if !self.keys.iter().any(|k| k.kid == kid && k.publishable(now)) {
-            return Err(invalid("retired kid"));
-        }
         let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => invalid("signature"),
@@ -350,18 +399,10 @@ impl TokenKeys {
         if claims.aud != self.audience {
             return Err(invalid("audience"));
         }
-        let now = now.unix_timestamp();
-        let leeway = LEEWAY.whole_seconds();
-        if now >= claims.exp.saturating_add(leeway) {
-            return Err(invalid("expired"));
-        }
-        if claims.nbf > now.saturating_add(leeway) || claims.iat > now.saturating_add(leeway) {
-            return Err(invalid("not yet valid"));
-        }
         if claims.exp.saturating_sub(claims.iat) > MAX_TTL.whole_seconds() || claims.exp <= claims.iat {
             return Err(invalid("lifetime"));
         }
-        Ok(claims)
+        Ok((claims, kid))
     }
 
     /// The JWKS document for `/.well-known/jwks.json`: every key whose tokens may still be valid at `now`.
