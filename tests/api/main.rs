@@ -19,6 +19,7 @@ mod fhir;
 mod foundation;
 mod monitor;
 mod oidc;
+mod openapi;
 mod ops;
 mod retention;
 mod smart;

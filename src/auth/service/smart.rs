@@ -362,6 +362,7 @@ pub struct FlowConsent {
 
 /// What the token endpoint's code exchange came to.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "one value per token request, moved once; boxing buys nothing")]
 pub enum CodeExchange {
     Ok {
         tokens: TokenResponse,
@@ -1003,6 +1004,7 @@ pub enum ClientCheck {
 
 /// What a backend-services token request came to.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "one value per token request, moved once; boxing buys nothing")]
 pub enum BackendOutcome {
     Ok(TokenResponse, Account),
     /// The assertion failed; the client id it named, when it named one.
