@@ -9,6 +9,7 @@ pub mod fhir;
 pub mod health;
 pub mod limit;
 pub mod oidc;
+pub mod openapi;
 pub mod smart;
 
 use crate::app::AppState;
@@ -22,10 +23,12 @@ use actix_web::{HttpResponse, web};
 use error::{FHIR_JSON, operation_outcome};
 use futures_util::StreamExt;
 
-/// Every route of the service.
+/// Every route of the service. Each is listed in [`openapi::ROUTES`] too (a test compares the two), so the
+/// OpenAPI document at `/openapi.json` covers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
+        .service(web::resource("/openapi.json").route(web::get().to(openapi::serve)))
         .service(web::resource("/.well-known/jwks.json").route(web::get().to(auth::jwks)))
         .service(web::resource("/.well-known/smart-configuration").route(web::get().to(smart::configuration)))
         .service(web::resource("/fhir/.well-known/smart-configuration").route(web::get().to(smart::configuration)))

@@ -21,6 +21,7 @@ mod foundation;
 mod fuzz;
 mod monitor;
 mod oidc;
+mod openapi;
 mod ops;
 mod owasp;
 mod process;
