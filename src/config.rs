@@ -267,11 +267,14 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     pub requests_per_second: u64,
     pub burst: u32,
+    /// Expensive operations (searches, history, `$everything`, `$access-report`) one account may have in
+    /// flight at once in this process; more answer 429 with `Retry-After`.
+    pub max_concurrent_per_account: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000 }
+        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000, max_concurrent_per_account: 4 }
     }
 }
 
@@ -489,6 +492,9 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid("`limits.max_body_bytes` must be at least 1024".into()));
+        }
+        if self.limits.max_concurrent_per_account == 0 {
+            return Err(ConfigError::Invalid("`limits.max_concurrent_per_account` must be positive".into()));
         }
         if self.limits.requests_per_second == 0 {
             return Err(ConfigError::Invalid("`limits.requests_per_second` must be positive".into()));
@@ -734,6 +740,7 @@ mod tests {
         assert_eq!(c.auth.session_max_secs, 43_200);
         assert_eq!(c.access.break_glass_minutes, 60);
         assert_eq!(c.limits.max_body_bytes, 1_048_576);
+        assert_eq!(c.limits.max_concurrent_per_account, 4);
         assert_eq!((c.monitor.failed_logins_threshold, c.monitor.bulk_access_patients), (10, 50));
         assert_eq!(c.database().unwrap(), DatabaseTarget::Sqlite(PathBuf::from("/tmp/cv-data/carevault.db")));
     }

@@ -17,6 +17,7 @@ mod disclosure;
 mod encryption;
 mod fhir;
 mod foundation;
+mod limits;
 mod monitor;
 mod oidc;
 mod ops;

@@ -364,8 +364,8 @@ pub struct FlowConsent {
 #[derive(Debug)]
 pub enum CodeExchange {
     Ok {
-        tokens: TokenResponse,
-        account: Account,
+        tokens: Box<TokenResponse>,
+        account: Box<Account>,
         client_id: String,
     },
     /// An RFC 6749 error code (`invalid_grant`, `invalid_client`, `invalid_request`).
@@ -766,7 +766,7 @@ impl AuthService {
             }
             tokens.id_token = Some(self.keys().sign_id_token(&claims)?);
         }
-        Ok(CodeExchange::Ok { tokens, account, client_id: app.client_id })
+        Ok(CodeExchange::Ok { tokens: Box::new(tokens), account: Box::new(account), client_id: app.client_id })
     }
 
     /// Client authentication by secret (confidential apps, then service accounts), throttled per client id and
@@ -848,7 +848,7 @@ impl AuthService {
         SmartGrant { client_id: app.client_id.clone(), scopes: granted.clone(), patient: None }.apply(&mut principal);
         let (access, expires_in) = self.issue(&principal, now)?;
         let tokens = TokenResponse { scope: Some(granted.render()), ..TokenResponse::bearer(access, expires_in, None) };
-        Ok(BackendOutcome::Ok(tokens, account))
+        Ok(BackendOutcome::Ok(Box::new(tokens), Box::new(account)))
     }
 
     async fn check_assertion(
@@ -1004,7 +1004,7 @@ pub enum ClientCheck {
 /// What a backend-services token request came to.
 #[derive(Debug)]
 pub enum BackendOutcome {
-    Ok(TokenResponse, Account),
+    Ok(Box<TokenResponse>, Box<Account>),
     /// The assertion failed; the client id it named, when it named one.
     Failed(Option<String>),
     Throttled(Duration),
