@@ -545,10 +545,24 @@ impl Config {
         if self.keys.master_key_file.is_none() && self.keys.master_key.is_none() {
             return prod("keys.master_key_file", "the master key; generated keys are for development");
         }
-        if let Some(file) = &self.keys.master_key_file
-            && file.starts_with(self.data_dir.join("keys"))
-        {
-            return prod("keys.master_key_file", "a key kept outside the data directory, not the generated one");
+        // Paths are compared after resolving `..` and symbolic links, so the development key or certificate
+        // cannot be named through another spelling of the same file.
+        let dev_keys = crate::fsutil::resolved(&self.data_dir.join("keys"));
+        let dev_tls = crate::fsutil::resolved(&self.data_dir.join("tls"));
+        if let Some(file) = &self.keys.master_key_file {
+            if crate::fsutil::resolved(file).starts_with(&dev_keys) {
+                return prod("keys.master_key_file", "a key kept outside the data directory, not the generated one");
+            }
+            if crate::fsutil::readable_by_others(file) {
+                return prod("keys.master_key_file", "a key file only its owner may read (chmod 0600)");
+            }
+        }
+        for (setting, file) in [("tls.cert_file", &self.tls.cert_file), ("tls.key_file", &self.tls.key_file)] {
+            if let Some(file) = file
+                && crate::fsutil::resolved(file).starts_with(&dev_tls)
+            {
+                return prod(setting, "a certificate of the deployment, not the generated development one");
+            }
         }
         Ok(())
     }
@@ -823,6 +837,53 @@ mod tests {
         assert!(Config::from_toml(&ok, &demo).unwrap_err().to_string().contains("--demo"));
         let http = Overrides { insecure_http: true, ..over() };
         assert!(Config::from_toml(&ok, &http).unwrap_err().to_string().contains("insecure-http"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn production_refuses_a_loose_master_key_and_development_files_under_any_spelling() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir_all(data.join("keys")).unwrap();
+        std::fs::create_dir_all(data.join("tls")).unwrap();
+        std::fs::create_dir_all(data.join("other")).unwrap();
+        let dev_key = data.join("keys/master.key");
+        crate::fsutil::write_private(&dev_key, b"k").unwrap();
+        std::fs::write(data.join("tls/cert.pem"), b"c").unwrap();
+        let outside = root.path().join("secrets");
+        std::fs::create_dir_all(&outside).unwrap();
+        let good_key = outside.join("master.key");
+        crate::fsutil::write_private(&good_key, b"k").unwrap();
+        let loose_key = outside.join("loose.key");
+        std::fs::write(&loose_key, b"k").unwrap();
+        std::fs::set_permissions(&loose_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = outside.join("link.key");
+        std::os::unix::fs::symlink(&dev_key, &link).unwrap();
+        let cert_link = outside.join("cert.pem");
+        std::os::unix::fs::symlink(data.join("tls/cert.pem"), &cert_link).unwrap();
+        let over = Overrides { data_dir: data.clone(), ..Default::default() };
+        let conf = |cert: &Path, key: &Path| {
+            format!(
+                "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            )
+        };
+        let c = Path::new("/etc/carevault/cert.pem");
+        assert!(Config::from_toml(&conf(c, &good_key), &over).is_ok());
+        for (key, why) in [
+            (loose_key.clone(), "only its owner may read"),
+            (data.join("other/../keys/master.key"), "outside the data directory"),
+            (link.clone(), "outside the data directory"),
+        ] {
+            let e = Config::from_toml(&conf(c, &key), &over).unwrap_err().to_string();
+            assert!(e.contains("keys.master_key_file") && e.contains(why), "{}: {e}", key.display());
+        }
+        for cert in [data.join("other/../tls/cert.pem"), cert_link] {
+            let e = Config::from_toml(&conf(&cert, &good_key), &over).unwrap_err().to_string();
+            assert!(e.contains("tls.cert_file"), "{}: {e}", cert.display());
+        }
     }
 
     #[test]
