@@ -564,6 +564,12 @@ impl Config {
                 return prod(setting, "a certificate of the deployment, not the generated development one");
             }
         }
+        if self.audit.anchor_dir.is_none() && self.audit.anchor_webhook_url.is_none() {
+            return prod(
+                "audit.anchor_dir",
+                "an append-only anchor sink for the signed audit checkpoints (or `audit.anchor_webhook_url`)",
+            );
+        }
         Ok(())
     }
 
@@ -832,6 +838,12 @@ mod tests {
             "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
             key.display()
         );
+        // Without an anchor sink production is refused, naming the setting; either sink is enough.
+        let e = Config::from_toml(&ok, &over()).unwrap_err().to_string();
+        assert!(e.contains("audit.anchor_dir") && e.contains("audit.anchor_webhook_url"), "{e}");
+        let hook = format!("{ok}[audit]\nanchor_webhook_url = \"https://anchors.example.org/cv\"\n");
+        assert!(Config::from_toml(&hook, &over()).is_ok());
+        let ok = format!("{ok}[audit]\nanchor_dir = \"/var/lib/anchors\"\n");
         assert!(Config::from_toml(&ok, &over()).is_ok());
         let demo = Overrides { demo: true, ..over() };
         assert!(Config::from_toml(&ok, &demo).unwrap_err().to_string().contains("--demo"));
@@ -865,7 +877,7 @@ mod tests {
         let over = Overrides { data_dir: data.clone(), ..Default::default() };
         let conf = |cert: &Path, key: &Path| {
             format!(
-                "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+                "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n[audit]\nanchor_dir = \"/var/lib/anchors\"\n",
                 cert.display(),
                 key.display()
             )
@@ -902,7 +914,7 @@ mod tests {
         assert!(Config::from_toml("[benchmark]\ndisable = [\"tls\"]\n", &over()).is_err());
         let dir = tempfile::tempdir().unwrap();
         let prod = format!(
-            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n[audit]\nanchor_dir = \"/var/lib/anchors\"\n",
             dir.path().join("master.key").display()
         );
         assert!(Config::from_toml(&format!("{prod}[benchmark]\ndisable = []\n"), &over()).is_ok());
@@ -915,7 +927,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
         let prod = format!(
-            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n[audit]\nanchor_dir = \"/var/lib/anchors\"\n",
             key.display()
         );
         let oidc = |issuer: &str| format!("[auth.oidc]\nissuer = \"{issuer}\"\nclient_id = \"carevault\"\n");
