@@ -267,11 +267,14 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     pub requests_per_second: u64,
     pub burst: u32,
+    /// Expensive operations (searches, history, `$everything`, `$access-report`) one account may have in
+    /// flight at once in this process; more answer 429 with `Retry-After`.
+    pub max_concurrent_per_account: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000 }
+        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000, max_concurrent_per_account: 4 }
     }
 }
 
@@ -490,6 +493,9 @@ impl Config {
         if self.limits.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid("`limits.max_body_bytes` must be at least 1024".into()));
         }
+        if self.limits.max_concurrent_per_account == 0 {
+            return Err(ConfigError::Invalid("`limits.max_concurrent_per_account` must be positive".into()));
+        }
         if self.limits.requests_per_second == 0 {
             return Err(ConfigError::Invalid("`limits.requests_per_second` must be positive".into()));
         }
@@ -539,10 +545,30 @@ impl Config {
         if self.keys.master_key_file.is_none() && self.keys.master_key.is_none() {
             return prod("keys.master_key_file", "the master key; generated keys are for development");
         }
-        if let Some(file) = &self.keys.master_key_file
-            && file.starts_with(self.data_dir.join("keys"))
-        {
-            return prod("keys.master_key_file", "a key kept outside the data directory, not the generated one");
+        // Paths are compared after resolving `..` and symbolic links, so the development key or certificate
+        // cannot be named through another spelling of the same file.
+        let dev_keys = crate::fsutil::resolved(&self.data_dir.join("keys"));
+        let dev_tls = crate::fsutil::resolved(&self.data_dir.join("tls"));
+        if let Some(file) = &self.keys.master_key_file {
+            if crate::fsutil::resolved(file).starts_with(&dev_keys) {
+                return prod("keys.master_key_file", "a key kept outside the data directory, not the generated one");
+            }
+            if crate::fsutil::readable_by_others(file) {
+                return prod("keys.master_key_file", "a key file only its owner may read (chmod 0600)");
+            }
+        }
+        for (setting, file) in [("tls.cert_file", &self.tls.cert_file), ("tls.key_file", &self.tls.key_file)] {
+            if let Some(file) = file
+                && crate::fsutil::resolved(file).starts_with(&dev_tls)
+            {
+                return prod(setting, "a certificate of the deployment, not the generated development one");
+            }
+        }
+        if self.audit.anchor_dir.is_none() && self.audit.anchor_webhook_url.is_none() {
+            return prod(
+                "audit.anchor_dir",
+                "an append-only anchor sink for the signed audit checkpoints (or `audit.anchor_webhook_url`)",
+            );
         }
         Ok(())
     }
@@ -734,6 +760,7 @@ mod tests {
         assert_eq!(c.auth.session_max_secs, 43_200);
         assert_eq!(c.access.break_glass_minutes, 60);
         assert_eq!(c.limits.max_body_bytes, 1_048_576);
+        assert_eq!(c.limits.max_concurrent_per_account, 4);
         assert_eq!((c.monitor.failed_logins_threshold, c.monitor.bulk_access_patients), (10, 50));
         assert_eq!(c.database().unwrap(), DatabaseTarget::Sqlite(PathBuf::from("/tmp/cv-data/carevault.db")));
     }
@@ -811,11 +838,64 @@ mod tests {
             "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
             key.display()
         );
+        // Without an anchor sink production is refused, naming the setting; either sink is enough.
+        let e = Config::from_toml(&ok, &over()).unwrap_err().to_string();
+        assert!(e.contains("audit.anchor_dir") && e.contains("audit.anchor_webhook_url"), "{e}");
+        let hook = format!("{ok}[audit]\nanchor_webhook_url = \"https://anchors.example.org/cv\"\n");
+        assert!(Config::from_toml(&hook, &over()).is_ok());
+        let ok = format!("{ok}[audit]\nanchor_dir = \"/var/lib/anchors\"\n");
         assert!(Config::from_toml(&ok, &over()).is_ok());
         let demo = Overrides { demo: true, ..over() };
         assert!(Config::from_toml(&ok, &demo).unwrap_err().to_string().contains("--demo"));
         let http = Overrides { insecure_http: true, ..over() };
         assert!(Config::from_toml(&ok, &http).unwrap_err().to_string().contains("insecure-http"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn production_refuses_a_loose_master_key_and_development_files_under_any_spelling() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir_all(data.join("keys")).unwrap();
+        std::fs::create_dir_all(data.join("tls")).unwrap();
+        std::fs::create_dir_all(data.join("other")).unwrap();
+        let dev_key = data.join("keys/master.key");
+        crate::fsutil::write_private(&dev_key, b"k").unwrap();
+        std::fs::write(data.join("tls/cert.pem"), b"c").unwrap();
+        let outside = root.path().join("secrets");
+        std::fs::create_dir_all(&outside).unwrap();
+        let good_key = outside.join("master.key");
+        crate::fsutil::write_private(&good_key, b"k").unwrap();
+        let loose_key = outside.join("loose.key");
+        std::fs::write(&loose_key, b"k").unwrap();
+        std::fs::set_permissions(&loose_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = outside.join("link.key");
+        std::os::unix::fs::symlink(&dev_key, &link).unwrap();
+        let cert_link = outside.join("cert.pem");
+        std::os::unix::fs::symlink(data.join("tls/cert.pem"), &cert_link).unwrap();
+        let over = Overrides { data_dir: data.clone(), ..Default::default() };
+        let conf = |cert: &Path, key: &Path| {
+            format!(
+                "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n[audit]\nanchor_dir = \"/var/lib/anchors\"\n",
+                cert.display(),
+                key.display()
+            )
+        };
+        let c = Path::new("/etc/carevault/cert.pem");
+        assert!(Config::from_toml(&conf(c, &good_key), &over).is_ok());
+        for (key, why) in [
+            (loose_key.clone(), "only its owner may read"),
+            (data.join("other/../keys/master.key"), "outside the data directory"),
+            (link.clone(), "outside the data directory"),
+        ] {
+            let e = Config::from_toml(&conf(c, &key), &over).unwrap_err().to_string();
+            assert!(e.contains("keys.master_key_file") && e.contains(why), "{}: {e}", key.display());
+        }
+        for cert in [data.join("other/../tls/cert.pem"), cert_link] {
+            let e = Config::from_toml(&conf(&cert, &good_key), &over).unwrap_err().to_string();
+            assert!(e.contains("tls.cert_file"), "{}: {e}", cert.display());
+        }
     }
 
     #[test]
@@ -834,7 +914,7 @@ mod tests {
         assert!(Config::from_toml("[benchmark]\ndisable = [\"tls\"]\n", &over()).is_err());
         let dir = tempfile::tempdir().unwrap();
         let prod = format!(
-            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n[audit]\nanchor_dir = \"/var/lib/anchors\"\n",
             dir.path().join("master.key").display()
         );
         assert!(Config::from_toml(&format!("{prod}[benchmark]\ndisable = []\n"), &over()).is_ok());
@@ -847,7 +927,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
         let prod = format!(
-            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n",
+            "profile = \"production\"\ndatabase_url = \"postgres://db/x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[keys]\nmaster_key_file = \"{}\"\n[audit]\nanchor_dir = \"/var/lib/anchors\"\n",
             key.display()
         );
         let oidc = |issuer: &str| format!("[auth.oidc]\nissuer = \"{issuer}\"\nclient_id = \"carevault\"\n");

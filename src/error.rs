@@ -45,6 +45,9 @@ pub enum AppError {
     UnsupportedMediaType,
     #[error("too many requests")]
     TooManyRequests { retry_after_secs: u64 },
+    /// The account already has as many expensive operations in flight as `setting` allows.
+    #[error("too many concurrent requests ({setting})")]
+    ConcurrencyLimit { setting: &'static str, retry_after_secs: u64 },
     /// A dependency (database, audit store, identity provider) is unavailable: fail closed. The text is ours.
     #[error("service unavailable: {0}")]
     Unavailable(String),

@@ -80,6 +80,18 @@ pub fn writable_by_us_or_others(path: &Path) -> bool {
     }
 }
 
+/// `path` with `..` and symbolic links resolved, for comparing paths: the canonical path when it exists, else
+/// its resolved parent joined with its name, else the path as written.
+pub fn resolved(path: &Path) -> std::path::PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolved(parent).join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
 pub fn readable_by_others(path: &Path) -> bool {
     #[cfg(unix)]
     {

@@ -36,7 +36,7 @@ pub fn status_of(e: &AppError) -> StatusCode {
         AppError::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
         AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+        AppError::TooManyRequests { .. } | AppError::ConcurrencyLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
         AppError::Unavailable(_) | AppError::UnavailableFrom { .. } => StatusCode::SERVICE_UNAVAILABLE,
         AppError::Internal(_) | AppError::InternalFrom { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -57,6 +57,10 @@ fn issue(e: &AppError) -> (&'static str, &'static str) {
         AppError::PayloadTooLarge => ("too-costly", "The request body is too large."),
         AppError::UnsupportedMediaType => ("not-supported", "The content type is not supported."),
         AppError::TooManyRequests { .. } => ("throttled", "Too many requests; retry later."),
+        AppError::ConcurrencyLimit { .. } => (
+            "throttled",
+            "Too many expensive requests in flight for this account (limits.max_concurrent_per_account); retry later.",
+        ),
         AppError::Unavailable(_) | AppError::UnavailableFrom { .. } => {
             ("transient", "The service is temporarily unavailable.")
         }
@@ -92,7 +96,7 @@ pub fn render(e: &AppError) -> HttpResponse {
         AppError::Unauthenticated => {
             resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carevault\"")));
         }
-        AppError::TooManyRequests { retry_after_secs } => {
+        AppError::TooManyRequests { retry_after_secs } | AppError::ConcurrencyLimit { retry_after_secs, .. } => {
             resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
         }
         _ => {}
@@ -198,6 +202,17 @@ mod tests {
         let (resp, lines) = render_logged(&AppError::NotFound);
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         assert!(lines.is_empty(), "{lines:?}");
+    }
+
+    #[test]
+    fn the_concurrency_limit_is_429_with_retry_after_naming_the_setting() {
+        let resp = AppError::ConcurrencyLimit { setting: "limits.max_concurrent_per_account", retry_after_secs: 1 }
+            .error_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let v: serde_json::Value = serde_json::from_str(&body(resp)).unwrap();
+        assert_eq!(v["issue"][0]["code"], "throttled");
+        assert!(v["issue"][0]["diagnostics"].as_str().unwrap().contains("limits.max_concurrent_per_account"));
     }
 
     #[test]

@@ -136,7 +136,18 @@ impl Records {
     /// way to reach resources, history, index rows and break-glass grants from outside the records service.
     pub async fn execute(&self, op: Operation) -> AppResult<Done> {
         let mut disclosure = Disclosure::start(&op);
-        let result = self.run(&op, &mut disclosure).await;
+        // The permit (for expensive operations) is held until the operation and its audit are done, and given
+        // back when dropped, on every path. A refusal is audited like any failure.
+        let (_permit, result) = match self.admit(&op) {
+            Ok(permit) => {
+                let result = self.run(&op, &mut disclosure).await;
+                (permit, result)
+            }
+            Err(e) => {
+                disclosure.detail("concurrency-limit");
+                (None, Err(e))
+            }
+        };
         if result.is_ok() && disclosure.durable {
             return result;
         }
@@ -146,6 +157,28 @@ impl Records {
         };
         self.audit.record(disclosure.event(&op.caller, outcome, self.clock.now())).await?;
         result
+    }
+
+    /// The per-account concurrency limit: searches, history, `$everything` and `$access-report` take a permit
+    /// (at most `limits.max_concurrent_per_account` per account in flight); other interactions take none.
+    fn admit(&self, op: &Operation) -> AppResult<Option<super::concurrency::Permit>> {
+        let expensive = matches!(
+            op.interaction,
+            Interaction::Search { .. }
+                | Interaction::History { .. }
+                | Interaction::Everything { .. }
+                | Interaction::AccessReport { .. }
+        );
+        if !expensive {
+            return Ok(None);
+        }
+        let max = self.config.as_ref().map_or(crate::config::LimitsConfig::default().max_concurrent_per_account, |c| {
+            c.limits.max_concurrent_per_account
+        });
+        let p = &op.caller.principal;
+        // The account at its issuer (local accounts and provider identities never share a key).
+        let key = format!("{}\u{1f}{}", p.issuer, p.subject);
+        self.concurrency.acquire(&key, max).map(Some)
     }
 
     /// The decide stage: the policy decision for this type and action, or the role rule of a security

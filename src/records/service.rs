@@ -177,6 +177,8 @@ pub struct Records {
     pub(super) config: Option<Arc<Config>>,
     /// When (Unix micros) this process last asked for a decrypt-failure alert; shared by every handle.
     decrypt_alarm: Arc<AtomicI64>,
+    /// In-flight expensive operations per account (`limits.max_concurrent_per_account`); shared by every handle.
+    pub(super) concurrency: super::concurrency::Limiter,
     /// Benchmark builds only: see [`Records::with_benchmark_switches`].
     #[cfg(feature = "benchmark")]
     bench: Bench,
@@ -233,6 +235,7 @@ impl Records {
             base,
             config: None,
             decrypt_alarm,
+            concurrency: super::concurrency::Limiter::default(),
             #[cfg(feature = "benchmark")]
             bench: Bench::default(),
         }
@@ -788,6 +791,7 @@ impl Records {
             base: self.base.clone(),
             config: self.config.clone(),
             decrypt_alarm: self.decrypt_alarm.clone(),
+            concurrency: self.concurrency.clone(),
             #[cfg(feature = "benchmark")]
             bench: self.bench.clone(),
         })

@@ -19,6 +19,7 @@ mod faults;
 mod fhir;
 mod foundation;
 mod fuzz;
+mod limits;
 mod monitor;
 mod oidc;
 mod openapi;

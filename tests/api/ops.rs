@@ -287,6 +287,7 @@ async fn the_builtin_policy_answers_from_any_directory_and_production_refuses_a_
             .env("CAREVAULT_TLS__CERT_FILE", "/nonexistent/cert.pem")
             .env("CAREVAULT_TLS__KEY_FILE", "/nonexistent/key.pem")
             .env("CAREVAULT_KEYS__MASTER_KEY_FILE", keys.path().join("master.key"))
+            .env("CAREVAULT_AUDIT__ANCHOR_DIR", keys.path().join("anchors"))
             .env("CAREVAULT_ACCESS__POLICY_DIR", &dir);
     };
     let mut c = carevault(tmp.path(), &data);
