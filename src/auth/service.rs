@@ -38,8 +38,6 @@ pub use smart::{
 
 /// How long a replica trusts its cached view of a session.
 pub const SESSION_CACHE: Duration = Duration::seconds(5);
-/// How stale `last_seen` may get in the database before a request refreshes it.
-const TOUCH_EVERY: Duration = Duration::seconds(30);
 
 pub fn from_micros(m: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -788,6 +786,7 @@ impl AuthService {
         if let Some(c) = cached
             && now - c.checked_at < SESSION_CACHE
             && now >= c.checked_at
+            && (!c.live || now - c.last_seen < self.sessions.touch_every())
         {
             if !c.live || !self.sessions.is_live(c.created_at, c.last_seen, now) {
                 return Err(AppError::Unauthenticated);
@@ -815,7 +814,7 @@ impl AuthService {
                 let (created, seen) = (from_micros(created), from_micros(seen));
                 let live = revoked.is_none() && !disabled && policy.is_live(created, seen, now);
                 let mut last_seen = seen;
-                if live && now - seen >= TOUCH_EVERY {
+                if live && now - seen >= policy.touch_every() {
                     diesel::update(sessions::table.filter(sessions::id.eq(&id)))
                         .set(sessions::last_seen.eq(micros(now)))
                         .execute(c)?;

@@ -67,6 +67,13 @@ impl SessionPolicy {
         Ok(Self { idle: Duration::seconds(idle_secs.into()), absolute: Duration::seconds(max_secs.into()) })
     }
 
+    /// How stale `last_seen` may get in the database before a request refreshes it: a quarter of the idle
+    /// limit, at most 30 s, at least 1 s. An active session is touched several times per idle period, so
+    /// activity keeps it open however short `auth.session_idle_secs` is.
+    pub fn touch_every(&self) -> Duration {
+        (self.idle / 4_i32).clamp(Duration::SECOND, Duration::seconds(30))
+    }
+
     /// Whether a session created at `created_at` and last used at `last_seen` is still open at `now`.
     pub fn is_live(&self, created_at: OffsetDateTime, last_seen: OffsetDateTime, now: OffsetDateTime) -> bool {
         now < created_at + self.absolute && now < last_seen + self.idle
@@ -160,6 +167,16 @@ mod tests {
         let late = T0 + Duration::hours(12);
         assert!(p.is_live(T0, late - Duration::minutes(2), late - Duration::minutes(1)));
         assert!(!p.is_live(T0, late - Duration::seconds(1), late));
+    }
+
+    #[test]
+    fn touch_interval_is_a_fraction_of_the_idle_limit() {
+        assert_eq!(SessionPolicy::default().touch_every(), Duration::seconds(30));
+        for idle in [1, 4, 20, 29, 60, 121] {
+            let p = SessionPolicy::from_secs(idle, 3600).unwrap();
+            assert!(p.touch_every() * 2 <= p.idle || p.touch_every() == Duration::SECOND, "idle {idle}");
+            assert!(p.touch_every() >= Duration::SECOND);
+        }
     }
 
     #[test]

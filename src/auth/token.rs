@@ -33,8 +33,9 @@ use crate::role::Role;
 pub const DEFAULT_TTL: Duration = Duration::seconds(300);
 /// Longest allowed access-token lifetime, for issuing and verifying.
 pub const MAX_TTL: Duration = Duration::seconds(900);
-/// Clock skew tolerated between servers.
-pub const LEEWAY: Duration = Duration::seconds(30);
+/// Clock skew tolerated between replicas for `nbf`/`iat` (a token issued by a replica whose clock runs ahead).
+/// Never applied to `exp`: an own token is refused from its `exp` on.
+pub const LEEWAY: Duration = Duration::seconds(5);
 /// Media type of access tokens (RFC 9068), in the `typ` header.
 pub const TOKEN_TYPE: &str = "at+jwt";
 /// Tokens longer than this are not even parsed.
@@ -363,7 +364,8 @@ impl TokenKeys {
         }
         let now = now.unix_timestamp();
         let leeway = LEEWAY.whole_seconds();
-        if now >= claims.exp.saturating_add(leeway) {
+        // Our own tokens: refused from `exp` on (the leeway is for `nbf`/`iat` between servers only).
+        if now >= claims.exp {
             return Err(invalid("expired"));
         }
         if claims.nbf > now.saturating_add(leeway) || claims.iat > now.saturating_add(leeway) {
@@ -502,8 +504,10 @@ mod tests {
     fn expiry_uses_the_injected_clock() {
         let keys = ring();
         let (token, exp) = keys.issue(&nurse(), T0, DEFAULT_TTL).unwrap();
-        assert!(keys.verify(&token, exp + LEEWAY - Duration::SECOND).is_ok());
-        assert_eq!(reason(&keys, &token, exp + LEEWAY), "expired");
+        assert!(keys.verify(&token, exp - Duration::SECOND).is_ok());
+        assert_eq!(reason(&keys, &token, exp), "expired", "no leeway past exp");
+        assert!(LEEWAY <= Duration::seconds(5));
+        assert!(keys.verify(&token, T0 - LEEWAY).is_ok(), "a replica's clock may be a little behind");
         // Issued in the future relative to the verifier's clock.
         assert_eq!(reason(&keys, &token, T0 - LEEWAY - Duration::SECOND), "not yet valid");
     }

@@ -1,8 +1,8 @@
 //! Authentication without an external provider: login, tokens, refresh rotation and reuse, logout, revocation,
 //! idle and absolute timeouts on the injected clock, throttling, client credentials.
 
-use crate::both_backends;
 use crate::helpers::{PASSWORD, TestApp};
+use crate::{both_backends, both_backends_with};
 use carevault::clock::Clock;
 use carevault::role::Role;
 use serde_json::json;
@@ -261,4 +261,29 @@ both_backends!(totp_second_factor_is_required_once_enrolled_and_single_use, |app
     app.clock.advance(Duration::seconds(30));
     let code = format!("{:06}", carevault::auth::totp::hotp(&secret, step + 1, 6));
     assert_eq!(login(Some(&code)).await, 200);
+});
+
+both_backends_with!(
+    short_idle_limit_keeps_an_active_session_open,
+    "[auth]\nsession_idle_secs = 20\nsession_max_secs = 3600\n",
+    |app: TestApp| async move {
+        // Used every 6 s (past the session cache each time), the session must stay open: the last_seen touch
+        // has to come more often than the 20 s idle limit.
+        let s = app.user("ivy", Role::Admin, None).await;
+        for i in 0..8 {
+            app.clock.advance(Duration::seconds(6));
+            assert_eq!(whoami(&app, &s.access).await, 200, "active session ended after {} s", (i + 1) * 6);
+        }
+        // Unused for 20 s, it is over.
+        app.clock.advance(Duration::seconds(21));
+        assert_eq!(whoami(&app, &s.access).await, 401, "idle session is over");
+    }
+);
+
+both_backends!(own_access_token_is_refused_at_exp, |app: TestApp| async move {
+    let s = app.user("jules", Role::Admin, None).await;
+    app.clock.advance(Duration::seconds(299));
+    assert_eq!(whoami(&app, &s.access).await, 200);
+    app.clock.advance(Duration::seconds(1));
+    assert_eq!(whoami(&app, &s.access).await, 401, "an own token is not accepted past its exp");
 });

@@ -539,7 +539,7 @@ mod provider_tokens {
         // Garbage.
         bodies.push(assert_generic_401(app.session("not.a.jwt").await).await);
 
-        // Expired: past exp (+30 s leeway) on carevault's clock.
+        // Expired: past exp (+5 s leeway for the provider's clock) on carevault's clock.
         let exp = claims_of(&access)["exp"].as_i64().unwrap();
         app.clock.advance(Duration::seconds(exp - app.clock.now().unix_timestamp() + 31));
         bodies.push(assert_generic_401(app.session(&access).await).await);
