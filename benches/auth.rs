@@ -32,7 +32,16 @@ fn tokens(c: &mut Criterion) {
         context_patient: None,
     };
     let (token, _) = keys.issue(&principal, now, DEFAULT_TTL).unwrap();
+    // Warm: the token was seen before (its signature check remembered, only the time checks run).
     c.bench_function("token verify", |b| b.iter(|| keys.verify(black_box(&token), now).unwrap()));
+    // Cold: a token never seen (Ed25519 verification, claims parsed).
+    c.bench_function("token verify, first sight", |b| {
+        b.iter_batched(
+            || keys.issue(&principal, now, DEFAULT_TTL).unwrap().0,
+            |t| keys.verify(black_box(&t), now).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
     c.bench_function("token issue", |b| b.iter(|| keys.issue(black_box(&principal), now, DEFAULT_TTL).unwrap()));
     // A SMART token: scopes parsed into the principal, then the scope check of one interaction.
     let scoped = Principal {
@@ -45,6 +54,16 @@ fn tokens(c: &mut Criterion) {
         ..principal.clone()
     };
     let (token, _) = keys.issue(&scoped, now, DEFAULT_TTL).unwrap();
+    c.bench_function("token verify with SMART scopes, first sight", |b| {
+        b.iter_batched(
+            || keys.issue(&scoped, now, DEFAULT_TTL).unwrap().0,
+            |t| {
+                let p = keys.verify(black_box(&t), now).unwrap().into_principal();
+                black_box(p.scopes.as_deref().unwrap().permit("Observation", Action::Search, true))
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
     c.bench_function("token verify with SMART scopes", |b| {
         b.iter(|| {
             let p = keys.verify(black_box(&token), now).unwrap().into_principal();

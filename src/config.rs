@@ -274,7 +274,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000, max_concurrent_per_account: 4 }
+        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000, max_concurrent_per_account: 8 }
     }
 }
 
@@ -760,7 +760,7 @@ mod tests {
         assert_eq!(c.auth.session_max_secs, 43_200);
         assert_eq!(c.access.break_glass_minutes, 60);
         assert_eq!(c.limits.max_body_bytes, 1_048_576);
-        assert_eq!(c.limits.max_concurrent_per_account, 4);
+        assert_eq!(c.limits.max_concurrent_per_account, 8);
         assert_eq!((c.monitor.failed_logins_threshold, c.monitor.bulk_access_patients), (10, 50));
         assert_eq!(c.database().unwrap(), DatabaseTarget::Sqlite(PathBuf::from("/tmp/cv-data/carevault.db")));
     }

@@ -122,7 +122,11 @@ pub struct LoginBody {
 /// `POST /auth/login`.
 pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> AppResult<HttpResponse> {
     let body: LoginBody = serde_json::from_slice(&body).map_err(|_| AppError::Unauthenticated)?;
-    if body.username.is_empty() || body.username.len() > 64 || body.password.len() > MAX_FIELD {
+    if body.username.is_empty()
+        || body.username.len() > 64
+        || body.password.len() > MAX_FIELD
+        || body.username.contains('\0')
+    {
         return Err(AppError::Unauthenticated);
     }
     if body.totp.as_ref().is_some_and(|t| t.len() > 16) {
@@ -186,6 +190,10 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     let Ok(form) = serde_urlencoded::from_bytes::<TokenForm>(&body) else {
         return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
     };
+    // No credential, code or client id holds a NUL (and PostgreSQL text cannot store one).
+    if body.contains(&0) || body.windows(3).any(|w| w.eq_ignore_ascii_case(b"%00")) {
+        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+    }
     let ip = client_ip(&req);
     let now = state.clock.now();
     match form.grant_type.as_deref() {
@@ -221,7 +229,7 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             let (Some(id), Some(secret)) = (id, secret) else {
                 return Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
             };
-            if id.len() > 64 || secret.len() > MAX_FIELD {
+            if id.len() > 64 || secret.len() > MAX_FIELD || id.contains('\0') {
                 return Ok(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"));
             }
             let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());

@@ -72,8 +72,17 @@ fn check_json(req: &HttpRequest) -> AppResult<()> {
 }
 
 fn query_pairs(req: &HttpRequest) -> AppResult<Vec<(String, String)>> {
-    serde_urlencoded::from_str(req.query_string())
-        .map_err(|_| AppError::invalid("search", "The query string is malformed."))
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+        .map_err(|_| AppError::invalid("search", "The query string is malformed."))?;
+    no_nul(pairs, "The query string is malformed.")
+}
+
+/// Parameters holding a NUL character are refused: no FHIR value has one, and PostgreSQL text cannot store one.
+fn no_nul(pairs: Vec<(String, String)>, message: &'static str) -> AppResult<Vec<(String, String)>> {
+    if pairs.iter().any(|(k, v)| k.contains('\0') || v.contains('\0')) {
+        return Err(AppError::invalid("search", message));
+    }
+    Ok(pairs)
 }
 
 /// `If-Match: W/"3"` → 3.
@@ -227,7 +236,7 @@ pub async fn search_post(
     let mut pairs = query_pairs(&req)?;
     let form: Vec<(String, String)> =
         serde_urlencoded::from_bytes(&body).map_err(|_| AppError::invalid("search", "The form body is malformed."))?;
-    pairs.extend(form);
+    pairs.extend(no_nul(form, "The form body is malformed.")?);
     search(&state, &req, p, &rtype, pairs).await
 }
 

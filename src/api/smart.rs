@@ -139,7 +139,10 @@ pub async fn configuration(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /auth/authorize`.
 pub async fn authorize(state: web::Data<AppState>, req: HttpRequest) -> AppResult<HttpResponse> {
-    let Ok(r) = serde_urlencoded::from_str::<AuthorizeRequest>(req.query_string()) else {
+    let q = req.query_string();
+    let Some(r) =
+        serde_urlencoded::from_str::<AuthorizeRequest>(q).ok().filter(|_| !q.to_ascii_lowercase().contains("%00"))
+    else {
         return Ok(error_page(StatusCode::BAD_REQUEST, "The authorization request is malformed."));
     };
     match state.auth.begin_authorization(r, state.records.base()).await? {
@@ -168,6 +171,9 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     let Ok(form) = serde_urlencoded::from_bytes::<LoginForm>(&body) else {
         return Ok(error_page(StatusCode::BAD_REQUEST, EXPIRED));
     };
+    if form.username.contains('\0') || form.flow.contains('\0') {
+        return Ok(error_page(StatusCode::BAD_REQUEST, EXPIRED));
+    }
     if form.flow.len() > 64 {
         return Ok(error_page(StatusCode::BAD_REQUEST, EXPIRED));
     }

@@ -157,7 +157,19 @@ fn reindex(state: &crate::app::AppState, conn: &mut AnyConnection, batch: i64) -
     bar.finish_and_clear();
     let destroyed = match &result {
         Ok(r) if r.remaining == 0 && r.failed.is_empty() => {
-            finish_index_rotation(conn, r.index_version, crate::records::maintenance::below).ok()
+            // A concurrent writer can hold the lock for a moment: a few tries before giving up.
+            let mut finished = None;
+            for attempt in 1..=5 {
+                match finish_index_rotation(conn, r.index_version, crate::records::maintenance::below) {
+                    Ok(n) => {
+                        finished = Some(n);
+                        break;
+                    }
+                    Err(e) if attempt == 5 => eprintln!("cannot retire the old blind-index keys: {e}"),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(200 * attempt)),
+                }
+            }
+            finished
         }
         _ => None,
     };

@@ -646,6 +646,10 @@ impl Records {
     pub fn parse_body(&self, rtype: &str, body: &[u8]) -> AppResult<Map<String, Value>> {
         let value: Value =
             serde_json::from_slice(body).map_err(|_| AppError::invalid(rtype, "The body is not valid JSON."))?;
+        // JSON can escape a NUL (`\u0000`); no FHIR string holds one, and PostgreSQL text cannot store one.
+        if has_nul(&value) {
+            return Err(AppError::invalid(rtype, "The body holds a NUL character."));
+        }
         self.validator.validate(rtype, &value)?;
         let Value::Object(mut obj) = value else {
             return Err(AppError::invalid(rtype, "The body must be a JSON object."));
@@ -1390,6 +1394,15 @@ fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &[BlindIndexer]) ->
         q.clauses.push((c.param.name.to_owned(), keys));
     }
     q
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn encode_pairs(pairs: &[(String, String)]) -> String {

@@ -356,3 +356,21 @@ both_backends!(api9_only_documented_routes_exist, |app: TestApp| async move {
         assert_ne!(r.status(), 404, "{t} is listed but not served");
     }
 });
+
+// Found by the fuzzer (`_id` holding a NUL answered 500 on PostgreSQL, whose text cannot store one): NUL characters
+// are refused as invalid input on every path that would reach a query.
+crate::both_backends!(nul_characters_are_refused_not_500, |app: TestApp| async move {
+    app.add_user("nul-front", carevault::role::Role::FrontDesk, None, None);
+    let s = app.login_as("nul-front").await;
+    for path in ["/fhir/Patient?_id=%00", "/fhir/Patient?family=a%00b", "/fhir/Patient?na%00me=x"] {
+        assert_eq!(app.get(&s, path).await.status(), 400, "{path}");
+    }
+    let body = serde_json::json!({"resourceType":"Patient","name":[{"family":"a\u{0}b"}]});
+    assert_eq!(app.post(&s, "/fhir/Patient", &body).await.status(), 400);
+    let login = app.client.post(app.url("/auth/login")).json(&serde_json::json!({"username":"a\u{0}","password":"x"}));
+    assert_eq!(login.send().await.unwrap().status(), 401);
+    let form = [("grant_type", "client_credentials"), ("client_id", "a\u{0}"), ("client_secret", "x")];
+    assert_eq!(app.client.post(app.url("/auth/token")).form(&form).send().await.unwrap().status(), 400);
+    let r = app.client.get(app.url("/auth/authorize?client_id=a%00&response_type=code")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+});
