@@ -34,6 +34,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/fhir/.well-known/smart-configuration").route(web::get().to(smart::configuration)))
         .service(web::resource("/auth/authorize").route(web::get().to(smart::authorize)))
         .service(web::resource("/auth/authorize/login").route(web::post().to(smart::login)))
+        .service(web::resource("/auth/authorize/oidc").route(web::post().to(smart::provider_sign_in)))
         .service(web::resource("/auth/authorize/consent").route(web::post().to(smart::consent)))
         .service(web::resource("/auth/introspect").route(web::post().to(smart::introspect)))
         .service(web::resource("/auth/login").route(web::post().to(auth::login)))

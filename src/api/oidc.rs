@@ -2,12 +2,17 @@
 //! same token response as `/auth/login`. Every login and every failed callback is audited; refusals answer one
 //! generic 401 (403 when the provider vouched for someone without a usable role); an unreachable provider 503.
 //! Nothing the provider or the client sent is echoed. Not configured: 404.
+//!
+//! A login started from the SMART authorize page (`POST /auth/authorize/oidc`) ends on that flow's consent
+//! page instead: the app gets an authorization code, the browser never sees a token.
 
 use crate::api::auth::client_ip;
 use crate::app::AppState;
 use crate::audit::{Agent, AuditEvent, AuditKind, Outcome};
-use crate::auth::oidc::{BINDING_COOKIE, CallbackParams, LOGIN_TTL, OidcLogin};
+use crate::auth::oidc::{BINDING_COOKIE, CallbackParams, LOGIN_TTL, LoginStart, OidcLogin};
+use crate::auth::service::FlowSignIn;
 use crate::error::{AppError, AppResult};
+use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 
@@ -33,10 +38,15 @@ fn address_agent(req: &HttpRequest) -> Agent {
 /// `GET /auth/oidc/login`: 302 to the provider's authorization endpoint.
 pub async fn login(state: web::Data<AppState>) -> AppResult<HttpResponse> {
     let oidc = state.auth.oidc().ok_or(AppError::NotFound)?;
-    let start = oidc.start_login().await?;
+    let start = oidc.start_login(None).await?;
+    to_provider(start, StatusCode::FOUND)
+}
+
+/// The redirect to the provider with the browser-binding cookie of a started login.
+pub(crate) fn to_provider(start: LoginStart, status: StatusCode) -> AppResult<HttpResponse> {
     let location =
         HeaderValue::from_str(&start.authorization_url).map_err(|_| AppError::unavailable("OIDC authorization URL"))?;
-    Ok(HttpResponse::Found()
+    Ok(HttpResponse::build(status)
         .insert_header((header::LOCATION, location))
         .insert_header((header::SET_COOKIE, binding_cookie(&start.binding, LOGIN_TTL.whole_seconds())))
         .finish())
@@ -50,7 +60,20 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> AppResult
     let now = state.clock.now();
     let ip = client_ip(&req);
     let (outcome, detail, error) = match oidc.finish_login(params, binding.as_deref()).await {
-        Ok(OidcLogin::Ok(account)) => {
+        Ok(OidcLogin::Ok { account, smart_flow: Some(flow) }) => {
+            let mut resp = match state.auth.bind_flow(&flow, *account).await? {
+                FlowSignIn::Consent(c) => {
+                    crate::api::smart::signed_in(&state, &req, &c, "smart-authorize-oidc").await?
+                }
+                _ => crate::api::smart::expired_page(),
+            };
+            resp.headers_mut().insert(
+                header::SET_COOKIE,
+                HeaderValue::from_str(&binding_cookie("", 0)).map_err(|_| AppError::internal("cookie header"))?,
+            );
+            return Ok(resp);
+        }
+        Ok(OidcLogin::Ok { account, smart_flow: None }) => {
             let (tokens, _) = state.auth.open_session(&account, now).await?;
             let mut agent = Agent::user(account.id.clone(), Some(account.username.clone()), account.role());
             if let Some(ip) = ip {

@@ -66,6 +66,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Get, "/fhir/.well-known/smart-configuration"),
     (Get, "/auth/authorize"),
     (Post, "/auth/authorize/login"),
+    (Post, "/auth/authorize/oidc"),
     (Post, "/auth/authorize/consent"),
     (Post, "/auth/introspect"),
     (Post, "/auth/login"),
@@ -230,6 +231,16 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
                 .response("413", outcome_response("The body is too large."))
                 .response("429", too_many_or_page()))
         }
+        (Post, "/auth/authorize/oidc") => {
+            one(op("auth.authorize.oidc", "smart", "The authorize page's sign-in at the OpenID Connect provider.")
+                .request_body(Some(form_body(&[("flow", true)])))
+                .response("303", redirect("To the provider; its callback continues to the consent page."))
+                .response("400", html("The sign-in expired or was already used."))
+                .response("404", outcome_response("No OpenID Connect provider is configured."))
+                .response("413", outcome_response("The body is too large."))
+                .response("429", too_many())
+                .response("503", outcome_response("The provider is unreachable.")))
+        }
         (Post, "/auth/authorize/consent") => {
             one(op("auth.authorize.consent", "smart", "The consent form: approve (a code back to the app) or deny.")
                 .request_body(Some(form_body(&[
@@ -319,21 +330,38 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
         .response("404", outcome_response("No OpenID Connect provider is configured."))
         .response("429", too_many())
         .response("503", outcome_response("The provider is unreachable."))),
-        (Get, "/auth/oidc/callback") => {
-            one(op("auth.oidc.callback", "auth", "The provider's redirect back: the same tokens as /auth/login.")
-                .parameters(Some(
-                    [("code", "Authorization code."), ("state", "The login's state."), ("error", "Provider error.")]
-                        .into_iter()
-                        .map(|(n, d)| query_param(n, false, d, string())),
-                ))
-                .response("200", json_response("Signed in.", schema_ref("TokenResponse")))
-                .response("400", outcome_response("The callback is malformed."))
-                .response("401", outcome_response("Refused."))
-                .response("403", outcome_response("The provider vouched for someone without a usable role."))
-                .response("404", outcome_response("No OpenID Connect provider is configured."))
-                .response("429", too_many())
-                .response("503", outcome_response("The provider is unreachable.")))
-        }
+        (Get, "/auth/oidc/callback") => one(op(
+            "auth.oidc.callback",
+            "auth",
+            "The provider's redirect back: the same tokens as /auth/login, or (a sign-in started from the \
+                 SMART authorize page) that flow's consent page.",
+        )
+        .parameters(Some(
+            [("code", "Authorization code."), ("state", "The login's state."), ("error", "Provider error.")]
+                .into_iter()
+                .map(|(n, d)| query_param(n, false, d, string())),
+        ))
+        .response(
+            "200",
+            ResponseBuilder::new()
+                .description("Signed in: tokens, or the consent page of a SMART authorization.")
+                .content(JSON, content(schema_ref("TokenResponse")))
+                .content(HTML, ContentBuilder::new().schema(Some(string())).build())
+                .build(),
+        )
+        .response(
+            "400",
+            ResponseBuilder::new()
+                .description("The callback is malformed, or the SMART authorization it continues expired.")
+                .content(FHIR_JSON, content(schema_ref("OperationOutcome")))
+                .content(HTML, ContentBuilder::new().schema(Some(string())).build())
+                .build(),
+        )
+        .response("401", outcome_response("Refused."))
+        .response("403", outcome_response("The provider vouched for someone without a usable role."))
+        .response("404", outcome_response("No OpenID Connect provider is configured."))
+        .response("429", too_many())
+        .response("503", outcome_response("The provider is unreachable."))),
         (Post, "/auth/break-glass") => one(authenticated(op(
             "auth.breakGlass",
             "auth",

@@ -60,11 +60,23 @@ fn error_page(status: StatusCode, message: &str) -> HttpResponse {
     page(status, "Sign-in failed", &format!("<p id=\"error\" role=\"alert\">{}</p>", escape(message)))
 }
 
-fn sign_in_page(flow: &str, app_name: &str, error: Option<&str>) -> HttpResponse {
+fn sign_in_page(state: &AppState, flow: &str, app_name: &str, error: Option<&str>) -> HttpResponse {
     let err = error.map(|e| format!("<p id=\"error\" role=\"alert\">{}</p>", escape(e))).unwrap_or_default();
+    // With an OpenID Connect provider configured: its sign-in, as a form post so the flow handle stays out
+    // of URLs (and so out of histories, logs and the provider's Referer).
+    let provider = if state.auth.oidc().is_some() {
+        format!(
+            "<form id=\"oidc\" method=\"post\" action=\"/auth/authorize/oidc\">\
+             <input type=\"hidden\" name=\"flow\" value=\"{}\">\
+             <button type=\"submit\">Sign in with your organization's account</button></form><p>or</p>",
+            escape(flow)
+        )
+    } else {
+        String::new()
+    };
     let body = format!(
         "<p><strong>{app}</strong> asks to connect to your health records. Sign in to continue.</p>{err}\
-         <form id=\"login\" method=\"post\" action=\"/auth/authorize/login\">\
+         {provider}<form id=\"login\" method=\"post\" action=\"/auth/authorize/login\">\
          <input type=\"hidden\" name=\"flow\" value=\"{flow}\">\
          <label for=\"username\">Username</label><input id=\"username\" name=\"username\" autocomplete=\"username\" \
          required maxlength=\"64\">\
@@ -146,7 +158,7 @@ pub async fn authorize(state: web::Data<AppState>, req: HttpRequest) -> AppResul
         return Ok(error_page(StatusCode::BAD_REQUEST, "The authorization request is malformed."));
     };
     match state.auth.begin_authorization(r, state.records.base()).await? {
-        AuthorizeStart::SignIn { flow, app_name } => Ok(sign_in_page(&flow, &app_name, None)),
+        AuthorizeStart::SignIn { flow, app_name } => Ok(sign_in_page(&state, &flow, &app_name, None)),
         AuthorizeStart::Redirect(to) => Ok(HttpResponse::Found().insert_header((header::LOCATION, to)).finish()),
         AuthorizeStart::Refuse => Ok(error_page(
             StatusCode::BAD_REQUEST,
@@ -187,7 +199,7 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
         || form.password.len() > 1024
         || totp.as_ref().is_some_and(|t| t.len() > 16)
     {
-        return Ok(sign_in_page(&form.flow, &app_name, Some(wrong)));
+        return Ok(sign_in_page(&state, &form.flow, &app_name, Some(wrong)));
     }
     let ip = client_ip(&req);
     let address = ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
@@ -195,13 +207,7 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     let outcome =
         state.auth.flow_sign_in(&form.flow, form.username, SecretString::from(form.password), totp, address).await?;
     match outcome {
-        FlowSignIn::Consent(c) => {
-            let event = AuditEvent::new(AuditKind::Login, now, Outcome::Success, agent_of(&c.account, ip))
-                .with_detail("smart-authorize");
-            state.audit.record(event).await?;
-            let patients = if c.needs_patient { patient_choices(&state, &req, &c).await? } else { vec![] };
-            Ok(consent_page(&c, &patients))
-        }
+        FlowSignIn::Consent(c) => signed_in(&state, &req, &c, "smart-authorize").await,
         FlowSignIn::Failed { account } => {
             metrics::auth_failure("invalid-credentials");
             let agent = match &account {
@@ -211,7 +217,7 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             let event = AuditEvent::new(AuditKind::LoginFailure, now, Outcome::MinorFailure, agent)
                 .with_detail("invalid-credentials");
             state.audit.record(event).await?;
-            Ok(sign_in_page(&form.flow, &app_name, Some(wrong)))
+            Ok(sign_in_page(&state, &form.flow, &app_name, Some(wrong)))
         }
         FlowSignIn::Throttled { account, retry_after } => {
             // Audited and counted like every throttled sign-in; the page says to wait.
@@ -224,6 +230,46 @@ pub async fn login(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
         }
         FlowSignIn::Expired => Ok(error_page(StatusCode::BAD_REQUEST, EXPIRED)),
     }
+}
+
+/// A flow's user has signed in (`detail` says how): audited as a login, then the consent page.
+pub(crate) async fn signed_in(
+    state: &AppState,
+    req: &HttpRequest,
+    c: &FlowConsent,
+    detail: &'static str,
+) -> AppResult<HttpResponse> {
+    let ip = client_ip(req);
+    let event = AuditEvent::new(AuditKind::Login, state.clock.now(), Outcome::Success, agent_of(&c.account, ip))
+        .with_detail(detail);
+    state.audit.record(event).await?;
+    let patients = if c.needs_patient { patient_choices(state, req, c).await? } else { vec![] };
+    Ok(consent_page(c, &patients))
+}
+
+/// The sign-in failed or expired page of a flow.
+pub(crate) fn expired_page() -> HttpResponse {
+    error_page(StatusCode::BAD_REQUEST, EXPIRED)
+}
+
+#[derive(Deserialize)]
+pub struct ProviderForm {
+    flow: String,
+}
+
+/// `POST /auth/authorize/oidc`: the authorize page's sign-in at the configured OpenID Connect provider. The
+/// login carries the flow (sealed), and its callback continues to the consent page. No provider: 404.
+pub async fn provider_sign_in(state: web::Data<AppState>, body: web::Bytes) -> AppResult<HttpResponse> {
+    let oidc = state.auth.oidc().ok_or(AppError::NotFound)?;
+    let Ok(form) = serde_urlencoded::from_bytes::<ProviderForm>(&body) else { return Ok(expired_page()) };
+    if form.flow.is_empty() || form.flow.len() > 64 || form.flow.contains('\0') {
+        return Ok(expired_page());
+    }
+    if state.auth.flow_app_name(&form.flow).await?.is_none() {
+        return Ok(expired_page());
+    }
+    let start = oidc.start_login(Some(&form.flow)).await?;
+    crate::api::oidc::to_provider(start, StatusCode::SEE_OTHER)
 }
 
 /// The patients the signed-in user may open the app for: a search as that user through the records service

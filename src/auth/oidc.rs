@@ -152,7 +152,11 @@ impl Refusal {
 /// What a login attempt came to.
 #[derive(Debug)]
 pub enum OidcLogin {
-    Ok(Box<Account>),
+    /// The account, and the SMART authorization flow the login was started from (if it was).
+    Ok {
+        account: Box<Account>,
+        smart_flow: Option<String>,
+    },
     Refused(Refusal),
 }
 
@@ -170,6 +174,13 @@ pub struct CallbackParams {
     pub state: Option<String>,
     pub iss: Option<String>,
     pub error: Option<String>,
+}
+
+/// What a started login left for its callback (opened from its sealed columns).
+struct LoginState {
+    verifier: String,
+    nonce: String,
+    smart_flow: Option<String>,
 }
 
 /// The identity a verified token describes.
@@ -310,8 +321,9 @@ impl OidcService {
         .set_redirect_uri(self.redirect.clone())
     }
 
-    /// `GET /auth/oidc/login`: stores the login state and returns the provider's authorization URL.
-    pub async fn start_login(&self) -> AppResult<LoginStart> {
+    /// `GET /auth/oidc/login` (and the SMART authorize page's provider sign-in, which passes its flow handle):
+    /// stores the login state and returns the provider's authorization URL.
+    pub async fn start_login(&self, smart_flow: Option<&str>) -> AppResult<LoginStart> {
         let metadata = self.discover().await?;
         let client = self.client(metadata);
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
@@ -334,6 +346,7 @@ impl OidcService {
         let row = (
             oidc_logins::pkce_verifier.eq(seal("pkce_verifier", verifier.secret())?),
             oidc_logins::nonce.eq(seal("nonce", nonce.secret())?),
+            oidc_logins::smart_flow.eq(smart_flow.map(|f| seal("smart_flow", f)).transpose()?),
             oidc_logins::state_hash.eq(state_hash),
             oidc_logins::binding_hash.eq(sha256_hex(&binding)),
             oidc_logins::created_at.eq(micros(now)),
@@ -349,9 +362,10 @@ impl OidcService {
         Ok(LoginStart { authorization_url: url.to_string(), binding })
     }
 
-    /// Consumes the login state of `state` if `binding` matches and it has not expired: (PKCE verifier, nonce).
-    /// A stored secret that does not open (tampered, or moved from another login) is no login state at all.
-    async fn take_login(&self, state: &str, binding: &str) -> AppResult<Option<(String, String)>> {
+    /// Consumes the login state of `state` if `binding` matches and it has not expired: (PKCE verifier, nonce,
+    /// SMART flow). A stored secret that does not open (tampered, or moved from another login) is no login
+    /// state at all.
+    async fn take_login(&self, state: &str, binding: &str) -> AppResult<Option<LoginState>> {
         let (state_hash, binding_hash) = (sha256_hex(state), sha256_hex(binding));
         let now = micros(self.clock.now());
         let sealed = self.take_sealed(state_hash.clone(), binding_hash, now).await?;
@@ -359,36 +373,43 @@ impl OidcService {
             let bytes = self.cipher.decrypt(&FieldAad::new(LOGIN_AAD, &state_hash, column), ct).ok()?;
             String::from_utf8(bytes.to_vec()).ok()
         };
-        Ok(sealed.and_then(|(v, n)| Some((open("pkce_verifier", &v)?, open("nonce", &n)?))))
+        Ok(sealed.and_then(|(v, n, f)| {
+            let flow = match f {
+                Some(f) => Some(open("smart_flow", &f)?),
+                None => None,
+            };
+            Some(LoginState { verifier: open("pkce_verifier", &v)?, nonce: open("nonce", &n)?, smart_flow: flow })
+        }))
     }
 
-    /// The sealed (PKCE verifier, nonce) of a login, deleted in the same transaction (single use).
+    /// The sealed (PKCE verifier, nonce, SMART flow) of a login, deleted in the same transaction (single use).
     async fn take_sealed(
         &self,
         state_hash: String,
         binding_hash: String,
         now: i64,
-    ) -> AppResult<Option<(String, String)>> {
+    ) -> AppResult<Option<(String, String, Option<String>)>> {
         self.db
             .run(move |c| {
                 c.transaction(|c| {
-                    let row: Option<(String, String, String, i64)> = oidc_logins::table
+                    let row: Option<(String, String, String, Option<String>, i64)> = oidc_logins::table
                         .filter(oidc_logins::state_hash.eq(&state_hash))
                         .select((
                             oidc_logins::binding_hash,
                             oidc_logins::pkce_verifier,
                             oidc_logins::nonce,
+                            oidc_logins::smart_flow,
                             oidc_logins::expires_at,
                         ))
                         .first(c)
                         .optional()?;
                     // A wrong browser does not spend the login of the right one.
-                    let Some((_, verifier, nonce, expires)) = row.filter(|r| r.0 == binding_hash) else {
+                    let Some((_, verifier, nonce, flow, expires)) = row.filter(|r| r.0 == binding_hash) else {
                         return Ok(None);
                     };
                     let deleted = diesel::delete(oidc_logins::table.filter(oidc_logins::state_hash.eq(&state_hash)))
                         .execute(c)?;
-                    Ok((deleted == 1 && now < expires).then_some((verifier, nonce)))
+                    Ok((deleted == 1 && now < expires).then_some((verifier, nonce, flow)))
                 })
             })
             .await
@@ -402,7 +423,7 @@ impl OidcService {
         let (Some(state), Some(binding)) = (bounded(&params.state), binding.filter(|b| b.len() <= 256)) else {
             return refuse(Refusal::State);
         };
-        let Some((verifier, nonce)) = self.take_login(&state, binding).await? else {
+        let Some(LoginState { verifier, nonce, smart_flow }) = self.take_login(&state, binding).await? else {
             return refuse(Refusal::State);
         };
         // RFC 9207: when the provider names itself on the redirect, it must be ours (mix-up defence).
@@ -428,7 +449,7 @@ impl OidcService {
         };
         let Some(identity) = self.identity(&claims) else { return refuse(Refusal::Role) };
         match self.upsert_account(identity).await? {
-            Some(account) => Ok(OidcLogin::Ok(Box::new(account))),
+            Some(account) => Ok(OidcLogin::Ok { account: Box::new(account), smart_flow }),
             None => refuse(Refusal::Disabled),
         }
     }
@@ -474,9 +495,14 @@ impl OidcService {
                 if account.disabled {
                     return Ok(None);
                 }
-                account.role = identity.role.as_str().to_owned();
-                account.practitioner_id = identity.practitioner.map(|p| p.to_string());
-                account.patient_id = identity.patient.map(|p| p.to_string());
+                let role = identity.role.as_str().to_owned();
+                let practitioner = identity.practitioner.map(|p| p.to_string());
+                let patient = identity.patient.map(|p| p.to_string());
+                // Written only when the claims changed: provider bearer tokens come here on every request.
+                if (&account.role, &account.practitioner_id, &account.patient_id) == (&role, &practitioner, &patient) {
+                    return Ok(Some(account));
+                }
+                (account.role, account.practitioner_id, account.patient_id) = (role, practitioner, patient);
                 diesel::update(accounts::table.filter(accounts::id.eq(&account.id)))
                     .set((
                         accounts::role.eq(&account.role),
@@ -495,28 +521,17 @@ impl OidcService {
             == Some(self.settings.issuer.clone())
     }
 
-    /// Resource-server mode: a provider access token as a bearer token.
+    /// Resource-server mode: a provider access token as a bearer token. The identity is the same local
+    /// account (kind `oidc`) a browser login of that subject uses, created on first sight, so grants, audit
+    /// records and the incident tooling (`incident contain|report --user oidc:...`) name one account; a
+    /// disabled account (`users disable`, `incident contain`) is shut out.
     pub async fn authenticate(&self, token: &str) -> AppResult<Principal> {
         let claims = self.verify(token, TokenKind::Access, None).await.map_err(|_| AppError::Unauthenticated)?;
         let identity = self.identity(&claims).ok_or(AppError::Unauthenticated)?;
-        // An administrator can shut a provider identity out locally (`users disable oidc:...`).
-        let username = self.username_for(&identity.subject);
-        let disabled: Option<bool> = self
-            .db
-            .run(move |c| {
-                Ok(accounts::table
-                    .filter(accounts::username.eq(&username))
-                    .select(accounts::disabled)
-                    .first(c)
-                    .optional()?)
-            })
-            .await?;
-        if disabled == Some(true) {
-            return Err(AppError::Unauthenticated);
-        }
+        let account = self.upsert_account(identity.clone()).await?.ok_or(AppError::Unauthenticated)?;
         Ok(Principal {
-            subject: identity.subject,
-            username: None,
+            subject: account.id,
+            username: Some(account.username),
             roles: vec![identity.role],
             practitioner: identity.practitioner,
             patient: identity.patient,

@@ -223,6 +223,7 @@ diesel::table! {
         nonce -> Text,
         created_at -> BigInt,
         expires_at -> BigInt,
+        smart_flow -> Nullable<Text>,
     }
 }
 

@@ -33,7 +33,8 @@ fn accounts() -> String {
         {"sub": "pat", "roles": ["patient"], "fhirUser": format!("Patient/{PATIENT}")},
         {"sub": "root", "roles": ["root"]},
         {"sub": "two", "roles": ["admin", "auditor"]},
-        {"sub": "nolink", "roles": ["nurse"]}
+        {"sub": "nolink", "roles": ["nurse"]},
+        {"sub": "desk", "roles": ["front_desk"]}
     ])
     .to_string()
 }
@@ -468,7 +469,7 @@ mod provider_tokens {
         let resp = app.session(access).await;
         assert_eq!(resp.status(), 200);
         let who: Value = resp.json().await.unwrap();
-        assert_eq!(who["subject"], "u1");
+        assert_eq!(who["subject"], app.account(":u1").expect("created on first sight").id);
         assert_eq!(who["issuer"], provider.issuer);
         assert_eq!(who["roles"], json!(["clinician"]));
         assert_eq!(who["practitioner"], PRACTITIONER);
@@ -649,3 +650,168 @@ mod provider_tokens {
         }
     }
 }
+
+// A SMART app's standalone launch whose user signs in at the OpenID Connect provider from the authorize page:
+// the provider's callback continues to the consent page (no token reaches the browser), and the app gets a
+// code that the token endpoint exchanges (PKCE) for tokens of the same local `oidc` account.
+oidc_test!(smart_authorize_page_signs_in_at_the_provider, |provider, app| {
+    use crate::smart::hidden;
+    use carevault::auth::service::{AppKind, NewApp, register_app};
+    const REDIRECT: &str = "http://127.0.0.1:9/callback";
+    let new = NewApp {
+        name: "Chart".into(),
+        kind: AppKind::Public,
+        redirect_uris: vec![REDIRECT.into()],
+        scopes: "openid fhirUser launch/patient patient/*.rs".into(),
+        jwks: None,
+        jwks_url: None,
+        role: None,
+    };
+    let (registered, _) = register_app(&mut app.state.db.conn().unwrap(), new, app.clock.now()).unwrap();
+    let verifier = URL_SAFE_NO_PAD.encode(rand_bytes());
+    let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+    let aud = app.state.records.base().to_owned();
+    let query = serde_urlencoded::to_string([
+        ("response_type", "code"),
+        ("client_id", registered.client_id.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("scope", "openid fhirUser launch/patient patient/*.rs"),
+        ("state", "st-7"),
+        ("aud", aud.as_str()),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ])
+    .unwrap();
+    let authorize = app.url(&format!("/auth/authorize?{query}"));
+    let sign_in = |flow: String| {
+        let (client, url) = (app.client.clone(), app.url("/auth/authorize/oidc"));
+        async move { client.post(url).form(&[("flow", flow)]).send().await.unwrap() }
+    };
+    let html = app.client.get(&authorize).send().await.unwrap().text().await.unwrap();
+    assert!(html.contains("form id=\"oidc\"") && html.contains("form id=\"login\""), "both sign-ins offered");
+    let flow = hidden(&html, "flow").expect("flow");
+
+    // An unknown flow never reaches the provider.
+    let unknown = sign_in("not-a-flow".into()).await;
+    assert_eq!(unknown.status(), 400);
+    assert!(unknown.headers().get("location").is_none());
+
+    let to_provider = sign_in(flow.clone()).await;
+    assert_eq!(to_provider.status(), 303);
+    let location = to_provider.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&provider.issuer), "{location}");
+    assert!(!location.contains(&flow), "the flow handle stays out of URLs");
+    let cookie = to_provider.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    // The flow handle is sealed at rest, like the verifier and nonce.
+    {
+        use carevault::store::schema::oidc_logins;
+        use diesel::prelude::*;
+        let sealed: Vec<Option<String>> =
+            oidc_logins::table.select(oidc_logins::smart_flow).load(&mut app.state.db.conn().unwrap()).unwrap();
+        assert!(sealed.iter().flatten().all(|s| s.starts_with("cv1:") && !s.contains(&flow)), "{sealed:?}");
+        assert_eq!(sealed.iter().flatten().count(), 1);
+    }
+    let back = provider.authorize(&location, "pat").await;
+    let consent_page = app.callback(&back, Some(&cookie)).await;
+    assert_eq!(consent_page.status(), 200);
+    assert!(consent_page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(consent_page.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"), "binding cookie cleared");
+    let html = consent_page.text().await.unwrap();
+    assert!(html.contains("form id=\"consent\""), "{html}");
+    assert!(!html.contains("access_token") && !html.contains("eyJ"), "no token in the browser");
+    assert!(!html.contains("name=\"patient\""), "a patient opens the app for herself: no picker");
+    let account = app.account(":pat").expect("the provider identity's local account");
+    assert!(app.audit("login").iter().any(|e| e["detail"] == "smart-authorize-oidc"));
+
+    let approved = app
+        .client
+        .post(app.url("/auth/authorize/consent"))
+        .form(&[
+            ("flow", hidden(&html, "flow").unwrap()),
+            ("consent", hidden(&html, "consent").unwrap()),
+            ("decision", "approve".into()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 303);
+    let to_app = reqwest::Url::parse(approved.headers()["location"].to_str().unwrap()).unwrap();
+    let param = |k: &str| to_app.query_pairs().find(|(n, _)| n == k).map(|(_, v)| v.into_owned());
+    assert_eq!(param("state").as_deref(), Some("st-7"));
+    let code = param("code").expect("code");
+    let tokens: Value = app
+        .client
+        .post(app.url("/auth/token"))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", registered.client_id.as_str()),
+            ("code_verifier", verifier.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tokens["patient"], PATIENT, "{tokens}");
+    let fhir_user = claims_of(tokens["id_token"].as_str().unwrap())["fhirUser"].as_str().unwrap().to_owned();
+    assert!(fhir_user.ends_with(&format!("/Patient/{PATIENT}")), "{fhir_user}");
+    let who: Value = app.session(tokens["access_token"].as_str().unwrap()).await.json().await.unwrap();
+    assert_eq!(who["subject"], account.id);
+    assert_eq!(who["roles"], json!(["patient"]));
+
+    // The same flow cannot be signed in to again, at the provider or locally.
+    let again = sign_in(flow).await;
+    assert_eq!(again.status(), 400);
+});
+
+// Provider bearer tokens act as the subject's local account: a token used before any browser login creates it;
+// `incident contain` shuts the token out; `incident report` finds what it did.
+oidc_test!(provider_bearer_identities_are_local_accounts, |provider, app| {
+    let tokens = provider.tokens("desk", &app.redirect_uri()).await;
+    let access = tokens["access_token"].as_str().unwrap();
+    let who: Value = app.session(access).await.json().await.unwrap();
+    let account = app.account(":desk").expect("an account on first sight");
+    assert_eq!(who["subject"], account.id, "the local account, not the provider's sub");
+    let patient = json!({"resourceType": "Patient", "name": [{"family": "Okafor", "given": ["Ada"]}]});
+    let created = app
+        .client
+        .post(app.url("/fhir/Patient"))
+        .bearer_auth(access)
+        .header("content-type", "application/fhir+json")
+        .json(&patient)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // A browser login of the same subject is the same account.
+    assert_eq!(app.login(&provider, "desk").await.status(), 200);
+    assert_eq!(app.account(":desk").unwrap().id, account.id);
+
+    let mut conn = app.state.db.conn().unwrap();
+    let agent = carevault::audit::Agent::default();
+    let now = app.clock.now();
+    let report = carevault::monitor::incident::report(
+        &app.state,
+        &mut conn,
+        &account.username,
+        now - Duration::hours(1),
+        now + Duration::minutes(1),
+        now.date(),
+        agent.clone(),
+    )
+    .unwrap()
+    .expect("the account is found by its username");
+    assert_eq!(report.account, account.id);
+    assert_eq!(report.total_patients, 1, "what the bearer token did is on the account's record");
+    assert_eq!(report.patients[0].patient, id);
+    let done =
+        carevault::monitor::incident::contain(&mut conn, app.state.audit.sealer(), &account.username, agent, now)
+            .unwrap()
+            .expect("contained");
+    assert_eq!(done.username, account.username);
+    assert_generic_401(app.session(access).await).await;
+});

@@ -372,6 +372,9 @@ pub enum CodeExchange {
     Refused(&'static str),
 }
 
+/// `smart_authorizations.session_id` of a code presented again before its first exchange recorded a session.
+const REPLAYED: &str = "replayed";
+
 fn with_query(uri: &str, pairs: &[(&str, &str)]) -> String {
     let sep = if uri.contains('?') { '&' } else { '?' };
     format!("{uri}{sep}{}", serde_urlencoded::to_string(pairs).unwrap_or_default())
@@ -506,6 +509,17 @@ impl AuthService {
                 return Ok(FlowSignIn::Throttled { account, retry_after });
             }
         };
+        self.bind_flow(flow, account).await
+    }
+
+    /// Binds a live, unbound flow to the account that signed in (locally or at the OIDC provider) and issues
+    /// the consent token; [`FlowSignIn::Expired`] when the flow is unknown, expired or already bound.
+    pub async fn bind_flow(&self, flow: &str, account: Account) -> AppResult<FlowSignIn> {
+        let now = self.clock.now();
+        let Some(row) = self.flow_row(flow).await? else { return Ok(FlowSignIn::Expired) };
+        if row.8 <= micros(now) || row.4.is_some() || account.disabled {
+            return Ok(FlowSignIn::Expired);
+        }
         let Some(app) = self.app(&row.0).await? else { return Ok(FlowSignIn::Expired) };
         let consent = random_token();
         let (hash, chash, aid) = (sha256_hex(flow), sha256_hex(&consent), account.id.clone());
@@ -635,18 +649,8 @@ impl AuthService {
         let now = self.clock.now();
         let code_hash = sha256_hex(code);
         let ch = code_hash.clone();
-        type CodeRow = (
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            Option<String>,
-            Option<String>,
-            i64,
-            Option<i64>,
-            Option<String>,
-        );
+        type CodeRow =
+            (String, String, String, Option<String>, String, Option<String>, Option<String>, i64, Option<i64>);
         let row: Option<CodeRow> = self
             .db
             .run(move |c| {
@@ -662,21 +666,16 @@ impl AuthService {
                         smart_authorizations::nonce,
                         smart_authorizations::expires_at,
                         smart_authorizations::used_at,
-                        smart_authorizations::session_id,
                     ))
                     .first(c)
                     .optional()?)
             })
             .await?;
-        let Some((app_id, redirect, scope, account_id, challenge, patient, nonce, expires, used, session)) = row else {
+        let Some((app_id, redirect, scope, account_id, challenge, patient, nonce, expires, used)) = row else {
             return Ok(CodeExchange::Refused("invalid_grant"));
         };
         if used.is_some() {
-            // A code used twice: the tokens the first use issued are revoked (RFC 6749 §4.1.2).
-            if let Some(sid) = session.and_then(|s| Uuid::parse_str(&s).ok()) {
-                self.end_session(sid).await?;
-            }
-            return Ok(CodeExchange::Refused("invalid_grant"));
+            return self.code_replayed(code_hash).await;
         }
         let Some(app) = self.app(&app_id).await? else { return Ok(CodeExchange::Refused("invalid_client")) };
         if client_id.is_some_and(|c| c != app.client_id) {
@@ -706,7 +705,11 @@ impl AuthService {
                 .execute(c)?)
             })
             .await?;
-        if spent != 1 || expires <= micros(now) || redirect_uri != Some(redirect.as_str()) {
+        if spent != 1 {
+            // A concurrent exchange of the same code spent it first.
+            return self.code_replayed(code_hash).await;
+        }
+        if expires <= micros(now) || redirect_uri != Some(redirect.as_str()) {
             return Ok(CodeExchange::Refused("invalid_grant"));
         }
         let pkce_ok = verifier.is_some_and(|v| {
@@ -731,14 +734,23 @@ impl AuthService {
         };
         let (mut tokens, sid) = self.open_session_for(&account, Some(grant), now).await?;
         let ch = code_hash;
-        self.db
+        let recorded = self
+            .db
             .run(move |c| {
-                diesel::update(smart_authorizations::table.filter(smart_authorizations::code_hash.eq(Some(ch))))
-                    .set(smart_authorizations::session_id.eq(Some(sid.to_string())))
-                    .execute(c)?;
-                Ok(())
+                Ok(diesel::update(
+                    smart_authorizations::table
+                        .filter(smart_authorizations::code_hash.eq(Some(ch)))
+                        .filter(smart_authorizations::session_id.is_null()),
+                )
+                .set(smart_authorizations::session_id.eq(Some(sid.to_string())))
+                .execute(c)?)
             })
             .await?;
+        if recorded != 1 {
+            // The code was presented again while this exchange ran: its tokens never leave.
+            self.end_session(sid).await?;
+            return Ok(CodeExchange::Refused("invalid_grant"));
+        }
         if scopes.openid {
             let fhir_user = match (&account.practitioner_id, &account.patient_id) {
                 (Some(p), _) => Some(format!("{fhir_base}/Practitioner/{p}")),
@@ -767,6 +779,37 @@ impl AuthService {
             tokens.id_token = Some(self.keys().sign_id_token(&claims)?);
         }
         Ok(CodeExchange::Ok { tokens: Box::new(tokens), account: Box::new(account), client_id: app.client_id })
+    }
+
+    /// A spent code presented again: the tokens its first use issued are revoked (RFC 6749 §4.1.2). Atomic
+    /// against the first exchange still running: either this marks the code replayed before that exchange
+    /// records its session (which then ends its own session), or it finds the session and ends it.
+    async fn code_replayed(&self, code_hash: String) -> AppResult<CodeExchange> {
+        let session: Option<String> = self
+            .db
+            .run(move |c| {
+                let marked = diesel::update(
+                    smart_authorizations::table
+                        .filter(smart_authorizations::code_hash.eq(Some(&code_hash)))
+                        .filter(smart_authorizations::session_id.is_null()),
+                )
+                .set(smart_authorizations::session_id.eq(Some(REPLAYED)))
+                .execute(c)?;
+                if marked == 1 {
+                    return Ok(None);
+                }
+                Ok(smart_authorizations::table
+                    .filter(smart_authorizations::code_hash.eq(Some(&code_hash)))
+                    .select(smart_authorizations::session_id)
+                    .first::<Option<String>>(c)
+                    .optional()?
+                    .flatten())
+            })
+            .await?;
+        if let Some(sid) = session.and_then(|s| Uuid::parse_str(&s).ok()) {
+            self.end_session(sid).await?;
+        }
+        Ok(CodeExchange::Refused("invalid_grant"))
     }
 
     /// Client authentication by secret (confidential apps, then service accounts), throttled per client id and
@@ -964,7 +1007,7 @@ impl AuthService {
         let inactive = serde_json::json!({ "active": false });
         let now = self.clock.now();
         let Ok(claims) = self.keys().verify(token, now) else { return inactive };
-        let Ok(principal) = self.authenticate(token).await else { return inactive };
+        let Ok(principal) = self.inspect(token).await else { return inactive };
         let mut out = serde_json::json!({
             "active": true,
             "token_type": "Bearer",

@@ -1,0 +1,1 @@
+ALTER TABLE oidc_logins DROP COLUMN smart_flow;
