@@ -114,6 +114,13 @@ impl TokenResponse {
     }
 }
 
+/// Whether a token check counts as the session's activity (idle logoff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Touch {
+    Yes,
+    No,
+}
+
 #[derive(Debug, Clone)]
 struct CachedSession {
     live: bool,
@@ -741,6 +748,16 @@ impl AuthService {
     /// Verifies a bearer token of ours and its session (live, not revoked, account enabled); touches idle time.
     /// A token whose `iss` is the configured OIDC provider is verified by [`OidcService::authenticate`] instead.
     pub async fn authenticate(&self, token: &str) -> AppResult<Principal> {
+        self.verify_bearer(token, Touch::Yes).await
+    }
+
+    /// [`Self::authenticate`] without counting as activity: introspection by a resource server says whether a
+    /// token is live, and must not keep an idle session alive.
+    pub async fn inspect(&self, token: &str) -> AppResult<Principal> {
+        self.verify_bearer(token, Touch::No).await
+    }
+
+    async fn verify_bearer(&self, token: &str, touch: Touch) -> AppResult<Principal> {
         if let Some(oidc) = &self.oidc
             && oidc.is_provider_token(token)
         {
@@ -756,7 +773,7 @@ impl AuthService {
             }
         };
         let username = if let Some(sid) = claims.sid {
-            Some(self.check_session(sid, now).await?)
+            Some(self.check_session(sid, now, touch).await?)
         } else if claims.client_id.is_some() {
             self.check_client(&claims.sub).await?;
             None
@@ -781,7 +798,7 @@ impl AuthService {
     }
 
     /// Whether session `sid` is live at `now` (cached for [`SESSION_CACHE`]); its account's username when it is.
-    async fn check_session(&self, sid: Uuid, now: OffsetDateTime) -> AppResult<Arc<str>> {
+    async fn check_session(&self, sid: Uuid, now: OffsetDateTime, touch: Touch) -> AppResult<Arc<str>> {
         let cached = self.cache.read().unwrap_or_else(PoisonError::into_inner).get(&sid).cloned();
         if let Some(c) = cached
             && now - c.checked_at < SESSION_CACHE
@@ -814,7 +831,7 @@ impl AuthService {
                 let (created, seen) = (from_micros(created), from_micros(seen));
                 let live = revoked.is_none() && !disabled && policy.is_live(created, seen, now);
                 let mut last_seen = seen;
-                if live && now - seen >= policy.touch_every() {
+                if live && touch == Touch::Yes && now - seen >= policy.touch_every() {
                     diesel::update(sessions::table.filter(sessions::id.eq(&id)))
                         .set(sessions::last_seen.eq(micros(now)))
                         .execute(c)?;

@@ -11,13 +11,12 @@
 
 use crate::both_backends_with;
 use crate::helpers::{PASSWORD, TestApp};
-use carevault::monitor::{self, Alert, AlertFilter, rules};
+use carevault::monitor::rules;
 use carevault::role::Role;
-use carevault::store::schema::{audit_events, audit_head, login_failures};
+use carevault::store::schema::{audit_events, login_failures};
 use diesel::prelude::*;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use std::time::Duration as StdDuration;
 use time::Duration;
 
 const PROXY: &str = "[network]\ntrusted_proxies = [\"127.0.0.1\"]\n";
@@ -51,21 +50,6 @@ fn count_failures(app: &TestApp, detail: Option<&str>) -> usize {
         .load(&mut conn)
         .unwrap();
     bodies.iter().filter(|b| detail.is_none_or(|d| serde_json::from_str::<Value>(b).unwrap()["detail"] == d)).count()
-}
-
-async fn settle(app: &TestApp) {
-    for _ in 0..3 {
-        let head: i64 = {
-            let mut conn = app.state.db.conn().unwrap();
-            audit_head::table.select(audit_head::seq).first(&mut conn).unwrap()
-        };
-        assert!(app.state.monitor.wait_processed(head, StdDuration::from_secs(30)).await, "engine keeps up");
-    }
-}
-
-fn alerts(app: &TestApp, rule: &'static str) -> Vec<Alert> {
-    let mut conn = app.state.db.conn().unwrap();
-    monitor::list(&mut conn, &AlertFilter { rule: Some(rule), limit: 1000, ..AlertFilter::default() }).unwrap()
 }
 
 both_backends_with!(concurrent_refreshes_exactly_one_wins, "", |app: TestApp| async move {
@@ -189,11 +173,11 @@ both_backends_with!(throttled_attempts_fire_the_failed_login_alert, ALERT_10, |a
     assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 5, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 15, "{statuses:?}");
     assert_eq!(count_failures(&app, Some("throttled")), 15, "throttled attempts are audited");
-    settle(&app).await;
-    let account = alerts(&app, rules::FAILED_LOGINS_ACCOUNT);
+    app.settle_monitor().await;
+    let account = app.alerts(rules::FAILED_LOGINS_ACCOUNT);
     assert_eq!(account.len(), 1, "20 attempts, threshold 10: the account rule fires");
     assert_eq!(account[0].count, 20);
-    let address = alerts(&app, rules::FAILED_LOGINS_ADDRESS);
+    let address = app.alerts(rules::FAILED_LOGINS_ADDRESS);
     assert_eq!((address.len(), address[0].count), (1, 20));
 });
 

@@ -75,6 +75,27 @@ pub fn start_time() -> time::OffsetDateTime {
 }
 
 impl TestApp {
+    /// Waits until the rule engine has evaluated every audit event appended so far.
+    pub async fn settle_monitor(&self) {
+        use carevault::store::schema::audit_head;
+        use diesel::prelude::*;
+        for _ in 0..3 {
+            let head: i64 = {
+                let mut conn = self.state.db.conn().unwrap();
+                audit_head::table.select(audit_head::seq).first(&mut conn).unwrap()
+            };
+            let caught_up = self.state.monitor.wait_processed(head, std::time::Duration::from_secs(30)).await;
+            assert!(caught_up, "engine keeps up");
+        }
+    }
+
+    /// The alerts of `rule` raised so far.
+    pub fn alerts(&self, rule: &'static str) -> Vec<carevault::monitor::Alert> {
+        use carevault::monitor::{AlertFilter, list};
+        let mut conn = self.state.db.conn().unwrap();
+        list(&mut conn, &AlertFilter { rule: Some(rule), limit: 1000, ..AlertFilter::default() }).unwrap()
+    }
+
     /// Starts a server on `backend` with extra TOML configuration; `None` when that backend is not available.
     pub async fn spawn_with(backend: Backend, extra_toml: &str) -> Option<TestApp> {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -7,9 +7,9 @@ use crate::helpers::{Backend, TestApp};
 use crate::{both_backends, both_backends_with};
 use carevault::audit::{Agent, AuditEvent, AuditKind, Outcome, purpose};
 use carevault::clock::Clock;
-use carevault::monitor::{self, Alert, AlertFilter, Subject, rules};
+use carevault::monitor::{self, Subject, rules};
 use carevault::role::Role;
-use carevault::store::schema::{audit_events, audit_head, break_glass, resources};
+use carevault::store::schema::{audit_events, break_glass, resources};
 use diesel::prelude::*;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
@@ -18,22 +18,6 @@ use time::Duration;
 use uuid::Uuid;
 
 const SMALL: &str = "[monitor]\nfailed_logins_threshold = 4\nbulk_access_patients = 5\nbulk_access_window_secs = 600\n";
-
-/// Waits until the rule engine has evaluated every audit event appended so far.
-async fn settle(app: &TestApp) {
-    for _ in 0..3 {
-        let head: i64 = {
-            let mut conn = app.state.db.conn().unwrap();
-            audit_head::table.select(audit_head::seq).first(&mut conn).unwrap()
-        };
-        assert!(app.state.monitor.wait_processed(head, StdDuration::from_secs(20)).await, "engine keeps up");
-    }
-}
-
-fn alerts(app: &TestApp, rule: &'static str) -> Vec<Alert> {
-    let mut conn = app.state.db.conn().unwrap();
-    monitor::list(&mut conn, &AlertFilter { rule: Some(rule), limit: 1000, ..AlertFilter::default() }).unwrap()
-}
 
 fn account_id(app: &TestApp, username: &str) -> String {
     let mut conn = app.state.db.conn().unwrap();
@@ -71,22 +55,22 @@ both_backends_with!(failed_logins_per_account_fire_at_the_threshold, SMALL, |app
     for _ in 0..3 {
         fail_login(&app, "dave").await;
     }
-    settle(&app).await;
-    assert!(alerts(&app, rules::FAILED_LOGINS_ACCOUNT).is_empty(), "3 of 4: no alert");
-    assert!(alerts(&app, rules::FAILED_LOGINS_ADDRESS).is_empty());
+    app.settle_monitor().await;
+    assert!(app.alerts(rules::FAILED_LOGINS_ACCOUNT).is_empty(), "3 of 4: no alert");
+    assert!(app.alerts(rules::FAILED_LOGINS_ADDRESS).is_empty());
     fail_login(&app, "dave").await;
-    settle(&app).await;
-    let found = alerts(&app, rules::FAILED_LOGINS_ACCOUNT);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::FAILED_LOGINS_ACCOUNT);
     assert_eq!(found.len(), 1);
     assert_eq!((found[0].subject.as_str(), found[0].count, found[0].severity.as_str()), (dave.as_str(), 4, "medium"));
     assert_eq!(found[0].window_secs, rules::FAILED_LOGIN_WINDOW_SECS);
     assert_eq!(found[0].delivery, "not-configured");
-    let by_address = alerts(&app, rules::FAILED_LOGINS_ADDRESS);
+    let by_address = app.alerts(rules::FAILED_LOGINS_ADDRESS);
     assert_eq!((by_address.len(), by_address[0].subject.as_str()), (1, "127.0.0.1"));
     // One open alert per (rule, subject) per window: the fifth failure updates the count.
     fail_login(&app, "dave").await;
-    settle(&app).await;
-    let found = alerts(&app, rules::FAILED_LOGINS_ACCOUNT);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::FAILED_LOGINS_ACCOUNT);
     assert_eq!((found.len(), found[0].count), (1, 5));
     // Every alert is audited, with the rule as the detail.
     let mut conn = app.state.db.conn().unwrap();
@@ -101,13 +85,13 @@ both_backends_with!(failed_logins_per_address_without_phi, SMALL, |app: TestApp|
     for name in ["CANARY-Jane-Doe-1970", "x1", "x2"] {
         fail_login(&app, name).await;
     }
-    settle(&app).await;
-    assert!(alerts(&app, rules::FAILED_LOGINS_ADDRESS).is_empty());
+    app.settle_monitor().await;
+    assert!(app.alerts(rules::FAILED_LOGINS_ADDRESS).is_empty());
     fail_login(&app, "x3").await;
-    settle(&app).await;
-    let found = alerts(&app, rules::FAILED_LOGINS_ADDRESS);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::FAILED_LOGINS_ADDRESS);
     assert_eq!((found.len(), found[0].subject.as_str(), found[0].count), (1, "127.0.0.1", 4));
-    assert!(alerts(&app, rules::FAILED_LOGINS_ACCOUNT).is_empty());
+    assert!(app.alerts(rules::FAILED_LOGINS_ACCOUNT).is_empty());
     // No canary in the alert as listed, its webhook payload or the audit trail of alerts.
     let admin = app.user("root", Role::Admin, None).await;
     let listed = app.client.get(app.url("/admin/alerts")).bearer_auth(&admin.access).send().await.unwrap();
@@ -139,12 +123,12 @@ both_backends_with!(bulk_access_counts_distinct_patients_in_the_window, SMALL, |
     append(&app, &recent);
     // Another user's patients never count for this one.
     append(&app, &[access("someone-else", AuditKind::Read, patients[4], now)]);
-    settle(&app).await;
-    assert!(alerts(&app, rules::BULK_ACCESS).is_empty(), "4 distinct of 5: no alert");
+    app.settle_monitor().await;
+    assert!(app.alerts(rules::BULK_ACCESS).is_empty(), "4 distinct of 5: no alert");
     app.clock.advance(Duration::seconds(10));
     append(&app, &[access(&snoop, AuditKind::Search, patients[4], app.clock.now())]);
-    settle(&app).await;
-    let found = alerts(&app, rules::BULK_ACCESS);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::BULK_ACCESS);
     assert_eq!(found.len(), 1);
     assert_eq!((found[0].subject.as_str(), found[0].count, found[0].window_secs), (snoop.as_str(), 5, 600));
     assert_eq!(found[0].severity, "high");
@@ -163,22 +147,22 @@ both_backends!(break_glass_use_raises_one_alert, |app: TestApp| async move {
             access("acct-doc", AuditKind::Read, p, now),
         ],
     );
-    settle(&app).await;
-    assert!(alerts(&app, rules::BREAK_GLASS).is_empty());
+    app.settle_monitor().await;
+    assert!(app.alerts(rules::BREAK_GLASS).is_empty());
     append(
         &app,
         &[AuditEvent::new(AuditKind::BreakGlass, now, Outcome::Success, doc.clone())
             .with_patient(p)
             .with_purpose(purpose::BTG)],
     );
-    settle(&app).await;
+    app.settle_monitor().await;
     // Reads under the grant do not raise a second alert in the window.
     append(
         &app,
         &[AuditEvent::new(AuditKind::Read, now, Outcome::Success, doc).with_patient(p).with_purpose(purpose::BTG)],
     );
-    settle(&app).await;
-    let found = alerts(&app, rules::BREAK_GLASS);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::BREAK_GLASS);
     assert_eq!(found.len(), 1);
     assert_eq!((found[0].subject.as_str(), found[0].window_secs), ("acct-doc", 3600));
 });
@@ -202,8 +186,8 @@ both_backends_with!(
         let why = "patient unconscious in the emergency department";
         assert_eq!(bg(json!({"patient": bob, "reason": "need it"})).await.status(), 400, "too short");
         assert_eq!(bg(json!({"patient": bob, "code": "curiosity", "reason": why})).await.status(), 400, "unknown code");
-        settle(&app).await;
-        let refused = alerts(&app, rules::BREAK_GLASS_REFUSED);
+        app.settle_monitor().await;
+        let refused = app.alerts(rules::BREAK_GLASS_REFUSED);
         assert_eq!(refused.len(), 1, "one open alert per account and hour");
         assert_eq!(refused[0].subject.as_str(), nurse);
         assert_eq!(refused[0].count, 2, "both refusals, in the one alert");
@@ -285,11 +269,11 @@ both_backends!(refresh_token_reuse_raises_an_alert, |app: TestApp| async move {
         }
     };
     assert_eq!(refresh(s.refresh.clone()).await, 200);
-    settle(&app).await;
-    assert!(alerts(&app, rules::REFRESH_TOKEN_REUSE).is_empty(), "a normal rotation is no alert");
+    app.settle_monitor().await;
+    assert!(app.alerts(rules::REFRESH_TOKEN_REUSE).is_empty(), "a normal rotation is no alert");
     assert_eq!(refresh(s.refresh.clone()).await, 400);
-    settle(&app).await;
-    let found = alerts(&app, rules::REFRESH_TOKEN_REUSE);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::REFRESH_TOKEN_REUSE);
     assert_eq!((found.len(), found[0].subject.as_str(), found[0].severity.as_str()), (1, carol.as_str(), "high"));
 });
 
@@ -454,7 +438,7 @@ async fn webhook_delivers_through_an_outage(backend: Backend) {
             .unwrap();
         assert_eq!(r.status(), expected);
     }
-    settle(&app).await;
+    app.settle_monitor().await;
     let wait_for = |n: usize| {
         let (app, seen) = (&app, rx.seen.clone());
         async move {
@@ -470,26 +454,26 @@ async fn webhook_delivers_through_an_outage(backend: Backend) {
     };
     assert!(wait_for(1).await, "first attempt reaches the receiver");
     // The receiver failed: still pending, retried only after the backoff on the server's clock.
-    let mut pending = alerts(&app, rules::REFRESH_TOKEN_REUSE);
+    let mut pending = app.alerts(rules::REFRESH_TOKEN_REUSE);
     for _ in 0..100 {
         if pending[0].attempts == 1 {
             break;
         }
         tokio::time::sleep(StdDuration::from_millis(50)).await;
-        pending = alerts(&app, rules::REFRESH_TOKEN_REUSE);
+        pending = app.alerts(rules::REFRESH_TOKEN_REUSE);
     }
     assert_eq!((pending[0].delivery.as_str(), pending[0].attempts), ("pending", 1));
     tokio::time::sleep(StdDuration::from_millis(1500)).await;
     assert_eq!(rx.seen.lock().unwrap().len(), 1, "no retry before the backoff");
     app.clock.advance(Duration::seconds(6));
     assert!(wait_for(2).await, "retried after the backoff");
-    let mut delivered = alerts(&app, rules::REFRESH_TOKEN_REUSE);
+    let mut delivered = app.alerts(rules::REFRESH_TOKEN_REUSE);
     for _ in 0..100 {
         if delivered[0].delivery == "delivered" {
             break;
         }
         tokio::time::sleep(StdDuration::from_millis(50)).await;
-        delivered = alerts(&app, rules::REFRESH_TOKEN_REUSE);
+        delivered = app.alerts(rules::REFRESH_TOKEN_REUSE);
     }
     assert_eq!((delivered[0].delivery.as_str(), delivered[0].attempts), ("delivered", 2));
     let seen = rx.seen.lock().unwrap().clone();
@@ -583,10 +567,10 @@ both_backends!(incident_contain_cuts_the_account_off, |app: TestApp| async move 
         .unwrap();
     assert_eq!(r.status(), 400, "refresh token ended");
     // The disabled account's token still being presented raises an alert.
-    settle(&app).await;
-    let found = alerts(&app, rules::DISABLED_ACCOUNT_TOKEN);
+    app.settle_monitor().await;
+    let found = app.alerts(rules::DISABLED_ACCOUNT_TOKEN);
     assert_eq!((found.len(), found[0].subject.as_str()), (1, mallory.as_str()));
-    assert!(alerts(&app, rules::FAILED_LOGINS_ACCOUNT).is_empty());
+    assert!(app.alerts(rules::FAILED_LOGINS_ACCOUNT).is_empty());
 });
 
 fn store_patient(app: &TestApp, id: Uuid, address: Value) {

@@ -286,6 +286,30 @@ both_backends!(code_replay_revokes_the_tokens_it_issued, |app: TestApp| async mo
     assert_eq!(app.get_json(&s, &format!("/fhir/Patient/{}", w.alice)).await.0, 401, "replay ended the session");
 });
 
+// Two exchanges of one code at the same moment: whichever wins, its tokens do not outlive the replay.
+both_backends!(concurrent_exchanges_of_one_code_leave_no_live_tokens, |app: TestApp| async move {
+    let w: World = app.world().await;
+    let (client, _) = register(&app, AppKind::Public, "launch/patient patient/*.rs");
+    let mut issued = Vec::new();
+    for _ in 0..4 {
+        let html = sign_in(&app, &client, "launch/patient patient/Patient.rs", "doc").await;
+        let to =
+            consent(&app, &html, "approve", Some(&w.alice)).await.headers()["location"].to_str().unwrap().to_owned();
+        let code = query_param(&to, "code").unwrap();
+        let (a, b) = tokio::join!(exchange(&app, &client, &code, VERIFIER), exchange(&app, &client, &code, VERIFIER));
+        let wins: Vec<&Value> = [&a, &b].into_iter().filter(|(st, _)| *st == 200).map(|(_, t)| t).collect();
+        assert!(wins.len() <= 1, "one code, at most one token response: {a:?} {b:?}");
+        for (st, body) in [&a, &b].into_iter().filter(|(st, _)| *st != 200) {
+            assert_eq!((*st, body["error"].as_str()), (400, Some("invalid_grant")));
+        }
+        issued.extend(wins.into_iter().map(session_of));
+    }
+    app.clock.advance(time::Duration::seconds(6));
+    for s in &issued {
+        assert_eq!(app.get_json(s, &format!("/fhir/Patient/{}", w.alice)).await.0, 401, "replay ended the session");
+    }
+});
+
 both_backends!(authorize_checks_client_redirect_pkce_audience_and_consent, |app: TestApp| async move {
     let _w: World = app.world().await;
     let (client, _) = register(&app, AppKind::Public, "launch/patient openid patient/*.rs user/Patient.rs");
@@ -479,24 +503,6 @@ fn assertion(pem: &str, client: &str, aud: &str, jti: &str, exp: i64) -> String 
 
 const ALERT_10: &str = "[monitor]\nfailed_logins_threshold = 10\n";
 
-async fn settle(app: &TestApp) {
-    use carevault::store::schema::audit_head;
-    use diesel::prelude::*;
-    for _ in 0..3 {
-        let head: i64 = {
-            let mut conn = app.state.db.conn().unwrap();
-            audit_head::table.select(audit_head::seq).first(&mut conn).unwrap()
-        };
-        assert!(app.state.monitor.wait_processed(head, std::time::Duration::from_secs(30)).await, "engine keeps up");
-    }
-}
-
-fn alerts(app: &TestApp, rule: &'static str) -> Vec<carevault::monitor::Alert> {
-    use carevault::monitor::{AlertFilter, list};
-    let mut conn = app.state.db.conn().unwrap();
-    list(&mut conn, &AlertFilter { rule: Some(rule), limit: 1000, ..AlertFilter::default() }).unwrap()
-}
-
 both_backends_with!(backend_services_sign_in_with_a_signed_assertion, ALERT_10, |app: TestApp| async move {
     let w: World = app.world().await;
     let (pem, jwks) = es384_client();
@@ -570,8 +576,8 @@ both_backends_with!(backend_services_sign_in_with_a_signed_assertion, ALERT_10, 
         );
     }
     assert!(statuses.contains(&429), "{statuses:?}");
-    settle(&app).await;
-    let alerts = alerts(&app, carevault::monitor::rules::FAILED_LOGINS_ADDRESS);
+    app.settle_monitor().await;
+    let alerts = app.alerts(carevault::monitor::rules::FAILED_LOGINS_ADDRESS);
     assert_eq!(alerts.len(), 1, "failed client authentications feed the failed-login rules");
 });
 
@@ -619,6 +625,23 @@ both_backends!(introspection_reports_live_tokens_only, |app: TestApp| async move
     assert_eq!(info["scope"], "launch/patient patient/Patient.rs");
     assert_eq!(introspect(access.clone(), "wrong".into()).await.0, 401);
     assert_eq!(introspect("garbage".into(), secret.clone()).await.1, json!({"active": false}));
+    // Introspection is not the user's activity: it never moves the session's idle clock.
+    let claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(access.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let sid = claims["sid"].as_str().unwrap().to_owned();
+    let last_seen = || {
+        use carevault::store::schema::sessions;
+        use diesel::prelude::*;
+        sessions::table
+            .filter(sessions::id.eq(&sid))
+            .select(sessions::last_seen)
+            .first::<i64>(&mut app.state.db.conn().unwrap())
+            .unwrap()
+    };
+    let before = last_seen();
+    app.clock.advance(time::Duration::seconds(290));
+    assert_eq!(introspect(access.clone(), secret.clone()).await.1["active"], true);
+    assert_eq!(last_seen(), before, "introspection touched the session");
     // Revoked: inactive within the session cache window.
     let r = app.client.post(app.url("/auth/revoke")).form(&[("token", access.as_str())]).send().await.unwrap();
     assert_eq!(r.status(), 200);
