@@ -15,6 +15,44 @@ pub const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-Obs
 pub const SUBSETTED_CODE: &str = "SUBSETTED";
 /// The identifier system of the US Social Security Number.
 pub const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
+/// The SSN's other system name (its OID), equivalent to [`SSN_SYSTEM`].
+const SSN_OID: &str = "urn:oid:2.16.840.1.113883.4.1";
+/// HL7 v2 table 0203 (identifier type); its code `SS` types an identifier as an SSN whatever its system.
+const IDENTIFIER_TYPE_SYSTEM: &str = "terminology.hl7.org/codesystem/v2-0203";
+
+/// An identifier system in the form systems are compared in: case-folded, without `http://`/`https://` and
+/// trailing slashes, the SSN's OID as its URL. So `HTTPS://HL7.org/fhir/sid/us-ssn/` and
+/// `urn:oid:2.16.840.1.113883.4.1` are both the SSN class, and a hidden class cannot be sidestepped by spelling.
+pub fn canonical_system(system: &str) -> String {
+    let lower = system.trim().to_ascii_lowercase();
+    if lower.trim_end_matches('/') == SSN_OID {
+        return canonical_system(SSN_SYSTEM);
+    }
+    let bare = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://")).unwrap_or(&lower);
+    bare.trim_end_matches('/').to_owned()
+}
+
+/// The system class of one identifier: its canonical system, or the SSN's when its `type` says `SS` (HL7 v2
+/// table 0203) whatever system it names; `None` without either.
+pub fn identifier_class(identifier: &Value) -> Option<String> {
+    let typed_ssn = identifier.pointer("/type/coding").and_then(Value::as_array).is_some_and(|codings| {
+        codings.iter().any(|c| {
+            c.get("code").and_then(Value::as_str) == Some("SS")
+                && c.get("system")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| canonical_system(s) == IDENTIFIER_TYPE_SYSTEM)
+        })
+    });
+    if typed_ssn {
+        return Some(canonical_system(SSN_SYSTEM));
+    }
+    identifier.get("system").and_then(Value::as_str).map(canonical_system)
+}
+
+/// Whether an identifier is an SSN, by any of its spellings or by its type.
+pub fn is_ssn(identifier: &Value) -> bool {
+    identifier_class(identifier).is_some_and(|c| c == canonical_system(SSN_SYSTEM))
+}
 
 /// Elements every shaped resource keeps, whatever the mask.
 const ALWAYS: [&str; 3] = ["resourceType", "id", "meta"];
@@ -99,10 +137,19 @@ impl FieldMask {
         }
     }
 
-    /// Whether this one identifier (an element of `identifier`) is hidden by its system.
+    /// Whether this one identifier (an element of `identifier`) is hidden by its system class
+    /// ([`identifier_class`]: spelling variants and the `SS` type included).
     pub fn hides_identifier(&self, identifier: &Value) -> bool {
-        let system = identifier.get("system").and_then(Value::as_str);
-        system.is_some_and(|s| self.hidden_identifier_systems.iter().any(|h| h == s))
+        identifier_class(identifier).is_some_and(|c| self.hides_class(&c))
+    }
+
+    /// Whether identifiers of `system` (any spelling of it) are hidden.
+    pub fn hides_system(&self, system: &str) -> bool {
+        self.hides_class(&canonical_system(system))
+    }
+
+    fn hides_class(&self, class: &str) -> bool {
+        self.hidden_identifier_systems.iter().any(|h| canonical_system(h) == class)
     }
 
     /// Removes what the mask does not allow, and what `_elements` (if given) does not ask for, from a resource.

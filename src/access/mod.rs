@@ -36,7 +36,10 @@ use crate::error::AppError;
 use crate::role::Role;
 
 pub use catalog::{ElementCatalog, R4Catalog, RESOURCE_TYPES, r4_mandatory};
-pub use mask::{FieldMask, SSN_SYSTEM, SUBSETTED_CODE, SUBSETTED_SYSTEM, add_subsetted_tag};
+pub use mask::{
+    FieldMask, SSN_SYSTEM, SUBSETTED_CODE, SUBSETTED_SYSTEM, add_subsetted_tag, canonical_system, identifier_class,
+    is_ssn,
+};
 pub use policy::{FIELDS_FILE, MODEL_FILE, POLICY_FILE, PolicyError, PolicySet};
 
 /// The FHIR interactions the policy grants.

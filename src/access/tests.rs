@@ -209,6 +209,23 @@ fn field_masks_follow_the_contract_table() {
     only(&w, "Patient", &demographics);
     assert!(r.hides_identifier(&ssn()) && w.hides_identifier(&ssn()));
     assert!(!r.hides_identifier(&json!({ "system": "urn:mrn", "value": "1" })));
+    // The SSN class, however it is spelled or typed (the red team's upper-case and https variants were shown).
+    for variant in [
+        json!({ "system": "urn:oid:2.16.840.1.113883.4.1", "value": "1" }),
+        json!({ "system": "URN:OID:2.16.840.1.113883.4.1", "value": "1" }),
+        json!({ "system": "HTTPS://HL7.org/fhir/sid/us-ssn/", "value": "1" }),
+        json!({ "system": " http://hl7.org/fhir/sid/US-SSN ", "value": "1" }),
+        json!({ "system": "urn:x-local", "value": "1",
+                "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "SS" }] } }),
+        json!({ "value": "1", "type": { "coding": [{ "system": "https://terminology.hl7.org/CodeSystem/v2-0203/", "code": "SS" }] } }),
+    ] {
+        assert!(crate::access::is_ssn(&variant), "{variant}");
+        assert!(r.hides_identifier(&variant) && w.hides_identifier(&variant), "{variant}");
+    }
+    assert!(r.hides_system("urn:oid:2.16.840.1.113883.4.1") && !r.hides_system("urn:mrn"));
+    let not_ssn =
+        json!({ "system": "urn:x", "value": "1", "type": { "coding": [{ "code": "SS", "system": "urn:other" }] } });
+    assert!(!crate::access::is_ssn(&not_ssn) && !r.hides_identifier(&not_ssn));
 
     let scheduling = ["status", "class", "type", "serviceType", "subject", "participant", "period", "location"];
     let (r, w) = masks(&set, Role::FrontDesk, "Encounter");

@@ -40,12 +40,12 @@ pub const RESTRICTED_SYSTEMS: &[&str] = &[crate::access::SSN_SYSTEM];
 /// the original `identifier` array). Not a FHIR element name (`#` cannot occur in one), so no client can send it.
 pub const RESTRICTED_IDENTIFIERS: &str = "identifier#restricted";
 
-/// Moves the identifiers of [`RESTRICTED_SYSTEMS`] out of `resource.identifier` (removing the element when
+/// Moves the identifiers of [`RESTRICTED_SYSTEMS`] (by class: [`crate::access::is_ssn`]) out of `resource.identifier` (removing the element when
 /// nothing else is left) and returns them as the [`RESTRICTED_IDENTIFIERS`] value; `None` when there are none.
 pub fn split_restricted(resource: &mut Map<String, Value>) -> Option<Value> {
     let Some(Value::Array(ids)) = resource.get_mut("identifier") else { return None };
-    let restricted =
-        |id: &Value| id.get("system").and_then(Value::as_str).is_some_and(|s| RESTRICTED_SYSTEMS.contains(&s));
+    // By class: every spelling of the SSN system, and identifiers typed `SS`.
+    let restricted = |id: &Value| crate::access::is_ssn(id);
     if !ids.iter().any(restricted) {
         return None;
     }
@@ -83,8 +83,7 @@ pub fn join_restricted(resource: &mut Map<String, Value>, restricted: Value) -> 
 
 /// Whether a reader under `mask` may see restricted identifiers (then they are decrypted, else never).
 fn restricted_readable(mask: &FieldMask) -> bool {
-    mask.allows("identifier")
-        && !mask.hidden_identifier_systems().iter().any(|h| RESTRICTED_SYSTEMS.contains(&h.as_str()))
+    mask.allows("identifier") && !RESTRICTED_SYSTEMS.iter().any(|s| mask.hides_system(s))
 }
 
 /// A search's parameters as received: (name, value) pairs.
@@ -644,6 +643,11 @@ impl Records {
 
     /// Parses and validates a client body for `rtype`; removes server-owned elements.
     pub fn parse_body(&self, rtype: &str, body: &[u8]) -> AppResult<Map<String, Value>> {
+        self.parse_body_and_id(rtype, body).map(|(obj, _)| obj)
+    }
+
+    /// [`Self::parse_body`], and the `id` the body carried (the server's own ids replace it).
+    fn parse_body_and_id(&self, rtype: &str, body: &[u8]) -> AppResult<(Map<String, Value>, Option<Value>)> {
         let value: Value =
             serde_json::from_slice(body).map_err(|_| AppError::invalid(rtype, "The body is not valid JSON."))?;
         // JSON can escape a NUL (`\u0000`); no FHIR string holds one, and PostgreSQL text cannot store one.
@@ -658,8 +662,8 @@ impl Records {
             return Err(AppError::invalid(format!("{rtype}.meta.security"), "Security labels are set by the server."));
         }
         obj.remove("meta");
-        obj.remove("id");
-        Ok(obj)
+        let id = obj.remove("id");
+        Ok((obj, id))
     }
 
     // ---- interactions -------------------------------------------------------------------------------------
@@ -929,7 +933,11 @@ impl Records {
     ) -> AppResult<Shown> {
         let d = decl_of(rtype)?;
         parse_id(id)?;
-        let mut obj = self.parse_body(rtype, body)?;
+        let (mut obj, body_id) = self.parse_body_and_id(rtype, body)?;
+        // FHIR R4 update: the body's id, when present, is the URL's (a mismatch is 400, not a silent rename).
+        if body_id.is_some_and(|v| v.as_str() != Some(id)) {
+            return Err(AppError::invalid(format!("{rtype}.id"), "The resource id does not match the id in the URL."));
+        }
         let expected = if_match.ok_or(AppError::PreconditionRequired)?;
         let now = self.clock.now();
         let read_decision = self.decision(&caller.principal, rtype, Action::Read);
@@ -1124,7 +1132,7 @@ impl Records {
             if clause.param.name == "identifier" && !decision.read_mask.hidden_identifier_systems().is_empty() {
                 for v in &clause.values {
                     if let search::SearchValue::Token { system: Some(s), .. } = v
-                        && decision.read_mask.hidden_identifier_systems().iter().any(|h| h == s)
+                        && decision.read_mask.hides_system(s)
                     {
                         return Err(AppError::Forbidden);
                     }

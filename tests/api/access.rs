@@ -138,6 +138,35 @@ both_backends!(field_masks_on_read_search_history_and_write_bodies, |app: TestAp
     assert_eq!(app.get(&w.front, "/fhir/Observation").await.status(), 403);
     // Searching by what one may not see is refused.
     assert_eq!(app.get(&w.front, &format!("/fhir/Patient?identifier={SSN_SYSTEM}|123-45-6789")).await.status(), 403);
+    // Every spelling of the SSN system is the SSN: searching by one is refused too.
+    for system in ["urn:oid:2.16.840.1.113883.4.1", "HTTPS://hl7.org/fhir/sid/us-ssn/"] {
+        let q = serde_urlencoded::to_string([("identifier", format!("{system}|123-45-6789"))]).unwrap();
+        assert_eq!(app.get(&w.front, &format!("/fhir/Patient?{q}")).await.status(), 403, "{system}");
+    }
+});
+
+// An SSN stored under the OID, in upper case or typed `SS` is the SSN: kept apart, shown only to billing/admin.
+both_backends!(ssn_variants_are_one_class, |app: TestApp| async move {
+    let w = app.world().await;
+    let variants = [
+        json!({"system": "urn:oid:2.16.840.1.113883.4.1", "value": "987-65-4321"}),
+        json!({"system": "HTTPS://HL7.ORG/fhir/sid/us-ssn/", "value": "987-65-4322"}),
+        json!({"system": "urn:x-local", "value": "987-65-4323",
+               "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "SS"}]}}),
+    ];
+    for v in &variants {
+        app.seed_identifier(&w.alice, v.clone());
+    }
+    let path = format!("/fhir/Patient/{}", w.alice);
+    for who in [&w.doc, &w.front, &w.nurse] {
+        let (st, body) = app.get_json(who, &path).await;
+        assert_eq!(st, 200);
+        assert!(!body.to_string().contains("987-65-43"), "{body}");
+    }
+    let (_, billing) = app.get_json(&w.billing, &path).await;
+    for n in 1..=3 {
+        assert!(billing.to_string().contains(&format!("987-65-432{n}")), "{billing}");
+    }
 });
 
 both_backends!(fields_outside_the_mask_are_never_decrypted, |app: TestApp| async move {

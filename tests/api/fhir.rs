@@ -18,6 +18,13 @@ both_backends!(create_read_update_delete_with_versions, |app: TestApp| async mov
     let path = format!("/fhir/Patient/{}", w.bob);
     assert_eq!(app.put(&w.front, &path, None, &bob).await.status(), 428);
     assert_eq!(app.put(&w.front, &path, Some("7"), &bob).await.status(), 412);
+    // The body's id is the URL's: another id is 400 naming only the element, and changes nothing.
+    let mut renamed = bob.clone();
+    renamed["id"] = json!(w.alice);
+    let wrong = app.put(&w.front, &path, Some("1"), &renamed).await;
+    assert_eq!(wrong.status(), 400);
+    let outcome = wrong.text().await.unwrap();
+    assert!(outcome.contains("Patient.id") && !outcome.contains(&w.alice), "{outcome}");
     let ok = app.put(&w.front, &path, Some("1"), &bob).await;
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.headers()["etag"], "W/\"2\"");
