@@ -86,6 +86,40 @@ fn restricted_readable(mask: &FieldMask) -> bool {
     mask.allows("identifier") && !RESTRICTED_SYSTEMS.iter().any(|s| mask.hides_system(s))
 }
 
+/// What of a client's `meta` is stored: `profile` and `tag` (less the server's SUBSETTED tag); `None` when
+/// nothing is left.
+fn client_meta(meta: &Value) -> Option<Value> {
+    let mut kept = Map::new();
+    if let Some(profile) = meta.get("profile").filter(|p| p.as_array().is_some_and(|a| !a.is_empty())) {
+        kept.insert("profile".into(), profile.clone());
+    }
+    if let Some(tags) = meta.get("tag").and_then(Value::as_array) {
+        let tags: Vec<Value> = tags
+            .iter()
+            .filter(|t| {
+                !(t.get("system").and_then(Value::as_str) == Some(crate::access::SUBSETTED_SYSTEM)
+                    && t.get("code").and_then(Value::as_str) == Some(crate::access::SUBSETTED_CODE))
+            })
+            .cloned()
+            .collect();
+        if !tags.is_empty() {
+            kept.insert("tag".into(), Value::Array(tags));
+        }
+    }
+    (!kept.is_empty()).then_some(Value::Object(kept))
+}
+
+/// The resource's `meta`: the stored client part (profile, tag) with the server's versionId and lastUpdated.
+fn with_server_meta(obj: &mut Map<String, Value>, version: i64, when: String) {
+    let mut meta = match obj.remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    meta.insert("versionId".into(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".into(), Value::String(when));
+    obj.insert("meta".into(), Value::Object(meta));
+}
+
 /// A search's parameters as received: (name, value) pairs.
 type SearchPairs = Vec<(String, String)>;
 /// How long a search link (`self`, `next`) stays usable.
@@ -465,10 +499,12 @@ impl Records {
             }
             resource.insert(RESTRICTED_IDENTIFIERS.into(), restricted);
         }
+        if let Some(meta) = resource.remove("meta")
+            && let Some(kept) = client_meta(&meta)
+        {
+            resource.insert("meta".into(), kept);
+        }
         for (k, v) in &resource {
-            if k == "meta" {
-                continue;
-            }
             if d.is_phi(k) {
                 #[cfg(feature = "benchmark")]
                 if self.bench.encryption_off {
@@ -532,7 +568,7 @@ impl Records {
             join_restricted(&mut out, r)?;
         }
         let when = from_micros(updated).format(&Rfc3339).map_err(AppError::internal)?;
-        out.insert("meta".into(), json!({ "versionId": version.to_string(), "lastUpdated": when }));
+        with_server_meta(&mut out, version, when);
         Ok((out, withheld))
     }
 
@@ -661,7 +697,10 @@ impl Records {
         if obj.get("meta").and_then(|m| m.get("security")).is_some() {
             return Err(AppError::invalid(format!("{rtype}.meta.security"), "Security labels are set by the server."));
         }
-        obj.remove("meta");
+        // The client's profile claims and tags are kept; versionId, lastUpdated and SUBSETTED are the server's.
+        if let Some(kept) = obj.remove("meta").as_ref().and_then(client_meta) {
+            obj.insert("meta".into(), kept);
+        }
         let id = obj.remove("id");
         Ok((obj, id))
     }
@@ -769,7 +808,7 @@ impl Records {
         let when = from_micros(updated);
         obj.insert("resourceType".into(), Value::String(d.name.to_owned()));
         obj.insert("id".into(), Value::String(id.to_owned()));
-        obj.insert("meta".into(), json!({ "versionId": version.to_string(), "lastUpdated": when.format(&Rfc3339).map_err(AppError::internal)? }));
+        with_server_meta(&mut obj, version, when.format(&Rfc3339).map_err(AppError::internal)?);
         let mut value = Value::Object(obj);
         if read.allowed {
             read.read_mask.shape(&mut value, None);
@@ -967,6 +1006,9 @@ impl Records {
                     view.remove("meta");
                     let mut keep = Map::new();
                     for (k, v) in &stored {
+                        if k == "meta" {
+                            continue; // the client's meta is replaced by what this update sends
+                        }
                         if k == RESTRICTED_IDENTIFIERS && restricted_readable(&visible_mask) {
                             continue; // decrypted into `identifier` above
                         }

@@ -514,3 +514,45 @@ fn relink(text: &str, patient: &str, practitioner: &str) -> String {
     out.push_str(rest);
     out
 }
+
+// US Core profile claims and client tags survive every write and read path; the server owns versionId,
+// lastUpdated and SUBSETTED (a client cannot plant it).
+both_backends!(meta_profile_and_tags_are_kept, |app: TestApp| async move {
+    let w = app.world().await;
+    const PROFILE: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient";
+    let body = json!({
+        "resourceType": "Patient",
+        "meta": {"profile": [PROFILE], "versionId": "99", "lastUpdated": "1999-01-01T00:00:00Z",
+                 "tag": [{"system": "urn:x-app", "code": "imported"},
+                         {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}]},
+        "name": [{"family": "Metaline", "given": ["Ida"]}], "gender": "female", "birthDate": "1970-01-01"
+    });
+    let created = app.post(&w.front, "/fhir/Patient", &body).await;
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/fhir/Patient/{id}");
+    let expect = |v: &Value, version: &str| {
+        assert_eq!(v["meta"]["profile"], json!([PROFILE]), "{v}");
+        assert_eq!(v["meta"]["versionId"], version, "{v}");
+        assert_ne!(v["meta"]["lastUpdated"], "1999-01-01T00:00:00Z");
+        let tags = v["meta"]["tag"].as_array().unwrap();
+        assert!(tags.iter().any(|t| t["code"] == "imported"), "{v}");
+    };
+    expect(&created, "1");
+    assert!(!created["meta"]["tag"].as_array().unwrap().iter().any(|t| t["code"] == "SUBSETTED"), "planted tag");
+    let (_, read) = app.get_json(&w.front, &path).await;
+    expect(&read, "1");
+    app.assert_valid(&read);
+    let (_, found) = app.get_json(&w.front, "/fhir/Patient?family=Metaline").await;
+    expect(&found["entry"][0]["resource"], "1");
+    // An update sends its own meta: kept as sent.
+    let mut next = read.clone();
+    next["meta"] = json!({"profile": [PROFILE, "urn:x-profile"]});
+    assert_eq!(app.put(&w.front, &path, Some("1"), &next).await.status(), 200);
+    let (_, v2) = app.get_json(&w.front, &path).await;
+    assert_eq!(v2["meta"]["profile"], json!([PROFILE, "urn:x-profile"]));
+    assert!(v2["meta"].get("tag").is_none(), "{v2}");
+    let (_, v1) = app.get_json(&w.front, &format!("{path}/_history/1")).await;
+    expect(&v1, "1");
+});
