@@ -168,6 +168,12 @@ pub fn evaluate_after(
     Ok(Some((last, raised)))
 }
 
+/// Rows one query of [`count_in_window`] reads. A window can hold tens of thousands of events (one clinician at
+/// 100 requests a second fills the default 10-minute bulk-access window with 60,000), and the count used to load
+/// every body in the window at once, every second: the server's memory grew with the window (issue 18, the soak's
+/// 2 KiB per request). Paging by `(recorded, seq)` bounds what one evaluation holds, whatever the rate or window.
+const WINDOW_PAGE: i64 = 500;
+
 /// Matching events (or distinct patients) for `subject` in `[at - window, at]`.
 pub fn count_in_window(
     conn: &mut AnyConnection,
@@ -176,29 +182,106 @@ pub fn count_in_window(
     at: OffsetDateTime,
     window_secs: i64,
 ) -> AppResult<u64> {
+    count_paged(conn, rule, subject, at, window_secs, WINDOW_PAGE).map(|(count, _)| count)
+}
+
+/// [`count_in_window`], `page` rows per query; also answers the most rows one query returned.
+fn count_paged(
+    conn: &mut AnyConnection,
+    rule: &Rule,
+    subject: &Subject,
+    at: OffsetDateTime,
+    window_secs: i64,
+    page: i64,
+) -> AppResult<(u64, usize)> {
     let to = micros(at);
     let from = to.saturating_sub(window_secs.saturating_mul(1_000_000));
     let kinds: Vec<&str> = rule.kinds.iter().map(|k| k.as_str()).collect();
-    let base = audit_events::table
-        .filter(audit_events::kind.eq_any(kinds))
-        .filter(audit_events::recorded.ge(from))
-        .filter(audit_events::recorded.le(to))
-        .select(audit_events::body);
-    let bodies: Vec<String> = match subject {
-        Subject::Account(id) => base.filter(audit_events::agent.eq(id)).load(conn)?,
-        _ => base.load(conn)?,
-    };
     let mut events = 0u64;
     let mut patients = BTreeSet::new();
-    for body in bodies {
-        let Ok(e) = serde_json::from_str::<AuditEvent>(&body) else { continue };
-        if (rule.subject)(&e).as_ref() == Some(subject) {
-            events += 1;
-            patients.extend(e.disclosed().iter().copied());
+    let mut largest = 0;
+    // Keyset: rows after (recorded, seq) of the last row read.
+    let mut after: Option<(i64, i64)> = None;
+    loop {
+        let mut q = audit_events::table
+            .filter(audit_events::kind.eq_any(kinds.clone()))
+            .filter(audit_events::recorded.ge(from))
+            .filter(audit_events::recorded.le(to))
+            .order((audit_events::recorded.asc(), audit_events::seq.asc()))
+            .limit(page)
+            .select((audit_events::recorded, audit_events::seq, audit_events::body))
+            .into_boxed();
+        if let Subject::Account(id) = subject {
+            q = q.filter(audit_events::agent.eq(id.clone()));
+        }
+        if let Some((r, s)) = after {
+            q = q.filter(audit_events::recorded.gt(r).or(audit_events::recorded.eq(r).and(audit_events::seq.gt(s))));
+        }
+        let rows: Vec<(i64, i64, String)> = q.load(conn)?;
+        largest = largest.max(rows.len());
+        for (_, _, body) in &rows {
+            let Ok(e) = serde_json::from_str::<AuditEvent>(body) else { continue };
+            if (rule.subject)(&e).as_ref() == Some(subject) {
+                events += 1;
+                patients.extend(e.disclosed().iter().copied());
+            }
+        }
+        match rows.last() {
+            Some((r, s, _)) if i64::try_from(rows.len()).is_ok_and(|n| n >= page) => after = Some((*r, *s)),
+            _ => break,
         }
     }
-    Ok(match rule.counting {
+    let count = match rule.counting {
         Counting::Events => events,
         Counting::DistinctPatients => u64::try_from(patients.len()).unwrap_or(u64::MAX),
-    })
+    };
+    Ok((count, largest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Agent, Outcome};
+    use crate::config::DatabaseTarget;
+    use crate::monitor::rules::{BULK_ACCESS, rule};
+    use time::macros::datetime;
+    use uuid::Uuid;
+
+    /// Issue 18: the count reads the window a page at a time (memory bounded by the page, not by the window) and
+    /// still counts every matching event, across page boundaries and ties on `recorded`.
+    #[test]
+    fn the_window_is_read_in_bounded_pages_and_counted_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseTarget::Sqlite(dir.path().join("t.db")), 1).unwrap();
+        db.migrate().unwrap();
+        let mut conn = db.conn().unwrap();
+        let sealer = crate::audit::seal::Sealer::from_parts("test", [7; 32], 1);
+        let t0 = datetime!(2026-03-01 09:00 UTC);
+        let patients: Vec<Uuid> = (0..37).map(|_| Uuid::new_v4()).collect();
+        // 1,234 reads by one account, 3 per microsecond-tick (ties on `recorded`), 37 distinct patients; and
+        // reads by another account that must not count.
+        let events: Vec<AuditEvent> = (0..1234usize)
+            .flat_map(|i| {
+                let at = t0 + time::Duration::milliseconds(i64::try_from(i / 3).unwrap());
+                let mine = AuditEvent::new(AuditKind::Read, at, Outcome::Success, Agent::user("acct-1", None, None))
+                    .with_patient(patients[i % patients.len()]);
+                let other = AuditEvent::new(AuditKind::Read, at, Outcome::Success, Agent::user("acct-2", None, None))
+                    .with_patient(Uuid::new_v4());
+                [mine, other]
+            })
+            .collect();
+        crate::audit::store::append(&mut conn, &sealer, &events).unwrap();
+        let bulk = rule(BULK_ACCESS).unwrap();
+        let who = Subject::Account("acct-1".into());
+        let end = t0 + time::Duration::seconds(10);
+        for page in [7, 100, 500, 5000] {
+            let (count, largest) = count_paged(&mut conn, bulk, &who, end, 60, page).unwrap();
+            assert_eq!(count, 37, "page {page}");
+            assert!(i64::try_from(largest).unwrap() <= page.min(1234), "page {page}: {largest} rows held at once");
+        }
+        let events_rule = Rule { counting: Counting::Events, ..*bulk };
+        assert_eq!(count_paged(&mut conn, &events_rule, &who, end, 60, 7).unwrap().0, 1234);
+        // The window's start is respected: the last second holds none of them.
+        assert_eq!(count_paged(&mut conn, &events_rule, &who, end, 1, 7).unwrap().0, 0);
+    }
 }
