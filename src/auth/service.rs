@@ -38,6 +38,9 @@ pub use smart::{
 
 /// How long a replica trusts its cached view of a session.
 pub const SESSION_CACHE: Duration = Duration::seconds(5);
+/// Entries the session cache holds before it drops the ones older than [`SESSION_CACHE`] (which it would
+/// check against the database again anyway): memory bounded by the sessions active within 5 seconds.
+const SESSION_CACHE_PRUNE_AT: usize = 4096;
 
 pub fn from_micros(m: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -797,6 +800,12 @@ impl AuthService {
         if disabled == Some(false) { Ok(()) } else { Err(AppError::Unauthenticated) }
     }
 
+    /// How many sessions the cache holds (for the bound's test).
+    #[doc(hidden)]
+    pub fn cached_sessions(&self) -> usize {
+        self.cache.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     /// Whether session `sid` is live at `now` (cached for [`SESSION_CACHE`]); its account's username when it is.
     async fn check_session(&self, sid: Uuid, now: OffsetDateTime, touch: Touch) -> AppResult<Arc<str>> {
         let cached = self.cache.read().unwrap_or_else(PoisonError::into_inner).get(&sid).cloned();
@@ -841,10 +850,12 @@ impl AuthService {
             })
             .await?;
         let (live, created_at, last_seen, username) = state.unwrap_or((false, now, now, Arc::from("")));
-        self.cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(sid, CachedSession { live, created_at, last_seen, checked_at: now, username: username.clone() });
+        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= SESSION_CACHE_PRUNE_AT {
+            cache.retain(|_, c| now >= c.checked_at && now - c.checked_at < SESSION_CACHE);
+        }
+        cache.insert(sid, CachedSession { live, created_at, last_seen, checked_at: now, username: username.clone() });
+        drop(cache);
         if live { Ok(username) } else { Err(AppError::Unauthenticated) }
     }
 

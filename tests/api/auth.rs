@@ -287,3 +287,24 @@ both_backends!(own_access_token_is_refused_at_exp, |app: TestApp| async move {
     app.clock.advance(Duration::seconds(1));
     assert_eq!(whoami(&app, &s.access).await, 401, "an own token is not accepted past its exp");
 });
+
+// The per-replica session cache is bounded by the sessions seen within its 5 seconds: 4,200 sessions checked
+// once each, then 6 seconds later one more, leave the cache holding only what is fresh (before: every session
+// ever checked stayed, found by the soak's review).
+both_backends!(session_cache_is_bounded, |app: TestApp| async move {
+    app.add_user("cachy", Role::FrontDesk, None, None);
+    let account = {
+        let mut conn = app.state.db.conn().unwrap();
+        carevault::auth::service::find_account(&mut conn, "cachy").unwrap().unwrap()
+    };
+    let now = app.clock.now();
+    for _ in 0..4200 {
+        let (tokens, _) = app.state.auth.open_session(&account, now).await.unwrap();
+        app.state.auth.authenticate(&tokens.access_token).await.unwrap();
+    }
+    assert!(app.state.auth.cached_sessions() >= 4096);
+    app.clock.advance(Duration::seconds(6));
+    let (tokens, _) = app.state.auth.open_session(&account, app.clock.now()).await.unwrap();
+    app.state.auth.authenticate(&tokens.access_token).await.unwrap();
+    assert!(app.state.auth.cached_sessions() < 200, "{}", app.state.auth.cached_sessions());
+});
