@@ -998,3 +998,117 @@ both_backends!(service_client_secrets_are_generated_not_chosen, |app: TestApp| a
         .unwrap();
     assert_eq!(r.status(), 200);
 });
+
+/// `carevault ARGS…` on the app's database with `input` on standard input.
+fn cli_input(app: &TestApp, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
+    cmd.arg("--data-dir")
+        .arg(app.dir.path())
+        .args(args)
+        .env("CAREVAULT_DATABASE_URL", db_url(app))
+        .env("CAREVAULT_ACCESS__POLICY_DIR", policy_dir())
+        .env_remove("CAREVAULT_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    tokio::task::block_in_place(|| {
+        let mut child = cmd.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+}
+
+/// Every administrative audit body, oldest first.
+fn admin_bodies(app: &TestApp) -> Vec<Value> {
+    let mut conn = app.state.db.conn().unwrap();
+    let bodies: Vec<String> = audit_events::table
+        .filter(audit_events::kind.eq("admin").or(audit_events::kind.eq("export")))
+        .order(audit_events::seq.asc())
+        .select(audit_events::body)
+        .load(&mut conn)
+        .unwrap();
+    bodies.iter().map(|b| serde_json::from_str(b).unwrap()).collect()
+}
+
+// Each CLI command that changes an account or an app names, as structured fields of its audit record, the account
+// it changed (id and username), the role affected and the app's client id; the operator stays the real uid.
+both_backends!(cli_account_changes_name_the_target_account_and_role, |app: TestApp| async move {
+    let password = "Plenty-of-entropy-here-4711";
+    ok(cli_input(
+        &app,
+        &["users", "add", "--username", "t.billing", "--role", "billing", "--password-stdin"],
+        password,
+    ));
+    ok(cli_input(
+        &app,
+        &["users", "add", "--username", "t.desk", "--role", "front_desk", "--password-stdin"],
+        password,
+    ));
+    ok(cli(&app, &["users", "add", "--username", "t.feed", "--role", "billing", "--service"]));
+    ok(cli(&app, &["users", "totp-enroll", "--username", "t.billing"]));
+    ok(cli(&app, &["users", "disable", "t.billing"]));
+    ok(cli(&app, &["incident", "contain", "--user", "t.desk"]));
+    ok(cli(&app, &["incident", "report", "--user", "t.desk", "--since", "2020-01-01"]));
+    let added = ok(cli(
+        &app,
+        &[
+            "apps",
+            "add",
+            "--name",
+            "audit feed",
+            "--kind",
+            "backend",
+            "--role",
+            "auditor",
+            "--jwks-url",
+            "https://feed.example.org/jwks",
+            "--scopes",
+            "system/AuditEvent.rs",
+            "--json",
+        ],
+    ));
+    let client = serde_json::from_str::<Value>(added.trim()).unwrap()["client_id"].as_str().unwrap().to_owned();
+    ok(cli(&app, &["apps", "remove", &client]));
+
+    let accounts: Value = serde_json::from_str(&ok(cli(&app, &["users", "list", "--json"]))).unwrap();
+    let id_of =
+        |name: &str| accounts.as_array().unwrap().iter().find(|a| a["username"] == json!(name)).unwrap()["id"].clone();
+    let events = admin_bodies(&app);
+    let me = Command::new("id").arg("-un").output().unwrap();
+    let me = format!("cli:{}", String::from_utf8_lossy(&me.stdout).trim());
+    for (detail, username, role, client_id) in [
+        ("user-created", "t.billing", "billing", None),
+        ("user-created", "t.desk", "front_desk", None),
+        ("user-created", "t.feed", "billing", None),
+        ("totp-enrolled", "t.billing", "billing", None),
+        ("user-disabled", "t.billing", "billing", None),
+        ("incident-contain", "t.desk", "front_desk", None),
+        ("incident-report", "t.desk", "front_desk", None),
+        ("app-registered", client.as_str(), "auditor", Some(client.as_str())),
+        ("app-removed", client.as_str(), "auditor", Some(client.as_str())),
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e["detail"] == json!(detail) && e["target"]["username"] == json!(username))
+            .unwrap_or_else(|| panic!("no {detail} record naming {username}: {events:#?}"));
+        let target = &event["target"];
+        assert_eq!(target["account"], id_of(username), "{detail}: {target}");
+        assert_eq!(target["role"], json!(role), "{detail}: {target}");
+        assert_eq!(target["client_id"], json!(client_id), "{detail}: {target}");
+        assert_eq!(event["agent"]["user"], json!(me), "{detail}: the operator is the real uid");
+        assert!(!event.to_string().contains(password), "{detail}: no secret in the record");
+    }
+    // The FHIR form names the account too (entity role 6 User, with the role as a detail).
+    let out = ok(cli(&app, &["audit", "export", "--since", "2020-01-01"]));
+    let disabled = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["subtype"].as_array().unwrap().iter().any(|c| c["code"] == json!("user-disabled")))
+        .unwrap();
+    let user = disabled["entity"].as_array().unwrap().iter().find(|e| e["role"]["code"] == json!("6")).unwrap();
+    assert_eq!(user["what"]["identifier"]["value"], id_of("t.billing"));
+    assert_eq!(user["what"]["display"], json!("t.billing"));
+    assert_eq!(user["detail"][0], json!({"type": "role", "valueString": "billing"}));
+});
+
