@@ -1112,3 +1112,67 @@ both_backends!(cli_account_changes_name_the_target_account_and_role, |app: TestA
     assert_eq!(user["detail"][0], json!({"type": "role", "valueString": "billing"}));
 });
 
+/// A one-shot webhook that answers 200 to every POST and hands over each body.
+async fn anchor_webhook() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/anchors", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                let Some(i) = text.find("\r\n\r\n") else { continue };
+                let len = text[..i]
+                    .to_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                    .unwrap_or(0);
+                if buf.len() >= i + 4 + len {
+                    let _ = tx.send(text[i + 4..i + 4 + len].to_owned());
+                    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                    break;
+                }
+            }
+        }
+    });
+    (url, rx)
+}
+
+// `audit checkpoint` ships its checkpoint to every configured anchor sink, as the server's checkpointer does: the
+// webhook receives the anchor line and the anchor directory gets it appended; a sink that cannot take it fails the
+// command.
+both_backends!(audit_checkpoint_ships_to_every_anchor_sink, |app: TestApp| async move {
+    let (url, mut bodies) = anchor_webhook().await;
+    let anchors = tempfile::tempdir().unwrap();
+    let dir = anchors.path().to_str().unwrap();
+    let env = [("CAREVAULT_AUDIT__ANCHOR_WEBHOOK_URL", url.as_str()), ("CAREVAULT_AUDIT__ANCHOR_DIR", dir)];
+    let printed: Value = serde_json::from_str(ok(cli_env(&app, &["audit", "checkpoint"], &env)).trim()).unwrap();
+    let seq = printed["checkpoint"]["seq"].as_i64().unwrap();
+    let posted = tokio::time::timeout(std::time::Duration::from_secs(20), bodies.recv()).await.unwrap().unwrap();
+    let shipped = carevault::audit::anchor::parse(&posted).expect("an anchor line");
+    assert_eq!(shipped.checkpoint.seq, seq);
+    assert_eq!(shipped.sealed_from, Some(app.state.audit.sealer().first_seq()), "the server's line, sealed_from too");
+    let mut conn = app.state.db.conn().unwrap();
+    let valid = carevault::audit::checkpoints::check(&mut conn, app.state.keys.as_ref(), &shipped.checkpoint).unwrap();
+    assert_eq!(valid, Ok(()));
+    let in_dir = carevault::audit::anchor::all_in_dir(anchors.path()).unwrap();
+    assert_eq!(in_dir.iter().map(|a| a.checkpoint.seq).collect::<Vec<_>>(), vec![seq]);
+    // `audit verify` checks the trail against the shipped anchors.
+    let verified = ok(cli_env(&app, &["audit", "verify"], &env[1..]));
+    assert!(verified.contains("intact"), "{verified}");
+    // An anchor directory that cannot be written: the command fails, naming the sinks.
+    let file = anchors.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let broken = cli_env(&app, &["audit", "checkpoint"], &[("CAREVAULT_AUDIT__ANCHOR_DIR", file.to_str().unwrap())]);
+    assert!(!broken.status.success(), "{}", stdout(&broken));
+    assert!(stderr(&broken).contains("`audit.anchor_dir`"), "{}", stderr(&broken));
+});
