@@ -228,6 +228,32 @@ impl Agent {
     }
 }
 
+/// The account (or app) an administrative action changed: who was created, disabled, contained or enrolled,
+/// and in which role. Workforce identity only (account ids, usernames, client ids and roles are set by an
+/// administrator, not free text), never PHI.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Account id.
+    pub account: Option<String>,
+    pub username: Option<String>,
+    /// The role the action gave, took away or acted on.
+    pub role: Option<Role>,
+    /// OAuth client id, for an app (and a backend service's account).
+    pub client_id: Option<String>,
+}
+
+impl Target {
+    pub fn account(id: impl Into<String>, username: impl Into<String>, role: Option<Role>) -> Self {
+        Self { account: Some(id.into()), username: Some(username.into()), role, client_id: None }
+    }
+
+    pub fn with_client(mut self, client_id: impl Into<String>) -> Self {
+        self.client_id = Some(client_id.into());
+        self
+    }
+}
+
 /// One audit record. Field order is the serialization order and part of the canonical form: do not reorder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +280,10 @@ pub struct AuditEvent {
     pub purpose_of_use: Option<String>,
     /// A fixed machine code (e.g. `user-created`, `invalid-credentials`), never free text.
     pub detail: Option<String>,
+    /// The account or app an administrative action changed. Absent from the canonical form when `None`, so every
+    /// other event keeps its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
 }
 
 impl AuditEvent {
@@ -280,6 +310,7 @@ impl AuditEvent {
             query_params: Vec::new(),
             purpose_of_use: None,
             detail: None,
+            target: None,
         }
     }
 
@@ -354,6 +385,12 @@ impl AuditEvent {
 
     pub fn with_detail(mut self, code: &'static str) -> Self {
         self.detail = Some(code.to_owned());
+        self
+    }
+
+    /// Names the account or app an administrative action changed.
+    pub fn with_target(mut self, target: Target) -> Self {
+        self.target = Some(target);
         self
     }
 
@@ -432,6 +469,25 @@ pub(crate) mod tests {
         let mut changed = e.clone();
         changed.agent.role = Some(Role::Nurse);
         assert_ne!(changed.canonical_bytes(), e.canonical_bytes());
+    }
+
+    #[test]
+    fn a_target_is_covered_when_present_and_absent_otherwise() {
+        let plain = sample().canonical_bytes().unwrap();
+        assert!(!String::from_utf8(plain.clone()).unwrap().contains("target"), "old events keep their bytes");
+        let e = sample().with_target(Target::account("acct-9", "n.nurse", Some(Role::Nurse)));
+        let text = String::from_utf8(e.canonical_bytes().unwrap()).unwrap();
+        assert!(
+            text.ends_with(
+                r#","detail":null,"target":{"account":"acct-9","username":"n.nurse","role":"nurse","client_id":null}}"#
+            ),
+            "{text}"
+        );
+        let back: AuditEvent = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.canonical_bytes().unwrap(), text.as_bytes());
+        let mut other = e.clone();
+        other.target.as_mut().unwrap().role = Some(Role::Admin);
+        assert_ne!(other.canonical_bytes(), e.canonical_bytes());
     }
 
     #[test]

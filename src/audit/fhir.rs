@@ -12,6 +12,9 @@
 //!   Domain Resource, versioned reference when known); for searches a query entity (role 24 Query) whose
 //!   `detail` holds the resource type and the parameter **names** (`param-names`, comma-separated). The
 //!   query string itself (`entity.query`) is never filled in, since it would hold values.
+//! - The account an administrative action changed (the event's `target`): an entity of type 2 System Object,
+//!   role 6 User, `what` the account identifier (`sid/account`, display the username) or, for an app, the client
+//!   identifier (`sid/client`); `detail` `role` (the role affected) and `client-id`.
 //!
 //! The output holds exactly what the record holds (ids, codes, names), so it holds no PHI payload either.
 
@@ -203,6 +206,34 @@ fn entities(event: &AuditEvent) -> Vec<Value> {
         }
         entities.push(Value::Object(r));
     }
+    if let Some(t) = &event.target {
+        let mut what = Map::new();
+        match (&t.account, &t.client_id) {
+            (Some(id), _) => what.insert("identifier".into(), json!({ "system": system("sid/account"), "value": id })),
+            (None, Some(c)) => what.insert("identifier".into(), json!({ "system": system("sid/client"), "value": c })),
+            (None, None) => None,
+        };
+        if let Some(name) = &t.username {
+            what.insert("display".into(), json!(name));
+        }
+        let mut detail = Vec::new();
+        if let Some(role) = t.role {
+            detail.push(json!({ "type": "role", "valueString": role.as_str() }));
+        }
+        if let Some(c) = &t.client_id {
+            detail.push(json!({ "type": "client-id", "valueString": c }));
+        }
+        let mut e = Map::new();
+        if !what.is_empty() {
+            e.insert("what".into(), Value::Object(what));
+        }
+        e.insert("type".into(), coding(ENTITY_TYPE, "2", "System Object"));
+        e.insert("role".into(), coding(OBJECT_ROLE, "6", "User"));
+        if !detail.is_empty() {
+            e.insert("detail".into(), Value::Array(detail));
+        }
+        entities.push(Value::Object(e));
+    }
     entities
 }
 
@@ -285,7 +316,12 @@ pub(crate) mod tests {
                         e = e.with_detail("invalid-credentials")
                     }
                     AuditKind::BreakGlass => e = e.with_purpose(purpose::BTG),
-                    AuditKind::Admin => e = e.with_action(Action::C).with_detail("user-created"),
+                    AuditKind::Admin => {
+                        e = e.with_action(Action::C).with_detail("user-created").with_target(
+                            crate::audit::Target::account("acct-2", "front.desk", Some(Role::FrontDesk))
+                                .with_client("app-1"),
+                        )
+                    }
                     AuditKind::Alert => e = e.with_detail("bulk-access"),
                     _ => {}
                 }
@@ -358,6 +394,18 @@ pub(crate) mod tests {
         let failure = to_fhir(events.iter().find(|e| e.kind == AuditKind::LoginFailure).unwrap(), "s");
         assert_eq!(failure["type"]["code"], json!("110114"));
         assert_eq!(failure["outcome"], json!("4"));
+    }
+
+    #[test]
+    fn an_admin_event_names_the_account_it_changed_and_the_role() {
+        let e = every_kind().into_iter().find(|e| e.kind == AuditKind::Admin).unwrap();
+        let r = to_fhir(&e, "cv-test");
+        assert_valid_fhir(&r);
+        let user = r["entity"].as_array().unwrap().iter().find(|x| x["role"]["code"] == json!("6")).unwrap();
+        assert_eq!(user["what"]["identifier"]["value"], json!("acct-2"));
+        assert_eq!(user["what"]["display"], json!("front.desk"));
+        assert_eq!(user["detail"][0], json!({ "type": "role", "valueString": "front_desk" }));
+        assert_eq!(user["detail"][1], json!({ "type": "client-id", "valueString": "app-1" }));
     }
 
     #[test]

@@ -15,6 +15,6 @@ pub use chain::{
     BreakKind, ChainError, ChainHead, ChainLink, Checkpoint, CheckpointError, CheckpointSigner, GENESIS, Hash,
     Verifier, link,
 };
-pub use event::{Action, Agent, AuditEvent, AuditKind, Outcome, purpose};
+pub use event::{Action, Agent, AuditEvent, AuditKind, Outcome, Target, purpose};
 pub use fhir::to_fhir;
 pub use report::access_report;

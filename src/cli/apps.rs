@@ -1,7 +1,8 @@
 //! `carevault apps add | list | remove`: SMART apps (CONTRACT §5b).
 
 use super::{Cli, CliError, Context};
-use crate::auth::service::{AppKind, NewApp, list_apps, register_app, remove_app};
+use crate::audit::Target;
+use crate::auth::service::{Account, AppKind, NewApp, find_account, list_apps, register_app, remove_app};
 use crate::role::Role;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,7 +76,12 @@ pub fn run(cli: &Cli, cmd: &AppsCommand) -> Result<(), CliError> {
                 role: *role,
             };
             let (app, secret) = register_app(&mut conn, new, now).map_err(CliError::from)?;
-            super::audit_admin(&state, &mut conn, "app-registered")?;
+            // A backend service's account is named by its client id.
+            let account = match kind {
+                AppKind::Backend => find_account(&mut conn, &app.client_id).context("cannot read the app's account")?,
+                AppKind::Public | AppKind::Confidential => None,
+            };
+            super::audit_account_change(&state, &mut conn, "app-registered", app_target(&app.client_id, account))?;
             if *json {
                 let out = serde_json::json!({ "client_id": app.client_id, "client_secret": secret, "app": app });
                 println!("{out}");
@@ -100,12 +106,21 @@ pub fn run(cli: &Cli, cmd: &AppsCommand) -> Result<(), CliError> {
             Ok(())
         }
         AppsCommand::Remove { client_id } => match remove_app(&mut conn, client_id, now)? {
-            Some(n) => {
-                super::audit_admin(&state, &mut conn, "app-removed")?;
+            Some((n, account)) => {
+                super::audit_account_change(&state, &mut conn, "app-removed", app_target(client_id, account))?;
                 println!("removed {client_id}; {n} session(s) ended");
                 Ok(())
             }
             None => Err("no such app".into()),
         },
+    }
+}
+
+/// The audit target of an app change: the app's client id, and its service account (id, username, role) when
+/// it has one.
+fn app_target(client_id: &str, account: Option<Account>) -> Target {
+    match account {
+        Some(a) => Target::account(&a.id, &a.username, a.role()).with_client(client_id),
+        None => Target::default().with_client(client_id),
     }
 }

@@ -8,7 +8,9 @@
 //!   `AuditEvent`s (oldest first). `T` is RFC 3339 or a date (`2026-03-01` = that day's start, UTC; as `--until`
 //!   a date includes that whole day).
 //! - `checkpoint`: appends its own admin record, signs the new head with the checkpoint key and stores it;
-//!   prints `{"checkpoint": {...}, "public_key": "..."}` for off-site anchoring.
+//!   prints `{"checkpoint": {...}, "public_key": "..."}` for off-site anchoring, and ships it to every configured
+//!   anchor sink (`audit.anchor_dir`, `audit.anchor_webhook_url`) as the server does (non-zero exit when a sink did
+//!   not take it).
 //!
 //! Output holds sequence numbers, hashes, counts and FHIR AuditEvents (ids and codes, no PHI payload). Each
 //! command is recorded in the audit trail after it ran.
@@ -130,10 +132,24 @@ pub fn run(cli: &Cli, cmd: &AuditCommand) -> Result<(), CliError> {
             let event = super::admin_event(now, "audit-checkpoint");
             let (cp, public_key) = checkpoints::checkpoint(&mut conn, state.keys.as_ref(), event, now)?;
             println!("{}", json!({"checkpoint": cp, "public_key": public_key}));
-            // Shipped to the anchor directory too (the server's checkpointer also posts to the webhook).
-            if let Some(dir) = &state.config.audit.anchor_dir {
+            // Shipped to every configured sink (`audit.anchor_dir`, `audit.anchor_webhook_url`) exactly as the
+            // server's checkpointer ships its own: the same line, the same retries. A sink that did not take it
+            // fails the command (the checkpoint itself is stored).
+            let shipper = crate::audit::anchor::Shipper::from_config(&state.config);
+            if !shipper.is_empty() {
                 let line = crate::audit::anchor::line(&cp, &public_key, Some(state.audit.sealer().first_seq()));
-                crate::audit::anchor::append_to_dir(dir, &line).context("cannot append to `audit.anchor_dir`")?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the runtime that ships the checkpoint")?;
+                if !runtime.block_on(shipper.ship(&line)) {
+                    return Err(format!(
+                        "checkpoint at audit record {} is stored but was not shipped to every anchor sink \
+                         (`audit.anchor_dir`, `audit.anchor_webhook_url`); run `audit checkpoint` again",
+                        cp.seq
+                    )
+                    .into());
+                }
             }
             Ok(())
         }

@@ -317,7 +317,9 @@ fn print_status(s: &Value) {
 fn rotate_master(cli: &Cli, file: &std::path::Path) -> Result<(), CliError> {
     let cfg = cli.load_config(|_| {})?;
     super::require_existing_data(&cfg)?;
-    let new: Box<dyn KeyProvider> = Box::new(LocalKeyProvider::new(MasterKey::load_file(file)?));
+    let key = MasterKey::load_file(file)?;
+    crate::crypto::store::refuse_development_key(cfg.profile, &key, "--new-master-key-file")?;
+    let new: Box<dyn KeyProvider> = Box::new(LocalKeyProvider::new(key));
     let db = crate::store::Db::connect(&cfg.database()?, 2)?;
     db.migrate()?;
     let mut conn = db.conn().context("cannot get a database connection")?;

@@ -232,6 +232,18 @@ pub fn audit_admin(
     crate::audit::store::append(conn, state.audit.sealer(), &[event]).context("cannot write the audit trail")
 }
 
+/// Records an administrative action that changed an account or an app, naming it and the role affected
+/// ([`crate::audit::Target`]).
+pub fn audit_account_change(
+    state: &crate::app::AppState,
+    conn: &mut crate::store::AnyConnection,
+    detail: &'static str,
+    target: crate::audit::Target,
+) -> Result<(), CliError> {
+    let event = admin_event(state.clock.now(), detail).with_target(target);
+    crate::audit::store::append(conn, state.audit.sealer(), &[event]).context("cannot write the audit trail")
+}
+
 /// The audit record of an administrative action by the operator running this command ([`operator`]), with a
 /// fixed `detail` code.
 pub fn admin_event(now: time::OffsetDateTime, detail: &'static str) -> crate::audit::AuditEvent {

@@ -1,7 +1,8 @@
 //! `carevault users add | disable | list`.
 
 use super::{Cli, CliError, Context};
-use crate::auth::service::{NewAccount, create_account, disable_account, list_accounts};
+use crate::audit::Target;
+use crate::auth::service::{NewAccount, create_account, disable_account, find_account, list_accounts};
 use crate::role::Role;
 use secrecy::SecretString;
 use std::io::Read;
@@ -81,7 +82,8 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), CliError> {
                 patient: *patient,
             };
             let id = create_account(&mut conn, &new, &password, now)?;
-            super::audit_admin(&state, &mut conn, "user-created")?;
+            let target = Target::account(&id, &new.username, Some(*role));
+            super::audit_account_change(&state, &mut conn, "user-created", target)?;
             println!("created {} ({role}) id {id}", new.username);
             if let Some(secret) = generated {
                 println!("client_secret (shown once, store it now): {secret}");
@@ -93,15 +95,19 @@ pub fn run(cli: &Cli, cmd: &UsersCommand) -> Result<(), CliError> {
             let url = crate::auth::service::enroll_totp(&mut conn, state.keys.as_ref(), username, issuer)
                 .context("cannot enroll the second factor")?
                 .ok_or("no such account")?;
-            super::audit_admin(&state, &mut conn, "totp-enrolled")?;
+            let account =
+                find_account(&mut conn, username).context("cannot read the account")?.ok_or("no such account")?;
+            let target = Target::account(&account.id, &account.username, account.role());
+            super::audit_account_change(&state, &mut conn, "totp-enrolled", target)?;
             println!("{url}");
             Ok(())
         }
         UsersCommand::Disable { username } => {
-            let (_, sessions) = disable_account(&mut conn, username, now)
+            let (account, sessions) = disable_account(&mut conn, username, now)
                 .context("cannot disable the account")?
                 .ok_or("no such account")?;
-            super::audit_admin(&state, &mut conn, "user-disabled")?;
+            let target = Target::account(&account.id, &account.username, account.role());
+            super::audit_account_change(&state, &mut conn, "user-disabled", target)?;
             println!("disabled; {sessions} session(s) ended");
             Ok(())
         }

@@ -228,7 +228,9 @@ pub fn report(
             *by_state.entry(found.unwrap_or_else(|| UNKNOWN_STATE.to_owned())).or_default() += 1;
         }
         events.push(
-            AuditEvent::new(AuditKind::Export, now, Outcome::Success, operator.clone()).with_detail("incident-report"),
+            AuditEvent::new(AuditKind::Export, now, Outcome::Success, operator.clone())
+                .with_detail("incident-report")
+                .with_target(crate::audit::Target::account(&account.id, &account.username, account.role())),
         );
         append_locked(c, state.audit.sealer(), head, &events)?;
         AppResult::Ok(by_state)
@@ -327,7 +329,10 @@ pub fn contain(
             .execute(c)?;
         let sessions = revoke_account_sessions(c, &account.id, now)?;
         let grants = crate::records::maintenance::revoke_grants(c, &account.id, micros(now))?;
-        let event = AuditEvent::new(AuditKind::Admin, now, Outcome::Success, operator).with_detail("incident-contain");
+        let target = crate::audit::Target::account(&account.id, &account.username, account.role());
+        let event = AuditEvent::new(AuditKind::Admin, now, Outcome::Success, operator)
+            .with_detail("incident-contain")
+            .with_target(target);
         append_locked(c, sealer, head, &[event])?;
         Ok(Some(Contained { account: account.id, username: account.username, sessions, break_glass_grants: grants }))
     })

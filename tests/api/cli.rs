@@ -998,3 +998,181 @@ both_backends!(service_client_secrets_are_generated_not_chosen, |app: TestApp| a
         .unwrap();
     assert_eq!(r.status(), 200);
 });
+
+/// `carevault ARGS…` on the app's database with `input` on standard input.
+fn cli_input(app: &TestApp, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carevault"));
+    cmd.arg("--data-dir")
+        .arg(app.dir.path())
+        .args(args)
+        .env("CAREVAULT_DATABASE_URL", db_url(app))
+        .env("CAREVAULT_ACCESS__POLICY_DIR", policy_dir())
+        .env_remove("CAREVAULT_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    tokio::task::block_in_place(|| {
+        let mut child = cmd.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+}
+
+/// Every administrative audit body, oldest first.
+fn admin_bodies(app: &TestApp) -> Vec<Value> {
+    let mut conn = app.state.db.conn().unwrap();
+    let bodies: Vec<String> = audit_events::table
+        .filter(audit_events::kind.eq("admin").or(audit_events::kind.eq("export")))
+        .order(audit_events::seq.asc())
+        .select(audit_events::body)
+        .load(&mut conn)
+        .unwrap();
+    bodies.iter().map(|b| serde_json::from_str(b).unwrap()).collect()
+}
+
+// Each CLI command that changes an account or an app names, as structured fields of its audit record, the account
+// it changed (id and username), the role affected and the app's client id; the operator stays the real uid.
+both_backends!(cli_account_changes_name_the_target_account_and_role, |app: TestApp| async move {
+    let password = "Plenty-of-entropy-here-4711";
+    ok(cli_input(
+        &app,
+        &["users", "add", "--username", "t.billing", "--role", "billing", "--password-stdin"],
+        password,
+    ));
+    ok(cli_input(
+        &app,
+        &["users", "add", "--username", "t.desk", "--role", "front_desk", "--password-stdin"],
+        password,
+    ));
+    ok(cli(&app, &["users", "add", "--username", "t.feed", "--role", "billing", "--service"]));
+    ok(cli(&app, &["users", "totp-enroll", "--username", "t.billing"]));
+    ok(cli(&app, &["users", "disable", "t.billing"]));
+    ok(cli(&app, &["incident", "contain", "--user", "t.desk"]));
+    ok(cli(&app, &["incident", "report", "--user", "t.desk", "--since", "2020-01-01"]));
+    let added = ok(cli(
+        &app,
+        &[
+            "apps",
+            "add",
+            "--name",
+            "audit feed",
+            "--kind",
+            "backend",
+            "--role",
+            "auditor",
+            "--jwks-url",
+            "https://feed.example.org/jwks",
+            "--scopes",
+            "system/AuditEvent.rs",
+            "--json",
+        ],
+    ));
+    let client = serde_json::from_str::<Value>(added.trim()).unwrap()["client_id"].as_str().unwrap().to_owned();
+    ok(cli(&app, &["apps", "remove", &client]));
+
+    let accounts: Value = serde_json::from_str(&ok(cli(&app, &["users", "list", "--json"]))).unwrap();
+    let id_of =
+        |name: &str| accounts.as_array().unwrap().iter().find(|a| a["username"] == json!(name)).unwrap()["id"].clone();
+    let events = admin_bodies(&app);
+    let me = Command::new("id").arg("-un").output().unwrap();
+    let me = format!("cli:{}", String::from_utf8_lossy(&me.stdout).trim());
+    for (detail, username, role, client_id) in [
+        ("user-created", "t.billing", "billing", None),
+        ("user-created", "t.desk", "front_desk", None),
+        ("user-created", "t.feed", "billing", None),
+        ("totp-enrolled", "t.billing", "billing", None),
+        ("user-disabled", "t.billing", "billing", None),
+        ("incident-contain", "t.desk", "front_desk", None),
+        ("incident-report", "t.desk", "front_desk", None),
+        ("app-registered", client.as_str(), "auditor", Some(client.as_str())),
+        ("app-removed", client.as_str(), "auditor", Some(client.as_str())),
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e["detail"] == json!(detail) && e["target"]["username"] == json!(username))
+            .unwrap_or_else(|| panic!("no {detail} record naming {username}: {events:#?}"));
+        let target = &event["target"];
+        assert_eq!(target["account"], id_of(username), "{detail}: {target}");
+        assert_eq!(target["role"], json!(role), "{detail}: {target}");
+        assert_eq!(target["client_id"], json!(client_id), "{detail}: {target}");
+        assert_eq!(event["agent"]["user"], json!(me), "{detail}: the operator is the real uid");
+        assert!(!event.to_string().contains(password), "{detail}: no secret in the record");
+    }
+    // The FHIR form names the account too (entity role 6 User, with the role as a detail).
+    let out = ok(cli(&app, &["audit", "export", "--since", "2020-01-01"]));
+    let disabled = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["subtype"].as_array().unwrap().iter().any(|c| c["code"] == json!("user-disabled")))
+        .unwrap();
+    let user = disabled["entity"].as_array().unwrap().iter().find(|e| e["role"]["code"] == json!("6")).unwrap();
+    assert_eq!(user["what"]["identifier"]["value"], id_of("t.billing"));
+    assert_eq!(user["what"]["display"], json!("t.billing"));
+    assert_eq!(user["detail"][0], json!({"type": "role", "valueString": "billing"}));
+});
+
+/// A one-shot webhook that answers 200 to every POST and hands over each body.
+async fn anchor_webhook() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/anchors", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                let Some(i) = text.find("\r\n\r\n") else { continue };
+                let len = text[..i]
+                    .to_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                    .unwrap_or(0);
+                if buf.len() >= i + 4 + len {
+                    let _ = tx.send(text[i + 4..i + 4 + len].to_owned());
+                    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                    break;
+                }
+            }
+        }
+    });
+    (url, rx)
+}
+
+// `audit checkpoint` ships its checkpoint to every configured anchor sink, as the server's checkpointer does: the
+// webhook receives the anchor line and the anchor directory gets it appended; a sink that cannot take it fails the
+// command.
+both_backends!(audit_checkpoint_ships_to_every_anchor_sink, |app: TestApp| async move {
+    let (url, mut bodies) = anchor_webhook().await;
+    let anchors = tempfile::tempdir().unwrap();
+    let dir = anchors.path().to_str().unwrap();
+    let env = [("CAREVAULT_AUDIT__ANCHOR_WEBHOOK_URL", url.as_str()), ("CAREVAULT_AUDIT__ANCHOR_DIR", dir)];
+    let printed: Value = serde_json::from_str(ok(cli_env(&app, &["audit", "checkpoint"], &env)).trim()).unwrap();
+    let seq = printed["checkpoint"]["seq"].as_i64().unwrap();
+    let posted = tokio::time::timeout(std::time::Duration::from_secs(20), bodies.recv()).await.unwrap().unwrap();
+    let shipped = carevault::audit::anchor::parse(&posted).expect("an anchor line");
+    assert_eq!(shipped.checkpoint.seq, seq);
+    assert_eq!(shipped.sealed_from, Some(app.state.audit.sealer().first_seq()), "the server's line, sealed_from too");
+    let mut conn = app.state.db.conn().unwrap();
+    let valid = carevault::audit::checkpoints::check(&mut conn, app.state.keys.as_ref(), &shipped.checkpoint).unwrap();
+    assert_eq!(valid, Ok(()));
+    let in_dir = carevault::audit::anchor::all_in_dir(anchors.path()).unwrap();
+    assert_eq!(in_dir.iter().map(|a| a.checkpoint.seq).collect::<Vec<_>>(), vec![seq]);
+    // `audit verify` checks the trail against the shipped anchors.
+    let verified = ok(cli_env(&app, &["audit", "verify"], &env[1..]));
+    assert!(verified.contains("intact"), "{verified}");
+    // An anchor directory that cannot be written: the command fails, naming the sinks.
+    let file = anchors.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let broken = cli_env(&app, &["audit", "checkpoint"], &[("CAREVAULT_AUDIT__ANCHOR_DIR", file.to_str().unwrap())]);
+    assert!(!broken.status.success(), "{}", stdout(&broken));
+    assert!(stderr(&broken).contains("`audit.anchor_dir`"), "{}", stderr(&broken));
+});

@@ -256,8 +256,12 @@ pub fn list_apps(c: &mut AnyConnection) -> AppResult<Vec<App>> {
 }
 
 /// Removes an app: its row, every session it opened (ended at once), and a backend service's account
-/// (disabled). Answers the number of sessions ended, or `None` for an unknown app.
-pub fn remove_app(c: &mut AnyConnection, client_id: &str, now: OffsetDateTime) -> AppResult<Option<usize>> {
+/// (disabled). Answers the number of sessions ended and the disabled account, or `None` for an unknown app.
+pub fn remove_app(
+    c: &mut AnyConnection,
+    client_id: &str,
+    now: OffsetDateTime,
+) -> AppResult<Option<(usize, Option<super::Account>)>> {
     c.transaction(|c| {
         let Some(app) =
             apps::table.filter(apps::client_id.eq(client_id)).select(AppRow::as_select()).first(c).optional()?
@@ -272,12 +276,15 @@ pub fn remove_app(c: &mut AnyConnection, client_id: &str, now: OffsetDateTime) -
         for sid in &sids {
             revoke_session_rows(c, sid, now)?;
         }
+        let mut account = None;
         if let Some(aid) = &app.account_id {
             diesel::update(accounts::table.filter(accounts::id.eq(aid))).set(accounts::disabled.eq(true)).execute(c)?;
+            account =
+                accounts::table.filter(accounts::id.eq(aid)).select(super::Account::as_select()).first(c).optional()?;
         }
         diesel::delete(smart_authorizations::table.filter(smart_authorizations::client_id.eq(client_id))).execute(c)?;
         diesel::delete(apps::table.filter(apps::client_id.eq(client_id))).execute(c)?;
-        Ok(Some(sids.len()))
+        Ok(Some((sids.len(), account)))
     })
 }
 
