@@ -11,6 +11,7 @@ mod attacks;
 mod audit;
 mod auth;
 mod cli;
+mod clients;
 mod cors;
 mod demo;
 mod disclosure;
