@@ -75,8 +75,10 @@ fn node_with_fhir_kit_client() -> Option<PathBuf> {
 fn service_client(app: &TestApp, name: &str) -> (String, String) {
     let secret = new_client_secret();
     let mut conn = app.state.db.conn().unwrap();
-    let new = NewAccount { username: name.into(), kind: "service", role: Role::FrontDesk, practitioner: None, patient: None };
-    create_account(&mut conn, &new, &secrecy::SecretString::from(secret.clone()), crate::helpers::start_time()).unwrap();
+    let new =
+        NewAccount { username: name.into(), kind: "service", role: Role::FrontDesk, practitioner: None, patient: None };
+    create_account(&mut conn, &new, &secrecy::SecretString::from(secret.clone()), crate::helpers::start_time())
+        .unwrap();
     (name.to_owned(), secret)
 }
 
@@ -177,7 +179,13 @@ async fn check_run(app: &TestApp, snippet: &str, service: &str, steps: &BTreeMap
             .unwrap();
         bodies.iter().map(|b| serde_json::from_str(b).unwrap()).collect()
     };
-    let mine: Vec<&Value> = events.iter().filter(|e| e["agent"]["username"] == service).collect();
+    // The account the service client signed in as (its login event names it); every interaction is by that id.
+    let account = events
+        .iter()
+        .find(|e| e["kind"] == "login" && e["agent"]["username"] == service)
+        .map(|e| e["agent"]["user"].clone())
+        .unwrap_or_else(|| panic!("{snippet}: no login of {service}"));
+    let mine: Vec<&Value> = events.iter().filter(|e| e["agent"]["user"] == account).collect();
     let count = |kind: &str, outcome: &str, resource: Option<&str>| {
         mine.iter()
             .filter(|e| e["kind"] == kind && e["outcome"] == outcome)
@@ -191,7 +199,9 @@ async fn check_run(app: &TestApp, snippet: &str, service: &str, steps: &BTreeMap
     let searches: Vec<&&Value> = mine.iter().filter(|e| e["kind"] == "search" && e["outcome"] == "0").collect();
     assert!(searches.len() >= 3, "{snippet}: a search and two pages: {searches:#?}");
     assert!(
-        searches.iter().any(|e| e["patients"].as_array().is_some_and(|p| p.iter().any(|p| p == id.as_str()))),
+        // One disclosed patient is recorded as `patient`, several as `patients`.
+        searches.iter().any(|e| e["patient"] == id.as_str()
+            || e["patients"].as_array().is_some_and(|p| p.iter().any(|p| p == id.as_str()))),
         "{snippet}: the search names the patient it disclosed: {searches:#?}"
     );
     // Parameter names only: the family name (a search value) is nowhere in the trail.
@@ -222,8 +232,11 @@ both_backends!(fhir_kit_client_snippet_works, |app: TestApp| async move {
 });
 
 /// The snippet files the guide must show, each in a block marked `<!-- snippet: PATH -->`.
-const SNIPPETS: &[&str] =
-    &["tests/clients/fhirpy_example.py", "tests/clients/fhirclient_example.py", "tests/clients/fhir_kit_client_example.mjs"];
+const SNIPPETS: &[&str] = &[
+    "tests/clients/fhirpy_example.py",
+    "tests/clients/fhirclient_example.py",
+    "tests/clients/fhir_kit_client_example.mjs",
+];
 
 /// Each `<!-- snippet: PATH -->` marker with the content of the fenced block that follows it.
 fn marked_blocks(guide: &str) -> Vec<(String, String)> {
@@ -287,7 +300,8 @@ fn pin<'a>(requirements: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn the_marker_parser_sees_blocks_and_their_content() {
-    let md = "x\n<!-- snippet: a.py -->\n```python\nprint(1)\n\nprint(2)\n```\ntext\n<!-- snippet: b.mjs -->\n```js\n```\n";
+    let md =
+        "x\n<!-- snippet: a.py -->\n```python\nprint(1)\n\nprint(2)\n```\ntext\n<!-- snippet: b.mjs -->\n```js\n```\n";
     assert_eq!(
         marked_blocks(md),
         vec![("a.py".to_owned(), "print(1)\n\nprint(2)\n".to_owned()), ("b.mjs".to_owned(), String::new())]
