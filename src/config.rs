@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Environment variables with the `CAREVAULT_` prefix that are not configuration keys.
-const NON_CONFIG_ENV: &[&str] = &["TEST_POSTGRES_URL", "DATA_DIR", "CONFIG", "LOG"];
+const NON_CONFIG_ENV: &[&str] =
+    &["TEST_POSTGRES_URL", "TEST_CLIENTS_VENV", "FUZZ_SEED", "FUZZ_CASES", "BLESS", "DATA_DIR", "CONFIG", "LOG"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

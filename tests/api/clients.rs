@@ -5,7 +5,7 @@
 //! printed, what the server stored and what the audit trail recorded. Under `CI=true` a missing interpreter or
 //! library fails the test; elsewhere it is skipped with a message.
 //!
-//! The Python libraries come from the virtualenv `CAREVAULT_CLIENTS_VENV` (default
+//! The Python libraries come from the virtualenv `CAREVAULT_TEST_CLIENTS_VENV` (default
 //! `~/.cache/carevault-clients-venv`, made from `tests/clients/requirements.txt` by `.ci/run`); the npm one from
 //! `tests/clients/node_modules` (`cd tests/clients && npm ci`).
 
@@ -35,7 +35,7 @@ fn skip_or_fail<T>(why: &str) -> Option<T> {
 
 /// The virtualenv with fhirpy and fhirclient.
 fn venv() -> PathBuf {
-    match std::env::var_os("CAREVAULT_CLIENTS_VENV") {
+    match std::env::var_os("CAREVAULT_TEST_CLIENTS_VENV") {
         Some(v) if !v.is_empty() => PathBuf::from(v),
         _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
             .join(".cache/carevault-clients-venv"),
@@ -46,7 +46,7 @@ fn venv() -> PathBuf {
 fn python_with(module: &str) -> Option<PathBuf> {
     let python = venv().join("bin/python");
     let install = format!(
-        "python3 -m venv {v} && {v}/bin/pip install -r tests/clients/requirements.txt (or set CAREVAULT_CLIENTS_VENV)",
+        "python3 -m venv {v} && {v}/bin/pip install -r tests/clients/requirements.txt (or set CAREVAULT_TEST_CLIENTS_VENV)",
         v = venv().display()
     );
     if !python.exists() {
