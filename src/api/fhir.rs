@@ -155,7 +155,7 @@ pub async fn create(
 ) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     check_json(&req)?;
-    let Done::Created(shown) = execute(&state, &req, p, Interaction::Create { rtype: rtype.clone(), body }).await?
+    let Done::Created(shown) = execute(&state, &req, p, Interaction::Create { rtype: rtype.clone(), body, if_none_exist: None }).await?
     else {
         return Err(AppError::internal("create answered without a resource"));
     };

@@ -62,10 +62,18 @@ pub enum AuditKind {
     Alert,
     /// Audit export or incident report.
     Export,
+    /// `PATCH {type}/{id}` (JSON Patch).
+    Patch,
+    /// `POST /fhir` with a transaction Bundle: the Bundle as a whole (each entry has its own event).
+    Transaction,
+    /// `POST /fhir` with a batch Bundle: the Bundle as a whole (each entry has its own event).
+    Batch,
+    /// `POST {type}/$validate`.
+    Validate,
 }
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 17] = [
+    pub const ALL: [AuditKind; 21] = [
         Self::Read,
         Self::Vread,
         Self::Search,
@@ -83,6 +91,10 @@ impl AuditKind {
         Self::Admin,
         Self::Alert,
         Self::Export,
+        Self::Patch,
+        Self::Transaction,
+        Self::Batch,
+        Self::Validate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +116,10 @@ impl AuditKind {
             Self::Admin => "admin",
             Self::Alert => "alert",
             Self::Export => "export",
+            Self::Patch => "patch",
+            Self::Transaction => "transaction",
+            Self::Batch => "batch",
+            Self::Validate => "validate",
         }
     }
 
@@ -120,6 +136,10 @@ impl AuditKind {
                 | Self::Delete
                 | Self::Everything
                 | Self::AccessReport
+                | Self::Patch
+                | Self::Transaction
+                | Self::Batch
+                | Self::Validate
         )
     }
 
@@ -128,7 +148,7 @@ impl AuditKind {
         match self {
             Self::Read | Self::Vread | Self::History | Self::Export => Action::R,
             Self::Create => Action::C,
-            Self::Update => Action::U,
+            Self::Update | Self::Patch => Action::U,
             Self::Delete => Action::D,
             _ => Action::E,
         }

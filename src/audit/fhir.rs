@@ -61,7 +61,12 @@ fn type_codes(kind: AuditKind) -> (Value, Option<Value>) {
         AuditKind::Create => (rest(), interaction("create", "create")),
         AuditKind::Update => (rest(), interaction("update", "update")),
         AuditKind::Delete => (rest(), interaction("delete", "delete")),
-        AuditKind::Everything | AuditKind::AccessReport => (rest(), interaction("operation", "operation")),
+        AuditKind::Patch => (rest(), interaction("patch", "patch")),
+        AuditKind::Transaction => (rest(), interaction("transaction", "transaction")),
+        AuditKind::Batch => (rest(), interaction("batch", "batch")),
+        AuditKind::Everything | AuditKind::AccessReport | AuditKind::Validate => {
+            (rest(), interaction("operation", "operation"))
+        }
         AuditKind::Login | AuditKind::LoginFailure => (auth(), Some(coding(DCM, "110122", "Login"))),
         AuditKind::Logout => (auth(), Some(coding(DCM, "110123", "Logout"))),
         AuditKind::Refresh => (auth(), None),

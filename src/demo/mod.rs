@@ -159,7 +159,7 @@ fn caller(state: &AppState, subject: String, username: &str, role: Role, practit
 async fn create(records: &Records, caller: &Caller, resource: Value) -> AppResult<String> {
     let rtype = resource["resourceType"].as_str().unwrap_or_default().to_owned();
     let body = bytes::Bytes::from(resource.to_string());
-    let op = Operation::new(caller.clone(), Interaction::Create { rtype, body });
+    let op = Operation::new(caller.clone(), Interaction::Create { rtype, body, if_none_exist: None });
     let Done::Created(shown) = records.execute(op).await? else {
         return Err(AppError::internal("create answered without a resource"));
     };

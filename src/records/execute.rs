@@ -129,6 +129,8 @@ fn outcome_of(e: &AppError) -> Outcome {
 pub(super) enum Gate {
     Policy(Decision),
     Role,
+    /// A Bundle: each entry is gated on its own.
+    Bundle,
 }
 
 impl Records {
@@ -194,6 +196,7 @@ impl Records {
                     Err(AppError::Forbidden)
                 }
             }
+            Interaction::Bundle { .. } => Ok(Gate::Bundle),
             Interaction::ListAlerts { .. } | Interaction::AckAlert { .. } => {
                 if p.has_any_role(&[Role::Admin, Role::Auditor]) { Ok(Gate::Role) } else { Err(AppError::Forbidden) }
             }
@@ -214,6 +217,7 @@ impl Records {
         let decision = match self.gate(op)? {
             Gate::Policy(decision) => decision,
             Gate::Role => return self.run_security(op, d).await,
+            Gate::Bundle => return Err(AppError::MethodNotAllowed),
         };
         let c = &op.caller;
         match &op.interaction {
@@ -226,7 +230,7 @@ impl Records {
             Interaction::AccessReport { patient } => {
                 trail::access_report(self, c, &decision, patient, d).await.map(Done::Document)
             }
-            Interaction::Create { rtype, body } => self.create(c, decision, rtype, body, d).await.map(Done::Created),
+            Interaction::Create { rtype, body, .. } => self.create(c, decision, rtype, body, d).await.map(Done::Created),
             Interaction::Read { rtype, id, elements } => {
                 self.read(c, decision, rtype, id, elements.as_deref(), d).await.map(Done::Resource)
             }
@@ -242,9 +246,14 @@ impl Records {
             }
             Interaction::History { rtype, id } => self.history(c, decision, rtype, id, d).await.map(Done::Bundle),
             Interaction::Everything { patient } => self.everything(c, decision, patient, d).await.map(Done::Bundle),
-            Interaction::BreakGlass { .. } | Interaction::ListAlerts { .. } | Interaction::AckAlert { .. } => {
-                Err(AppError::Forbidden)
-            }
+            Interaction::ConditionalUpdate { .. }
+            | Interaction::Patch { .. }
+            | Interaction::ConditionalDelete { .. }
+            | Interaction::Validate { .. } => Err(AppError::MethodNotAllowed),
+            Interaction::BreakGlass { .. }
+            | Interaction::ListAlerts { .. }
+            | Interaction::AckAlert { .. }
+            | Interaction::Bundle { .. } => Err(AppError::Forbidden),
         }
     }
 

@@ -5,6 +5,7 @@
 //! `service` (the FHIR interactions: scope, store, codec, shape), `trail` (the audit trail and security
 //! operations), `store` (the only code that names the resource tables). Nothing outside can skip a step.
 
+mod bundle;
 mod concurrency;
 mod execute;
 pub mod maintenance;

@@ -25,9 +25,11 @@ impl Operation {
 /// What is asked. Type names and ids are the client's text until the pipeline has checked them.
 #[derive(Debug, Clone)]
 pub enum Interaction {
+    /// Create; with `if_none_exist` (the `If-None-Exist` search), a conditional create.
     Create {
         rtype: String,
         body: bytes::Bytes,
+        if_none_exist: Option<Vec<(String, String)>>,
     },
     Read {
         rtype: String,
@@ -45,9 +47,37 @@ pub enum Interaction {
         if_match: Option<i64>,
         body: bytes::Bytes,
     },
+    /// Conditional update: `PUT {type}?search`.
+    ConditionalUpdate {
+        rtype: String,
+        params: Vec<(String, String)>,
+        if_match: Option<i64>,
+        body: bytes::Bytes,
+    },
+    /// JSON Patch (`application/json-patch+json`).
+    Patch {
+        rtype: String,
+        id: String,
+        if_match: Option<i64>,
+        body: bytes::Bytes,
+    },
     Delete {
         rtype: String,
         id: String,
+    },
+    /// Conditional delete: `DELETE {type}?search` (one match at most).
+    ConditionalDelete {
+        rtype: String,
+        params: Vec<(String, String)>,
+    },
+    /// `POST {type}/$validate`: the body checked as a create by this caller would be, nothing stored.
+    Validate {
+        rtype: String,
+        body: bytes::Bytes,
+    },
+    /// `POST /fhir`: a `batch` or `transaction` Bundle.
+    Bundle {
+        body: bytes::Bytes,
     },
     Search {
         rtype: String,
@@ -92,8 +122,13 @@ impl Interaction {
             Self::Create { .. } => AuditKind::Create,
             Self::Read { .. } => AuditKind::Read,
             Self::Vread { .. } => AuditKind::Vread,
-            Self::Update { .. } => AuditKind::Update,
-            Self::Delete { .. } => AuditKind::Delete,
+            Self::Update { .. } | Self::ConditionalUpdate { .. } => AuditKind::Update,
+            Self::Patch { .. } => AuditKind::Patch,
+            Self::Delete { .. } | Self::ConditionalDelete { .. } => AuditKind::Delete,
+            Self::Validate { .. } => AuditKind::Validate,
+            Self::Bundle { body } => {
+                if super::bundle::is_transaction(body) { AuditKind::Transaction } else { AuditKind::Batch }
+            }
             Self::Search { .. } => AuditKind::Search,
             Self::History { .. } => AuditKind::History,
             Self::Everything { .. } => AuditKind::Everything,
@@ -110,11 +145,15 @@ impl Interaction {
             | Self::Read { rtype, .. }
             | Self::Vread { rtype, .. }
             | Self::Update { rtype, .. }
+            | Self::ConditionalUpdate { rtype, .. }
+            | Self::Patch { rtype, .. }
             | Self::Delete { rtype, .. }
+            | Self::ConditionalDelete { rtype, .. }
+            | Self::Validate { rtype, .. }
             | Self::Search { rtype, .. }
             | Self::History { rtype, .. } => rtype,
             Self::Everything { .. } | Self::AccessReport { .. } | Self::BreakGlass { .. } => "Patient",
-            Self::ListAlerts { .. } | Self::AckAlert { .. } => "",
+            Self::ListAlerts { .. } | Self::AckAlert { .. } | Self::Bundle { .. } => "",
         }
     }
 
@@ -124,27 +163,37 @@ impl Interaction {
             Self::Read { id, .. }
             | Self::Vread { id, .. }
             | Self::Update { id, .. }
+            | Self::Patch { id, .. }
             | Self::Delete { id, .. }
             | Self::History { id, .. } => Some(id),
             Self::Everything { patient } | Self::AccessReport { patient } => Some(patient),
             Self::BreakGlass { patient, .. } => patient.strip_prefix("Patient/"),
-            Self::Create { .. } | Self::Search { .. } | Self::ListAlerts { .. } | Self::AckAlert { .. } => None,
+            Self::Create { .. }
+            | Self::ConditionalUpdate { .. }
+            | Self::ConditionalDelete { .. }
+            | Self::Validate { .. }
+            | Self::Bundle { .. }
+            | Self::Search { .. }
+            | Self::ListAlerts { .. }
+            | Self::AckAlert { .. } => None,
         }
     }
 
     /// The policy action of a FHIR interaction (`None` for the security operations, decided by role).
     pub(super) fn action(&self) -> Option<Action> {
         Some(match self {
-            Self::Create { .. } => Action::Create,
+            Self::Create { .. } | Self::Validate { .. } => Action::Create,
             Self::Read { .. } => Action::Read,
             Self::Vread { .. } => Action::Vread,
-            Self::Update { .. } => Action::Update,
-            Self::Delete { .. } => Action::Delete,
+            Self::Update { .. } | Self::ConditionalUpdate { .. } | Self::Patch { .. } => Action::Update,
+            Self::Delete { .. } | Self::ConditionalDelete { .. } => Action::Delete,
             Self::Search { .. } => Action::Search,
             Self::History { .. } => Action::History,
             Self::Everything { .. } => Action::Everything,
             Self::AccessReport { .. } => Action::AccessReport,
-            Self::BreakGlass { .. } | Self::ListAlerts { .. } | Self::AckAlert { .. } => return None,
+            Self::BreakGlass { .. } | Self::ListAlerts { .. } | Self::AckAlert { .. } | Self::Bundle { .. } => {
+                return None;
+            }
         })
     }
 }
