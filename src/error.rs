@@ -31,6 +31,13 @@ pub enum AppError {
     Unauthenticated,
     #[error("forbidden")]
     Forbidden,
+    /// The caller may not write this element. `path` names it (`Patient.communication`: server-defined names
+    /// only, never a value).
+    #[error("forbidden element")]
+    ForbiddenElement { path: String },
+    /// A valid FHIR R4 resource type that carevault does not serve (404 `not-supported`).
+    #[error("resource type not supported")]
+    NotSupported,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("conflict")]

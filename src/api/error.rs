@@ -29,7 +29,8 @@ pub fn status_of(e: &AppError) -> StatusCode {
         AppError::NotFound => StatusCode::NOT_FOUND,
         AppError::Gone => StatusCode::GONE,
         AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
-        AppError::Forbidden => StatusCode::FORBIDDEN,
+        AppError::Forbidden | AppError::ForbiddenElement { .. } => StatusCode::FORBIDDEN,
+        AppError::NotSupported => StatusCode::NOT_FOUND,
         AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         AppError::Conflict => StatusCode::CONFLICT,
         AppError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
@@ -50,6 +51,8 @@ fn issue(e: &AppError) -> (&'static str, &'static str) {
         AppError::Gone => ("deleted", "The resource has been deleted."),
         AppError::Unauthenticated => ("login", "Authentication is required."),
         AppError::Forbidden => ("forbidden", "The operation is not permitted."),
+        AppError::ForbiddenElement { .. } => ("forbidden", "The caller may not write this element."),
+        AppError::NotSupported => ("not-supported", "This server does not support the resource type."),
         AppError::MethodNotAllowed => ("not-supported", "The operation is not supported."),
         AppError::Conflict => ("conflict", "The request conflicts with the current state."),
         AppError::PreconditionFailed => ("conflict", "The version does not match the current version."),
@@ -88,6 +91,7 @@ pub fn render(e: &AppError) -> HttpResponse {
     let (code, text) = issue(e);
     let path = match e {
         AppError::Invalid { path, .. } => path.as_deref(),
+        AppError::ForbiddenElement { path } => Some(path.as_str()),
         _ => None,
     };
     let mut resp = HttpResponse::build(status_of(e));

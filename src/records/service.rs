@@ -81,6 +81,13 @@ pub fn join_restricted(resource: &mut Map<String, Value>, restricted: Value) -> 
     Ok(())
 }
 
+/// Whether `resource` carries restricted identifiers, every one of a system the decision writes blind.
+fn sends_write_only(decision: &Decision, resource: &Map<String, Value>) -> bool {
+    let Some(Value::Array(ids)) = resource.get("identifier") else { return false };
+    let mut restricted = ids.iter().filter(|id| crate::access::is_ssn(id)).peekable();
+    restricted.peek().is_some() && restricted.all(|id| decision.write_mask.writes_blind(id))
+}
+
 /// Whether a reader under `mask` may see restricted identifiers (then they are decrypted, else never).
 fn restricted_readable(mask: &FieldMask) -> bool {
     mask.allows("identifier") && !RESTRICTED_SYSTEMS.iter().any(|s| mask.hides_system(s))
@@ -718,7 +725,7 @@ impl Records {
         let d = decl_of(rtype)?;
         let mut obj = self.parse_body(rtype, body)?;
         let mut incoming = Value::Object(obj.clone());
-        decision.merge_hidden(None, &mut incoming)?;
+        decision.merge_hidden(None, &mut incoming).map_err(|e| e.at(d.name))?;
         obj = match incoming {
             Value::Object(o) => o,
             _ => return Err(AppError::internal("merge produced a non-object")),
@@ -1018,13 +1025,19 @@ impl Records {
                         }
                     }
                     let mut incoming = Value::Object(std::mem::take(&mut obj));
-                    decision.merge_hidden(Some(&Value::Object(view)), &mut incoming)?;
+                    decision.merge_hidden(Some(&Value::Object(view)), &mut incoming).map_err(|e| e.at(d.name))?;
                     let Value::Object(mut merged) = incoming else {
                         return Err(AppError::internal("merge produced a non-object"));
                     };
                     merged.insert("id".into(), Value::String(id2.clone()));
                     if let Some(ct) = keep.get(RESTRICTED_IDENTIFIERS) {
                         merged.insert(RESTRICTED_IDENTIFIERS.into(), ct.clone());
+                    }
+                    // Write-only identifiers (the front desk's SSN) the body sends replace the stored ones, whose
+                    // ciphertext is dropped without ever being decrypted; a body sending none keeps them.
+                    if keep.contains_key(RESTRICTED_IDENTIFIERS) && sends_write_only(&decision, &merged) {
+                        keep.remove(RESTRICTED_IDENTIFIERS);
+                        merged.remove(RESTRICTED_IDENTIFIERS);
                     }
                     // The merged resource (with hidden elements restored) must still be valid FHIR.
                     let mut check = merged.clone();
