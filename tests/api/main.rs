@@ -31,4 +31,5 @@ mod retention;
 mod smart;
 mod tamper;
 mod telemetry;
+mod types;
 mod world;
