@@ -42,6 +42,9 @@ pub enum AppError {
         #[source]
         source: Box<AppError>,
     },
+    /// A valid FHIR R4 resource type that carevault does not serve (404 `not-supported`).
+    #[error("resource type not supported")]
+    NotSupported,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("conflict")]

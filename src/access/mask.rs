@@ -68,6 +68,9 @@ pub struct FieldMask {
     hidden: BTreeSet<String>,
     /// Identifiers with one of these systems are removed.
     hidden_identifier_systems: Vec<String>,
+    /// Identifier systems the role may write but never see (`write_only_identifier_systems`): hidden in its
+    /// read mask, writable in its write mask; recorded on both, for `policy explain` and the write path.
+    write_only_identifier_systems: Vec<String>,
     /// Choice elements of the type: (`value`, `value[x]`).
     choices: Vec<(String, String)>,
     /// Mandatory elements of the type, kept under `_elements`.
@@ -92,7 +95,29 @@ impl FieldMask {
             .iter()
             .filter_map(|e| e.strip_suffix("[x]").map(|stem| (stem.to_owned(), e.clone())))
             .collect();
-        Self { elements, hidden, hidden_identifier_systems, choices, mandatory }
+        Self { elements, hidden, hidden_identifier_systems, choices, mandatory, write_only_identifier_systems: vec![] }
+    }
+
+    /// Marks identifier systems as write-only for the role: a read mask must hide them too (the caller
+    /// builds it with them among its hidden systems), a write mask lets them be written. Either way `text` and
+    /// `contained`, which could repeat such an identifier, are hidden.
+    pub fn with_write_only_identifier_systems(mut self, systems: Vec<String>) -> Self {
+        if !systems.is_empty() {
+            self.hidden.extend(HIDDEN_WITH_IDENTIFIERS.iter().map(|s| (*s).to_owned()));
+        }
+        self.write_only_identifier_systems = systems;
+        self
+    }
+
+    /// The identifier systems the role may write but never see.
+    pub fn write_only_identifier_systems(&self) -> &[String] {
+        &self.write_only_identifier_systems
+    }
+
+    /// Whether identifiers of this one's class may be written but never seen by the role.
+    pub fn writes_blind(&self, identifier: &Value) -> bool {
+        identifier_class(identifier)
+            .is_some_and(|c| self.write_only_identifier_systems.iter().any(|w| canonical_system(w) == c))
     }
 
     /// Every element, nothing hidden (no choice elements known: names are matched exactly).
@@ -197,6 +222,18 @@ impl FieldMask {
         removed
     }
 
+    /// The R4 name of a top-level element a JSON key stands for (`_birthDate` → `birthDate`, `valueQuantity` →
+    /// `value[x]`), for error paths: `None` for anything that is not an element name (never echo client text).
+    pub fn element_name(&self, key: &str) -> Option<String> {
+        let base = key.strip_prefix('_').unwrap_or(key);
+        let name = self.canonical(base);
+        let plausible = !name.is_empty()
+            && name.len() <= 64
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '[' || c == ']');
+        plausible.then(|| name.to_owned())
+    }
+
     /// The element name a JSON key stands for: `valueQuantity` and `value` → `value[x]`; others unchanged.
     fn canonical<'a>(&'a self, key: &'a str) -> &'a str {
         for (stem, full) in &self.choices {
@@ -225,7 +262,32 @@ impl FieldMask {
         let hidden = if systems.is_empty() { BTreeSet::new() } else { self.hidden.clone() };
         let choices = if self.choices.is_empty() { other.choices.clone() } else { self.choices.clone() };
         let mandatory = if self.mandatory.is_empty() { other.mandatory.clone() } else { self.mandatory.clone() };
-        FieldMask { elements, hidden, hidden_identifier_systems: systems, choices, mandatory }
+        // Write-only for the union when either role writes it blind and the union still hides it from reading.
+        let mut write_only: Vec<String> = self.write_only_identifier_systems.clone();
+        for s in &other.write_only_identifier_systems {
+            if !write_only.contains(s) {
+                write_only.push(s.clone());
+            }
+        }
+        let hidden = if write_only.is_empty() {
+            hidden
+        } else {
+            HIDDEN_WITH_IDENTIFIERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<BTreeSet<String>>()
+                .union(&hidden)
+                .cloned()
+                .collect()
+        };
+        FieldMask {
+            elements,
+            hidden,
+            hidden_identifier_systems: systems,
+            choices,
+            mandatory,
+            write_only_identifier_systems: write_only,
+        }
     }
 
     /// Removes the `SUBSETTED` tag (a client sending back a shaped resource): stored resources are complete.
@@ -284,8 +346,17 @@ impl fmt::Display for FieldMask {
                 f.write_str(&names.join(", "))?;
             }
         }
-        if !self.hidden_identifier_systems.is_empty() {
-            write!(f, "; never identifiers of system {}", self.hidden_identifier_systems.join(", "))?;
+        let never: Vec<&str> = self
+            .hidden_identifier_systems
+            .iter()
+            .filter(|s| !self.write_only_identifier_systems.contains(s))
+            .map(String::as_str)
+            .collect();
+        if !never.is_empty() {
+            write!(f, "; never identifiers of system {}", never.join(", "))?;
+        }
+        if !self.write_only_identifier_systems.is_empty() {
+            write!(f, "; identifiers of system {} write-only", self.write_only_identifier_systems.join(", "))?;
         }
         Ok(())
     }

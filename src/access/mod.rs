@@ -204,14 +204,38 @@ pub fn narrow(decision: Decision, principal: &Principal, resource_type: &str, ac
     }
 }
 
-/// A write touched an element the caller may not write. Carries no client data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// A write touched an element the caller may not write. Carries no client data: only the R4 name of the
+/// top-level element refused (a name the schema defines; see [`FieldMask::element_name`]), when there is one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the request writes an element the caller may not write")]
-pub struct WriteDenied;
+pub struct WriteDenied {
+    /// The refused top-level element (`communication`, `identifier`); `None` when the whole write is refused.
+    pub element: Option<String>,
+}
+
+impl WriteDenied {
+    /// The whole write is refused (a denied decision, a body that is not an object).
+    pub const ALL: WriteDenied = WriteDenied { element: None };
+
+    fn element(mask: &FieldMask, key: &str) -> Self {
+        WriteDenied { element: mask.element_name(key) }
+    }
+
+    /// The error for a write of `rtype`: a 403 whose OperationOutcome names `{rtype}.{element}`.
+    pub fn at(self, rtype: &str) -> AppError {
+        match self.element {
+            Some(e) => AppError::ForbiddenElement { path: format!("{rtype}.{e}") },
+            None => AppError::Forbidden,
+        }
+    }
+}
 
 impl From<WriteDenied> for AppError {
-    fn from(_: WriteDenied) -> Self {
-        AppError::Forbidden
+    fn from(e: WriteDenied) -> Self {
+        match e.element {
+            Some(path) => AppError::ForbiddenElement { path },
+            None => AppError::Forbidden,
+        }
     }
 }
 
@@ -219,18 +243,20 @@ impl Decision {
     /// Prepares an incoming create (`stored` = `None`) or update body for storage, under this decision's masks.
     ///
     /// Elements the caller may not write are taken from `stored` (hidden elements survive the update; on create
-    /// they stay absent). Refused with [`WriteDenied`] when: the decision is a denial; the body is not a JSON
-    /// object; it carries an element the caller may not see, or an identifier of a hidden system (whatever its
-    /// value: the check must not reveal hidden data); or it changes an element the caller may see but not write.
+    /// they stay absent). Refused with [`WriteDenied`] (naming the element) when: the decision is a denial; the
+    /// body is not a JSON object; it carries an element the caller may not see, or an identifier of a hidden
+    /// system (whatever its value: the check must not reveal hidden data); or it changes an element the caller
+    /// may see but not write. Identifiers of a write-only system (the front desk's SSN) are accepted: when the
+    /// body sends any, they replace the stored ones of that system; when it sends none, the stored ones are kept.
     /// The `SUBSETTED` tag of a shaped resource sent back is removed. `resourceType`, `id` and `meta` are left to
     /// the caller.
     pub fn merge_hidden(&self, stored: Option<&Value>, incoming: &mut Value) -> Result<(), WriteDenied> {
         if !self.allowed || self.write_mask.is_nothing() {
-            return Err(WriteDenied);
+            return Err(WriteDenied::ALL);
         }
         let (read, write) = (&*self.read_mask, &*self.write_mask);
         let stored = stored.and_then(Value::as_object);
-        let incoming = incoming.as_object_mut().ok_or(WriteDenied)?;
+        let incoming = incoming.as_object_mut().ok_or(WriteDenied::ALL)?;
 
         for (key, value) in incoming.iter() {
             if write.allows(key) {
@@ -239,13 +265,13 @@ impl Decision {
             let unchanged = read.allows(key)
                 && stored.and_then(|s| s.get(key)).is_some_and(|old| visible(read, key, old) == *value);
             if !unchanged {
-                return Err(WriteDenied);
+                return Err(WriteDenied::element(write, key));
             }
         }
         if let Some(Value::Array(ids)) = incoming.get("identifier")
             && ids.iter().any(|id| write.hides_identifier(id))
         {
-            return Err(WriteDenied);
+            return Err(WriteDenied::element(write, "identifier"));
         }
 
         if let Some(stored) = stored {
@@ -283,12 +309,21 @@ fn restore_hidden_identifiers(
     let Some(Value::Array(old)) = stored.get("identifier") else {
         return Ok(());
     };
-    let kept: Vec<Value> = old.iter().filter(|id| write.hides_identifier(id)).cloned().collect();
+    // Write-only identifiers the body sends replace the stored ones; when it sends none, the stored ones stay.
+    let sends_blind = incoming
+        .get("identifier")
+        .and_then(Value::as_array)
+        .is_some_and(|ids| ids.iter().any(|id| write.writes_blind(id)));
+    let kept: Vec<Value> = old
+        .iter()
+        .filter(|id| write.hides_identifier(id) || (!sends_blind && write.writes_blind(id)))
+        .cloned()
+        .collect();
     if kept.is_empty() {
         return Ok(());
     }
     let ids = incoming.entry("identifier").or_insert_with(|| Value::Array(Vec::new()));
-    ids.as_array_mut().ok_or(WriteDenied)?.extend(kept);
+    ids.as_array_mut().ok_or_else(|| WriteDenied::element(write, "identifier"))?.extend(kept);
     Ok(())
 }
 

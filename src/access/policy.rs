@@ -17,7 +17,7 @@ use casbin::{CoreApi, DefaultModel, Enforcer, StringAdapter};
 use serde::Deserialize;
 
 use super::catalog::{ElementCatalog, RESOURCE_TYPES};
-use super::mask::FieldMask;
+use super::mask::{FieldMask, canonical_system};
 use super::{Action, Decision, Scope};
 use crate::role::Role;
 
@@ -83,6 +83,9 @@ struct FieldRule {
     write: Vec<String>,
     #[serde(default)]
     hide_identifier_systems: Vec<String>,
+    /// Identifier systems the role may write but never see (the front desk's SSN).
+    #[serde(default)]
+    write_only_identifier_systems: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -418,14 +421,27 @@ fn build_masks(text: &str, table: &Table, catalog: &dyn ElementCatalog) -> Resul
                     }
                 }
             }
-            if rule.hide_identifier_systems.iter().any(|s| s.trim().is_empty()) {
+            let (hide, write_only) = (&rule.hide_identifier_systems, &rule.write_only_identifier_systems);
+            if hide.iter().chain(write_only).any(|s| s.trim().is_empty()) {
                 return Err(invalid(FIELDS_FILE, format!("{at}: empty identifier system")));
             }
-            if !rule.hide_identifier_systems.is_empty()
+            if (!hide.is_empty() || !write_only.is_empty())
                 && let Some(r) = &read
                 && (r.contains("text") || r.contains("contained"))
             {
                 return Err(invalid(FIELDS_FILE, format!("{at}: text and contained are hidden with identifiers")));
+            }
+            if write_only.iter().any(|w| hide.iter().any(|h| canonical_system(h) == canonical_system(w))) {
+                return Err(invalid(
+                    FIELDS_FILE,
+                    format!("{at}: an identifier system is either hidden or write-only, not both"),
+                ));
+            }
+            if !write_only.is_empty() && write.as_ref().is_some_and(|w| !w.contains("identifier")) {
+                return Err(invalid(
+                    FIELDS_FILE,
+                    format!("{at}: write-only identifiers need write to include identifier"),
+                ));
             }
 
             let grants = |pred: fn(Action) -> bool| {
@@ -451,10 +467,13 @@ fn build_masks(text: &str, table: &Table, catalog: &dyn ElementCatalog) -> Resul
                 return Err(invalid(FIELDS_FILE, format!("{at}: {reason}")));
             }
             let mandatory = catalog.mandatory(type_name);
+            // Write-only systems are hidden from reading (never shown, never decrypted) but not from writing.
             let hidden = rule.hide_identifier_systems.clone();
+            let unreadable: Vec<String> = hidden.iter().chain(write_only).cloned().collect();
             masks[role as usize * TYPES + t] = Some((
-                FieldMask::new(read, hidden.clone(), &known, mandatory.clone()),
-                FieldMask::new(write, hidden, &known, mandatory),
+                FieldMask::new(read, unreadable, &known, mandatory.clone())
+                    .with_write_only_identifier_systems(write_only.clone()),
+                FieldMask::new(write, hidden, &known, mandatory).with_write_only_identifier_systems(write_only.clone()),
             ));
         }
     }

@@ -34,6 +34,26 @@ fn load_with(file: &str, text: &str) -> Result<PolicySet, PolicyError> {
 
 const RF: [Action; 4] = [Action::Read, Action::Vread, Action::Search, Action::History];
 
+/// The US Core clinical types added with issue 14 (CONTRACT §5a): in the patient's compartment; clinicians
+/// write them, nurses and the patient read them.
+const NEW_CLINICAL: [&str; 11] = [
+    "Procedure",
+    "DiagnosticReport",
+    "Immunization",
+    "DocumentReference",
+    "CarePlan",
+    "Goal",
+    "Device",
+    "Provenance",
+    "MedicationAdministration",
+    "ImagingStudy",
+    "SupplyDelivery",
+];
+/// Billing's own records (in the compartment; billing reads and writes them, the patient reads their own).
+const FINANCIAL: [&str; 3] = ["Coverage", "Claim", "ExplanationOfBenefit"];
+/// The directories: in no compartment, no patient information; every signed-in role reads them.
+const DIRECTORIES: [&str; 5] = ["Practitioner", "Organization", "Location", "PractitionerRole", "Medication"];
+
 /// The CONTRACT §4 table, written out: every grant; everything absent is denied.
 fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
     use Action::*;
@@ -45,15 +65,25 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
         }
     };
     let crud = [Read, Vread, Search, History, Create, Update, Delete];
-    let clinical = ["Observation", "Condition", "AllergyIntolerance", "MedicationRequest"];
+    let mut clinical = vec!["Observation", "Condition", "AllergyIntolerance", "MedicationRequest"];
+    clinical.extend(NEW_CLINICAL);
 
     for role in Role::ALL {
-        grant(role, "Practitioner", &RF, Scope::All);
-        grant(role, "Organization", &RF, Scope::All);
+        for ty in DIRECTORIES {
+            grant(role, ty, &RF, Scope::All);
+        }
     }
     grant(Admin, "Practitioner", &[Create, Update], Scope::All);
-    grant(Admin, "Organization", &[Create, Update], Scope::All);
-    grant(FrontDesk, "Organization", &[Create, Update], Scope::All);
+    for ty in ["Organization", "Location", "PractitionerRole"] {
+        grant(Admin, ty, &[Create, Update], Scope::All);
+        grant(FrontDesk, ty, &[Create, Update], Scope::All);
+    }
+    grant(Admin, "Medication", &[Create, Update], Scope::All);
+    grant(Clinician, "Medication", &[Create, Update], Scope::All);
+    for ty in FINANCIAL {
+        grant(Billing, ty, &[Read, Vread, Search, History, Create, Update], Scope::All);
+        grant(Patient, ty, &RF, Scope::Own);
+    }
 
     grant(FrontDesk, "Patient", &crud, Scope::All);
     grant(FrontDesk, "CareTeam", &crud, Scope::All);
@@ -65,7 +95,10 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
     }
 
     grant(Nurse, "Patient", &[Read, Vread, Search, History, Everything], Scope::CareTeam);
-    for ty in ["CareTeam", "Encounter", "Condition", "AllergyIntolerance", "MedicationRequest"] {
+    for ty in ["CareTeam", "Encounter", "Condition", "AllergyIntolerance", "MedicationRequest"]
+        .into_iter()
+        .chain(NEW_CLINICAL)
+    {
         grant(Nurse, ty, &RF, Scope::CareTeam);
     }
     grant(Nurse, "Observation", &[Read, Vread, Search, History, Create, Update], Scope::CareTeam);
@@ -73,12 +106,12 @@ fn expected() -> HashMap<(Role, &'static str, Action), Scope> {
     grant(Clinician, "Patient", &[Read, Vread, Search, History, Everything], Scope::CareTeam);
     grant(Clinician, "CareTeam", &RF, Scope::CareTeam);
     grant(Clinician, "Encounter", &[Read, Vread, Search, History, Create, Update], Scope::CareTeam);
-    for ty in clinical {
+    for ty in clinical.iter().copied() {
         grant(Clinician, ty, &crud, Scope::CareTeam);
     }
 
     grant(Patient, "Patient", &[Read, Vread, Search, History, Everything, AccessReport], Scope::Own);
-    for ty in ["CareTeam", "Encounter", "Observation", "Condition", "AllergyIntolerance", "MedicationRequest"] {
+    for ty in ["CareTeam", "Encounter"].into_iter().chain(clinical) {
         grant(Patient, ty, &RF, Scope::Own);
     }
 
@@ -203,11 +236,14 @@ fn field_masks_follow_the_contract_table() {
         }
     };
 
-    let demographics = ["identifier", "name", "telecom", "address", "gender", "birthDate"];
+    let demographics =
+        ["identifier", "name", "telecom", "address", "gender", "birthDate", "active", "communication", "extension"];
     let (r, w) = masks(&set, Role::FrontDesk, "Patient");
     only(&r, "Patient", &demographics);
     only(&w, "Patient", &demographics);
-    assert!(r.hides_identifier(&ssn()) && w.hides_identifier(&ssn()));
+    // The SSN is write-only for the front desk: hidden when reading, writable (blind) when writing.
+    assert!(r.hides_identifier(&ssn()) && !w.hides_identifier(&ssn()) && w.writes_blind(&ssn()));
+    assert!(!w.allows("text") && !w.allows("contained"), "narrative could repeat the SSN");
     assert!(!r.hides_identifier(&json!({ "system": "urn:mrn", "value": "1" })));
     // The SSN class, however it is spelled or typed (the red team's upper-case and https variants were shown).
     for variant in [
@@ -220,7 +256,7 @@ fn field_masks_follow_the_contract_table() {
         json!({ "value": "1", "type": { "coding": [{ "system": "https://terminology.hl7.org/CodeSystem/v2-0203/", "code": "SS" }] } }),
     ] {
         assert!(crate::access::is_ssn(&variant), "{variant}");
-        assert!(r.hides_identifier(&variant) && w.hides_identifier(&variant), "{variant}");
+        assert!(r.hides_identifier(&variant) && w.writes_blind(&variant), "{variant}");
     }
     assert!(r.hides_system("urn:oid:2.16.840.1.113883.4.1") && !r.hides_system("urn:mrn"));
     let not_ssn =
@@ -307,11 +343,22 @@ fn shaping_removes_hidden_elements_and_tags_subsetted() {
     let (front, _) = masks(&set, Role::FrontDesk, "Patient");
     let mut p = full_patient();
     assert!(front.shape(&mut p, None));
-    let want: BTreeSet<String> =
-        ["resourceType", "id", "meta", "identifier", "name", "telecom", "gender", "birthDate", "_birthDate", "address"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let want: BTreeSet<String> = [
+        "resourceType",
+        "id",
+        "meta",
+        "identifier",
+        "name",
+        "telecom",
+        "gender",
+        "birthDate",
+        "_birthDate",
+        "address",
+        "active",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(keys(&p), want);
     assert_eq!(p["identifier"], json!([{ "system": "urn:mrn", "value": "MRN-1" }]));
     assert_eq!(p["meta"]["versionId"], "3");
@@ -424,38 +471,54 @@ fn writes_outside_the_write_mask_are_refused() {
     let d = front_desk_update();
     let stored = full_patient();
 
-    // An SSN in the body: refused, whether new, changed, or equal to the stored one (no oracle).
+    // The front desk writes the SSN blind: one in the body replaces the stored one, whatever the stored value
+    // (nothing is compared with it: no oracle); the stored one is never part of the result.
     for ssn_value in ["123-45-6789", "999-99-9999"] {
         let mut body = front_desk_view();
-        body["identifier"].as_array_mut().unwrap().push(json!({ "system": SSN_SYSTEM, "value": ssn_value }));
-        assert_eq!(d.merge_hidden(Some(&stored), &mut body), Err(WriteDenied));
+        let sent = json!({ "system": SSN_SYSTEM, "value": ssn_value });
+        body["identifier"].as_array_mut().unwrap().push(sent.clone());
+        d.merge_hidden(Some(&stored), &mut body).unwrap();
+        let ssns: Vec<&Value> =
+            body["identifier"].as_array().unwrap().iter().filter(|i| crate::access::is_ssn(i)).collect();
+        assert_eq!(ssns, [&sent]);
     }
-    // A hidden element, even with its stored value.
+    // An identifier of a hidden (not write-only) system is refused, naming the element: the front desk on a
+    // Practitioner's SSN.
+    let practitioner = real().decide_role(Role::FrontDesk, "Practitioner", Action::Update);
+    let mut body = json!({ "resourceType": "Practitioner", "identifier": [ssn()] });
+    assert_eq!(practitioner.merge_hidden(None, &mut body), Err(WriteDenied { element: Some("identifier".into()) }));
+    // A hidden element, even with its stored value: refused, naming the element (never its value).
     let mut body = front_desk_view();
     body["maritalStatus"] = stored["maritalStatus"].clone();
-    assert_eq!(d.merge_hidden(Some(&stored), &mut body), Err(WriteDenied));
+    assert_eq!(d.merge_hidden(Some(&stored), &mut body), Err(WriteDenied { element: Some("maritalStatus".into()) }));
+    let mut body = front_desk_view();
+    body["deceasedBoolean"] = json!(true);
+    let denied = d.merge_hidden(Some(&stored), &mut body).unwrap_err();
+    assert_eq!(denied.element.as_deref(), Some("deceased[x]"));
+    assert!(matches!(denied.at("Patient"), AppError::ForbiddenElement { path } if path == "Patient.deceased[x]"));
 
-    // Create: demographics fine, SSN refused, nothing hidden invented.
+    // Create: demographics fine, an SSN written blind, nothing hidden invented.
     let create = real().decide_role(Role::FrontDesk, "Patient", Action::Create);
     let mut body = json!({ "resourceType": "Patient", "name": [ { "family": "New" } ] });
     create.merge_hidden(None, &mut body).unwrap();
     assert_eq!(keys(&body), ["resourceType", "name"].into_iter().map(String::from).collect());
     let mut body = json!({ "resourceType": "Patient", "identifier": [ssn()] });
-    assert_eq!(create.merge_hidden(None, &mut body), Err(WriteDenied));
+    create.merge_hidden(None, &mut body).unwrap();
+    assert_eq!(body["identifier"], json!([ssn()]));
 
     // Roles without write access are refused outright.
     let set = real();
     let mut body = front_desk_view();
     assert_eq!(
         set.decide_role(Role::Nurse, "Patient", Action::Update).merge_hidden(Some(&stored), &mut body),
-        Err(WriteDenied)
+        Err(WriteDenied::ALL)
     );
     assert_eq!(
         set.decide_role(Role::Billing, "Patient", Action::Read).merge_hidden(Some(&stored), &mut body),
-        Err(WriteDenied)
+        Err(WriteDenied::ALL)
     );
     let mut not_object = json!([1]);
-    assert_eq!(d.merge_hidden(Some(&stored), &mut not_object), Err(WriteDenied));
+    assert_eq!(d.merge_hidden(Some(&stored), &mut not_object), Err(WriteDenied::ALL));
 
     // Clinicians write every element of clinical resources.
     let upd = set.decide_role(Role::Clinician, "Observation", Action::Update);
@@ -488,7 +551,7 @@ fn readable_but_not_writable_elements_may_be_sent_back_unchanged() {
         json!({ "resourceType": "Patient", "gender": "female", "name": [ { "family": "B" } ], "active": true })
     );
     let mut body = json!({ "resourceType": "Patient", "gender": "male" });
-    assert_eq!(d.merge_hidden(Some(&stored), &mut body), Err(WriteDenied));
+    assert_eq!(d.merge_hidden(Some(&stored), &mut body), Err(WriteDenied { element: Some("gender".into()) }));
 }
 
 #[test]
@@ -519,6 +582,8 @@ fn explain_names_the_deciding_rule() {
     let line = source(POLICY_FILE).lines().position(|l| l == "p, front_desk, Patient, update, all").unwrap() + 1;
     assert!(text.contains("ALLOWED, scope all"), "{text}");
     assert!(text.contains(&format!("policy.csv line {line}: p, front_desk, Patient, update, all")), "{text}");
+    assert!(text.contains("identifiers of system http://hl7.org/fhir/sid/us-ssn write-only"), "{text}");
+    let text = set.explain(Role::FrontDesk, "Practitioner", Action::Update);
     assert!(text.contains("never identifiers of system http://hl7.org/fhir/sid/us-ssn"), "{text}");
     let text = set.explain(Role::FrontDesk, "Observation", Action::Read);
     assert!(text.contains("DENIED") && text.contains("no line of policy.csv grants"), "{text}");
@@ -681,4 +746,150 @@ fn invalid_policies_fail_to_load() {
         assert!(load_with(file, &text).is_err(), "{what} in {file} must not load");
     }
     assert!(load_with(FIELDS_FILE, &fields).is_ok());
+}
+
+/// CONTRACT §4 on every declared type, derived from the declarations rather than listed: for each type of
+/// `decl::all()` and each role, which may read and write it, at which scope, that every readable type has a
+/// mask, that no role but billing, admin (directory) and the patient sees an SSN where the type identifies a
+/// person, that the front desk gets no clinical type and billing nothing beyond its list.
+#[test]
+fn contract_rules_hold_on_every_declared_type_for_every_role() {
+    use crate::fhir::decl::{PatientLink, all};
+    let set = real();
+    let reads = |role: Role, ty: &str| RF.iter().all(|a| set.decide_role(role, ty, *a).allowed);
+    let reads_any = |role: Role, ty: &str| RF.iter().any(|a| set.decide_role(role, ty, *a).allowed);
+    let writes_any = |role: Role, ty: &str| {
+        [Action::Create, Action::Update, Action::Delete].iter().any(|a| set.decide_role(role, ty, *a).allowed)
+    };
+    let scope = |role: Role, ty: &str| set.decide_role(role, ty, Action::Read).scope;
+    let mut clinical_seen = 0;
+    for d in all() {
+        let ty = d.name;
+        let in_compartment = matches!(d.patient_link, PatientLink::Element(_) | PatientLink::Itself);
+        let directory = d.patient_link == PatientLink::None && !d.read_only;
+        let financial = FINANCIAL.contains(&ty);
+        let scheduling = ["CareTeam", "Encounter"].contains(&ty);
+        let clinical = matches!(d.patient_link, PatientLink::Element(_)) && !financial && !scheduling;
+        clinical_seen += usize::from(clinical);
+        assert!(directory || in_compartment || ty == "AuditEvent", "{ty}: unclassified");
+        assert!(!(directory && in_compartment), "{ty}");
+
+        for role in Role::ALL {
+            // Every readable type has a mask that shows something (the loader refuses a missing section).
+            if reads_any(role, ty) {
+                let m = masks(&set, role, ty).0;
+                assert!(!m.is_nothing() && m.allows("id"), "{role} reads {ty} without a mask");
+            }
+            if directory {
+                assert!(reads(role, ty) && scope(role, ty) == Some(Scope::All), "{role} reads the {ty} directory");
+            }
+        }
+        if directory {
+            for role in [Role::Nurse, Role::Billing, Role::Patient, Role::Auditor] {
+                assert!(!writes_any(role, ty), "{role} writes the {ty} directory");
+            }
+            continue;
+        }
+        // The patient reads their own compartment, every element of it, and writes nothing.
+        if in_compartment {
+            assert!(reads(Role::Patient, ty) && scope(Role::Patient, ty) == Some(Scope::Own), "patient {ty}");
+            assert!(masks(&set, Role::Patient, ty).0.is_everything(), "patient sees all of {ty}");
+        }
+        assert!(!writes_any(Role::Patient, ty), "patient writes {ty}");
+        // Auditor and admin: no PHI type at all.
+        for role in [Role::Auditor, Role::Admin] {
+            if ty != "AuditEvent" || role == Role::Admin {
+                assert!(!reads_any(role, ty) && !writes_any(role, ty), "{role} {ty}");
+            }
+        }
+        if clinical {
+            // Front desk and billing: no clinical type (billing's coded Condition excepted, by contract).
+            assert!(!reads_any(Role::FrontDesk, ty) && !writes_any(Role::FrontDesk, ty), "front desk {ty}");
+            if ty != "Condition" {
+                assert!(!reads_any(Role::Billing, ty), "billing {ty}");
+            }
+            assert!(!writes_any(Role::Billing, ty), "billing writes {ty}");
+            // Nurse reads every clinical type of care-team patients; writes Observation only.
+            assert!(reads(Role::Nurse, ty) && scope(Role::Nurse, ty) == Some(Scope::CareTeam), "nurse {ty}");
+            assert!(masks(&set, Role::Nurse, ty).0.is_everything(), "nurse sees all of {ty}");
+            assert_eq!(writes_any(Role::Nurse, ty), ty == "Observation", "nurse writes {ty}");
+            // Clinician: create, read, update, delete, every element, care-team patients.
+            for a in Action::ALL.into_iter().filter(|a| a.reads() || a.writes() || *a == Action::Delete) {
+                if a == Action::Everything {
+                    continue;
+                }
+                let dec = set.decide_role(Role::Clinician, ty, a);
+                assert_eq!(dec.scope, Some(Scope::CareTeam), "clinician {a} {ty}");
+            }
+            let (r, w) = masks(&set, Role::Clinician, ty);
+            assert!(r.is_everything() && w.is_everything(), "clinician {ty}");
+        }
+        if financial {
+            // Billing's own records: read and write, never delete; nobody else but the patient.
+            assert!(reads(Role::Billing, ty) && scope(Role::Billing, ty) == Some(Scope::All), "billing {ty}");
+            for a in [Action::Create, Action::Update] {
+                assert!(set.decide_role(Role::Billing, ty, a).allowed, "billing {a} {ty}");
+            }
+            assert!(!set.decide_role(Role::Billing, ty, Action::Delete).allowed, "billing deletes {ty}");
+            for role in [Role::FrontDesk, Role::Nurse, Role::Clinician] {
+                assert!(!reads_any(role, ty) && !writes_any(role, ty), "{role} {ty}");
+            }
+        }
+    }
+    assert_eq!(clinical_seen, 4 + NEW_CLINICAL.len());
+
+    // Billing reads nothing beyond its list (and the directories); writes only its own records.
+    for d in all().iter().filter(|d| d.patient_link != PatientLink::None) {
+        let listed = ["Patient", "Encounter", "Condition"].contains(&d.name) || FINANCIAL.contains(&d.name);
+        assert_eq!(reads_any(Role::Billing, d.name), listed, "billing reads {}", d.name);
+        assert_eq!(writes_any(Role::Billing, d.name), FINANCIAL.contains(&d.name), "billing writes {}", d.name);
+    }
+    // The front desk: Patient, CareTeam, Encounter in the compartment, nothing else.
+    for d in all().iter().filter(|d| d.patient_link != PatientLink::None) {
+        let listed = ["Patient", "CareTeam", "Encounter"].contains(&d.name);
+        assert_eq!(reads_any(Role::FrontDesk, d.name), listed, "front desk reads {}", d.name);
+    }
+
+    // SSNs where a type identifies a person (Patient, Practitioner): hidden from clinicians, nurses and the
+    // front desk on every such type (write-only for the front desk on Patient); billing sees the patient's.
+    for d in all().iter().filter(|d| ["Patient", "Practitioner"].contains(&d.name)) {
+        assert!(d.elements().any(|e| e == "identifier"));
+        for role in [Role::Clinician, Role::Nurse, Role::FrontDesk] {
+            let r = masks(&set, role, d.name).0;
+            assert!(r.hides_identifier(&ssn()) && !r.allows("text"), "{role} sees SSNs on {}", d.name);
+        }
+    }
+    assert!(!masks(&set, Role::Billing, "Patient").0.hides_identifier(&ssn()));
+    // Nobody but the front desk writes a patient's SSN, and it writes it blind.
+    for role in Role::ALL {
+        let w = set.decide_role(role, "Patient", Action::Update).write_mask;
+        let writes_ssn = w.allows("identifier") && !w.hides_identifier(&ssn());
+        assert_eq!(writes_ssn, role == Role::FrontDesk, "{role} writes SSNs");
+    }
+}
+
+/// `write_only_identifier_systems`: the loader's rules for it.
+#[test]
+fn write_only_identifier_systems_are_validated() {
+    let fields = source(FIELDS_FILE);
+    let swap = |from: &str, to: &str| {
+        assert!(fields.contains(from));
+        load_with(FIELDS_FILE, &fields.replacen(from, to, 1)).err().map(|e| e.to_string())
+    };
+    let wo = "write_only_identifier_systems = [\"http://hl7.org/fhir/sid/us-ssn\"]";
+    // Both hidden and write-only: refused (whatever the spelling).
+    let err = swap(wo, &format!("{wo}\nhide_identifier_systems = [\"urn:oid:2.16.840.1.113883.4.1\"]")).unwrap();
+    assert!(err.contains("either hidden or write-only"), "{err}");
+    // Write-only needs identifier among the writable elements.
+    let write_line = "write = [\"identifier\", \"name\", \"telecom\", \"address\", \"gender\", \"birthDate\", \"active\", \"communication\", \"extension\"]";
+    let err = swap(write_line, "write = [\"name\"]").unwrap();
+    assert!(err.contains("write-only identifiers need write to include identifier"), "{err}");
+    // Text cannot be read where identifiers are write-only.
+    let read_line = "read = [\"identifier\", \"name\", \"telecom\", \"address\", \"gender\", \"birthDate\", \"active\", \"communication\", \"extension\"]";
+    let err = swap(read_line, &read_line.replace("\"extension\"", "\"extension\", \"text\"")).unwrap();
+    assert!(err.contains("text and contained are hidden"), "{err}");
+    assert!(swap(wo, "write_only_identifier_systems = [\"\"]").unwrap().contains("empty identifier system"));
+    // Explain says it.
+    let explained = real().explain(Role::FrontDesk, "Patient", Action::Update);
+    assert!(explained.contains("write-only"), "{explained}");
 }

@@ -13,9 +13,24 @@ pub fn local_id(reference: Option<&Value>, rtype: &str) -> Option<String> {
     Uuid::parse_str(id).ok().map(|u| u.to_string())
 }
 
-/// The Patient id a `Reference` element points to (`Patient/{uuid}`), as [`local_id`] reads it.
+/// The Patient id a `Reference` element points to (`Patient/{uuid}`), as [`local_id`] reads it. For an array
+/// of references (`Provenance.target`, the one patient link R4 expresses that way) the one Patient among them:
+/// `None` when there is none, or when they name two different patients (fail closed: a record belongs to one
+/// compartment).
 pub fn patient_of_reference(reference: Option<&Value>) -> Option<String> {
-    local_id(reference, "Patient")
+    match reference? {
+        Value::Array(items) => {
+            let mut patients = items.iter().filter(|r| is_patient_reference(r)).map(|r| local_id(Some(r), "Patient"));
+            let first = patients.next()??;
+            patients.all(|p| p.as_deref() == Some(first.as_str())).then_some(first)
+        }
+        single => local_id(Some(single), "Patient"),
+    }
+}
+
+/// Whether a `Reference` names a Patient (`Patient/…`), whatever its id looks like.
+fn is_patient_reference(reference: &Value) -> bool {
+    reference.get("reference").and_then(Value::as_str).is_some_and(|r| r.starts_with("Patient/"))
 }
 
 /// The care relationships (patient id, practitioner id) an active CareTeam defines: its `subject` Patient with
@@ -61,6 +76,14 @@ mod tests {
         }
         assert_eq!(patient_of_reference(Some(&json!({ "identifier": { "value": P } }))), None);
         assert_eq!(patient_of_reference(None), None);
+        // An array (Provenance.target): the one Patient among the targets; none, two or a malformed one fail.
+        let other = r("Procedure/5b0a7d4e-7d0c-4c3e-9f27-1d1b7a9c2e11");
+        let p = r(&format!("Patient/{P}"));
+        assert_eq!(patient_of_reference(Some(&json!([other, p, p]))).as_deref(), Some(P));
+        assert_eq!(patient_of_reference(Some(&json!([other]))), None);
+        let q = r("Patient/0d7c1c77-2a4f-4b32-9a0e-59d5c3b1f2aa");
+        assert_eq!(patient_of_reference(Some(&json!([p, q]))), None);
+        assert_eq!(patient_of_reference(Some(&json!([p, r("Patient/not-a-uuid")]))), None);
         assert_eq!(local_id(Some(&r(&format!("Practitioner/{D}"))), "Practitioner").as_deref(), Some(D));
     }
 

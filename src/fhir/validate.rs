@@ -475,7 +475,7 @@ mod tests {
     #[test]
     fn rejects_resource_type_mismatch_and_unserved_types() {
         rejects("Observation", patient(), "Observation.resourceType", "Chalmers");
-        rejects("Medication", patient(), "resourceType", "Chalmers");
+        rejects("Substance", patient(), "resourceType", "Chalmers");
         rejects("Patient", json!(["Chalmers"]), "Patient", "Chalmers");
     }
 

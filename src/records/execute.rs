@@ -210,7 +210,7 @@ impl Records {
                 if p.has_any_role(&[Role::Admin, Role::Auditor]) { Ok(Gate::Role) } else { Err(AppError::Forbidden) }
             }
             _ => {
-                let d = decl::decl(i.rtype()).ok_or(AppError::NotFound)?;
+                let d = decl::decl(i.rtype()).ok_or_else(|| unserved(i.rtype()))?;
                 let action = i.action().ok_or(AppError::Forbidden)?;
                 let writes = matches!(action, Action::Create | Action::Update | Action::Delete);
                 if writes && d.read_only {
@@ -287,4 +287,10 @@ impl Records {
             _ => Err(AppError::Forbidden),
         }
     }
+}
+
+/// The refusal for a type carevault does not serve: `not-supported` when FHIR R4 defines it (`Basic`,
+/// `Substance`), the generic not-found for any other name (it names nothing the client could be told about).
+fn unserved(rtype: &str) -> AppError {
+    if crate::fhir::schema::resource(rtype).is_some() { AppError::NotSupported } else { AppError::NotFound }
 }

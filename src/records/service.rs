@@ -80,6 +80,13 @@ pub fn join_restricted(resource: &mut Map<String, Value>, restricted: Value) -> 
     Ok(())
 }
 
+/// Whether `resource` carries restricted identifiers, every one of a system the decision writes blind.
+pub(super) fn sends_write_only(decision: &Decision, resource: &Map<String, Value>) -> bool {
+    let Some(Value::Array(ids)) = resource.get("identifier") else { return false };
+    let mut restricted = ids.iter().filter(|id| crate::access::is_ssn(id)).peekable();
+    restricted.peek().is_some() && restricted.all(|id| decision.write_mask.writes_blind(id))
+}
+
 /// Whether a reader under `mask` may see restricted identifiers (then they are decrypted, else never).
 pub(super) fn restricted_readable(mask: &FieldMask) -> bool {
     mask.allows("identifier") && !RESTRICTED_SYSTEMS.iter().any(|s| mask.hides_system(s))

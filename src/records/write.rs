@@ -11,6 +11,7 @@ use super::execute::Disclosure;
 use super::operation::{Done, Shown};
 use super::service::{
     Caller, RESTRICTED_IDENTIFIERS, Records, Written, client_meta, decl_of, parse_id, restricted_readable,
+    sends_write_only,
 };
 use super::store::{self, Row, WriteExtras};
 use crate::access::{Action, Decision, FieldMask};
@@ -66,7 +67,7 @@ impl Records {
     ) -> AppResult<Map<String, Value>> {
         let obj = self.parse_body(rtype, body)?;
         let mut incoming = Value::Object(obj);
-        decision.merge_hidden(None, &mut incoming)?;
+        decision.merge_hidden(None, &mut incoming).map_err(|e| e.at(rtype))?;
         match incoming {
             Value::Object(o) => Ok(o),
             _ => Err(AppError::internal("merge produced a non-object")),
@@ -211,13 +212,19 @@ impl Records {
             }
         }
         let mut incoming = Value::Object(std::mem::take(&mut obj));
-        decision.merge_hidden(Some(&Value::Object(view)), &mut incoming)?;
+        decision.merge_hidden(Some(&Value::Object(view)), &mut incoming).map_err(|e| e.at(d.name))?;
         let Value::Object(mut merged) = incoming else {
             return Err(AppError::internal("merge produced a non-object"));
         };
         merged.insert("id".into(), Value::String(id.to_owned()));
         if let Some(ct) = keep.get(RESTRICTED_IDENTIFIERS) {
             merged.insert(RESTRICTED_IDENTIFIERS.into(), ct.clone());
+        }
+        // Write-only identifiers (the front desk's SSN) the body sends replace the stored ones, whose ciphertext is
+        // dropped without ever being decrypted; a body sending none keeps them.
+        if keep.contains_key(RESTRICTED_IDENTIFIERS) && sends_write_only(decision, &merged) {
+            keep.remove(RESTRICTED_IDENTIFIERS);
+            merged.remove(RESTRICTED_IDENTIFIERS);
         }
         // The merged resource (with hidden elements restored) must still be valid FHIR.
         let mut check = merged.clone();
@@ -292,7 +299,7 @@ impl Records {
                     ));
                 }
                 let mut incoming = Value::Object(obj);
-                decision.merge_hidden(None, &mut incoming)?;
+                decision.merge_hidden(None, &mut incoming).map_err(|e| e.at(d.name))?;
                 let Value::Object(obj) = incoming else {
                     return Err(AppError::internal("merge produced a non-object"));
                 };

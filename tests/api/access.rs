@@ -115,9 +115,12 @@ both_backends!(field_masks_on_read_search_history_and_write_bodies, |app: TestAp
     let (_, b) = app.get_json(&w.billing, &alice).await;
     assert!(has_ssn(&b), "SSN survived the front-desk update");
     assert_eq!(b["name"][0]["family"], "Lindqvist");
-    // Sending an SSN is refused for a role that may not write it (no overwrite, no probing).
-    p["identifier"] = json!([{"system":SSN_SYSTEM,"value":"999-99-9999"}]);
-    assert_eq!(app.put(&w.front, &alice, Some("2"), &p).await.status(), 403);
+    // Sending an SSN is refused for a role that may not write it (no overwrite, no probing): the front desk
+    // writes a patient's SSN blind (tests/api/types.rs) but never a practitioner's.
+    let pr = format!("/fhir/Practitioner/{}", w.doc_practitioner);
+    let mut body = app.get_json(&w.front, &pr).await.1;
+    body["identifier"] = json!([{"system":SSN_SYSTEM,"value":"999-99-9999"}]);
+    assert_eq!(app.put(&w.front, &pr, Some("1"), &body).await.status(), 403);
     // Billing: Condition code/subject/encounter only.
     let cond = app
         .create(

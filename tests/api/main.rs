@@ -32,5 +32,6 @@ mod retention;
 mod smart;
 mod tamper;
 mod telemetry;
+mod types;
 mod world;
 mod writes;
