@@ -375,7 +375,16 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
     let mut created: std::collections::BTreeSet<String> =
         [&id, &made, &tx_patient, &batch_patient].into_iter().cloned().collect();
     created.extend(encounters.iter().cloned());
-    assert_eq!(ids_of("create"), created, "{snippet}: every created resource, nothing else: {mine:#?}");
+    let audited = ids_of("create");
+    assert_eq!(
+        audited,
+        created,
+        "{snippet}: every created resource, nothing else (not audited as created: {:?}; audited, not created: {:?}; \
+         the patient {id}, the conditional update's {made}, the transaction's {tx_patient} and {encounters:?}, the \
+         batch's {batch_patient}): {mine:#?}",
+        created.difference(&audited).collect::<Vec<_>>(),
+        audited.difference(&created).collect::<Vec<_>>(),
+    );
     assert_eq!(count("update", "0", Some(&id)), 1, "{snippet}: {mine:#?}");
     assert_eq!(count("update", "0", Some(&made)), 1, "{snippet}: the conditional update that matched: {mine:#?}");
     assert_eq!(count("update", "0", None), 2, "{snippet}: {mine:#?}");
@@ -385,7 +394,10 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
     let expected = if merge.is_some() { vec![Some(3), Some(4)] } else { vec![Some(3)] };
     assert_eq!(versions, expected, "{snippet}: one event per patch, naming the version it made: {patches:#?}");
     for patched in &patches {
-        assert_eq!((&patched["resource_id"], &patched["patient"]), (&Value::from(id.as_str()), &Value::from(id.as_str())));
+        assert_eq!(
+            (&patched["resource_id"], &patched["patient"]),
+            (&Value::from(id.as_str()), &Value::from(id.as_str()))
+        );
     }
     if steps.contains_key("stale-patch") {
         assert!(count("patch", "4", Some(&id)) >= 1, "{snippet}: the stale patch is audited as failed: {mine:#?}");
