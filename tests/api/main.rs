@@ -32,3 +32,4 @@ mod smart;
 mod tamper;
 mod telemetry;
 mod world;
+mod writes;
