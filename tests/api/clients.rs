@@ -322,13 +322,25 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
     let other = cu["mrn"].as_str().unwrap();
     assert_eq!(total(app, &front, &format!("Patient?identifier={MRN}|{other}")).await, 0, "{snippet}");
 
-    // The transaction: both created, the Encounter's subject is the new Patient's id, not the urn:uuid.
+    // The transaction: every entry created (fhirpy's also a Practitioner and a CareTeam), every urn:uuid reference
+    // stored as the new resource's id.
     let tx = step("transaction");
     assert_eq!(tx["type"], "transaction-response", "{snippet}: {tx}");
+    let created_in = |bundle: &Value, rtype: &str| -> Vec<String> {
+        let locations = bundle["location"].as_array().unwrap();
+        let of_type = locations.iter().filter(|l| l.as_str().is_some_and(|l| l.contains(&format!("{rtype}/"))));
+        of_type.map(|l| location_id(l, rtype)).collect()
+    };
+    let entries = tx["status"].as_array().unwrap().len();
     let codes: Vec<u16> = tx["status"].as_array().unwrap().iter().map(status_code).collect();
-    assert_eq!(codes, [201, 201], "{snippet}: {tx}");
-    let tx_patient = location_id(&tx["location"][0], "Patient");
-    let mut encounters = vec![location_id(&tx["location"][1], "Encounter")];
+    assert_eq!(codes, vec![201; entries], "{snippet}: {tx}");
+    let [tx_patient] = &created_in(tx, "Patient")[..] else { panic!("{snippet}: one Patient: {tx}") };
+    let tx_patient = tx_patient.clone();
+    let mut encounters = created_in(tx, "Encounter");
+    let practitioners = created_in(tx, "Practitioner");
+    let care_teams = created_in(tx, "CareTeam");
+    assert_eq!(encounters.len(), 1, "{snippet}: {tx}");
+    assert_eq!(1 + encounters.len() + practitioners.len() + care_teams.len(), entries, "{snippet}: {tx}");
     for etag in tx["etag"].as_array().unwrap() {
         assert_eq!(etag, "W/\"1\"", "{snippet}: {tx}");
     }
@@ -337,15 +349,34 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
         // The same transaction again: its ifNoneExist entry found the patient (200) and the new Encounter links to it.
         let codes: Vec<u16> = again["status"].as_array().unwrap().iter().map(status_code).collect();
         assert_eq!(codes, [200, 201], "{snippet}: {again}");
-        assert_eq!(location_id(&again["location"][0], "Patient"), tx_patient, "{snippet}: {again}");
-        encounters.push(location_id(&again["location"][1], "Encounter"));
+        assert_eq!(created_in(again, "Patient"), [tx_patient.clone()], "{snippet}: {again}");
+        encounters.extend(created_in(again, "Encounter"));
     }
     assert_eq!(total(app, &front, &format!("Patient?identifier={MRN}|{tx_mrn}")).await, 1, "{snippet}");
+    let practitioner = practitioners.first().map(|p| format!("Practitioner/{p}"));
     for encounter in &encounters {
         let (status, stored) = app.get_json(&front, &format!("/fhir/Encounter/{encounter}")).await;
         assert_eq!(status, 200, "{snippet}: {stored}");
         app.assert_valid(&stored);
         assert_eq!(stored["subject"]["reference"], format!("Patient/{tx_patient}"), "{snippet}: {stored}");
+        if let Some(practitioner) = &practitioner {
+            assert_eq!(
+                stored["participant"][0]["individual"]["reference"],
+                practitioner.as_str(),
+                "{snippet}: {stored}"
+            );
+        }
+    }
+    for care_team in &care_teams {
+        let (status, stored) = app.get_json(&front, &format!("/fhir/CareTeam/{care_team}")).await;
+        assert_eq!(status, 200, "{snippet}: {stored}");
+        app.assert_valid(&stored);
+        assert_eq!(stored["subject"]["reference"], format!("Patient/{tx_patient}"), "{snippet}: {stored}");
+        assert_eq!(stored["participant"][0]["member"]["reference"], practitioner.as_deref().unwrap(), "{snippet}");
+    }
+    if let Some(practitioner) = &practitioner {
+        let (status, stored) = app.get_json(&front, &format!("/fhir/{practitioner}")).await;
+        assert_eq!((status, &stored["name"][0]["family"]), (200, &Value::from("Osler")), "{snippet}: {stored}");
     }
 
     // The batch: each entry on its own; the Observation refused, the others done.
@@ -374,7 +405,7 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
     };
     let mut created: std::collections::BTreeSet<String> =
         [&id, &made, &tx_patient, &batch_patient].into_iter().cloned().collect();
-    created.extend(encounters.iter().cloned());
+    created.extend(encounters.iter().chain(&practitioners).chain(&care_teams).cloned());
     let audited = ids_of("create");
     assert_eq!(
         audited,
@@ -406,12 +437,13 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
     assert_eq!(count("delete", "0", Some(&made)), 1, "{snippet}: {mine:#?}");
     assert_eq!(count("transaction", "0", None), encounters.len(), "{snippet}: one event per transaction: {mine:#?}");
     assert_eq!(count("batch", "0", None), 1, "{snippet}: {mine:#?}");
-    for encounter in &encounters {
+    let in_compartment = encounters.iter().map(|e| ("Encounter", e)).chain(care_teams.iter().map(|c| ("CareTeam", c)));
+    for (rtype, rid) in in_compartment {
         let event = mine
             .iter()
-            .find(|e| e["kind"] == "create" && e["resource_id"] == encounter.as_str())
-            .unwrap_or_else(|| panic!("{snippet}: no create event for Encounter/{encounter}"));
-        assert_eq!(event["resource_type"], "Encounter", "{snippet}: {event}");
+            .find(|e| e["kind"] == "create" && e["resource_id"] == rid.as_str())
+            .unwrap_or_else(|| panic!("{snippet}: no create event for {rtype}/{rid}"));
+        assert_eq!(event["resource_type"], rtype, "{snippet}: {event}");
         assert_eq!(event["patient"], tx_patient.as_str(), "{snippet}: the entry's event names its patient: {event}");
     }
     assert!(count("read", "0", Some(&id)) >= 1, "{snippet}: the batch's read entry: {mine:#?}");

@@ -119,14 +119,20 @@ try:
 except ResourceNotFound:
     report("conditional-delete", id=made.id, gone=True)
 
-# 7. A transaction (all or nothing): a Patient and its Encounter, which refers to the Patient by its urn:uuid
-# fullUrl; carevault stores the reference as Patient/{new id}. The ifNoneExist entry is a conditional create.
-patient_url = f"urn:uuid:{uuid.uuid4()}"
+# 7. A transaction (all or nothing): a Practitioner, a Patient, the Patient's care team and first Encounter, which
+# refer to the others by their urn:uuid fullUrls; carevault stores each reference as Type/{new id}. The Patient
+# entry is a conditional create (ifNoneExist).
+practitioner_url, patient_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
 tx_mrn = uuid.uuid4().hex[:12]
 transaction = {
     "resourceType": "Bundle",
     "type": "transaction",
     "entry": [
+        {
+            "fullUrl": practitioner_url,
+            "resource": {"resourceType": "Practitioner", "name": [{"family": "Osler", "given": ["William"]}]},
+            "request": {"method": "POST", "url": "Practitioner"},
+        },
         {
             "fullUrl": patient_url,
             "resource": {
@@ -139,10 +145,21 @@ transaction = {
         {
             "fullUrl": f"urn:uuid:{uuid.uuid4()}",
             "resource": {
+                "resourceType": "CareTeam",
+                "status": "active",
+                "subject": {"reference": patient_url},
+                "participant": [{"member": {"reference": practitioner_url}}],
+            },
+            "request": {"method": "POST", "url": "CareTeam"},
+        },
+        {
+            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+            "resource": {
                 "resourceType": "Encounter",
                 "status": "planned",
                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
                 "subject": {"reference": patient_url},
+                "participant": [{"individual": {"reference": practitioner_url}}],
                 "period": {"start": "2026-12-04T09:00:00Z"},
             },
             "request": {"method": "POST", "url": "Encounter"},
