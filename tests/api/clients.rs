@@ -281,6 +281,9 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
     let patch = step("patch");
     assert_eq!((&patch["id"], &patch["versionId"]), (&Value::from(id.as_str()), &Value::from("3")), "{snippet}");
     assert_eq!(patch["phone"], "555-0199", "{snippet}: {patch}");
+    if let Some(bare) = steps.get("unversioned-patch") {
+        assert_eq!((&bare["status"], &bare["outcome"]), (&Value::from(428), &Value::from("OperationOutcome")));
+    }
     if let Some(stale) = steps.get("stale-patch") {
         assert_eq!((&stale["status"], &stale["outcome"]), (&Value::from(412), &Value::from("OperationOutcome")));
     }
@@ -468,7 +471,9 @@ both_backends!(fhir_kit_client_writes_work, |app: TestApp| async move {
     let Some(node) = node_with_fhir_kit_client() else { return };
     let client = service_client(&app, "fhir-kit-writes");
     let steps = run_snippet(&app, &node, "fhir_kit_client_writes.mjs", &client);
-    assert!(steps.contains_key("transaction-again"), "{steps:#?}");
+    for step in ["transaction-again", "stale-patch", "unversioned-patch"] {
+        assert!(steps.contains_key(step), "{step}: {steps:#?}");
+    }
     check_writes(&app, "fhir_kit_client_writes.mjs", &client.0, &steps).await;
 });
 

@@ -62,7 +62,8 @@ try {
   report("stale-update", { status: e.response.status, outcome: e.response.data.resourceType });
 }
 
-// 4. Patch: patch() sends JSON Patch (application/json-patch+json); If-Match as for PUT. A stale one is 412 too.
+// 4. Patch: patch() sends JSON Patch (application/json-patch+json); If-Match as for PUT: a stale one is 412,
+// none is 428.
 const ops = [{ op: "replace", path: "/telecom/0/value", value: "555-0199" }];
 const patched = await client.patch({
   resourceType: "Patient",
@@ -76,6 +77,13 @@ try {
   report("stale-patch", { status: 200 });
 } catch (e) {
   report("stale-patch", { status: e.response.status, outcome: e.response.data.resourceType });
+}
+try {
+  await client.patch({ resourceType: "Patient", id: first.id, jsonPatch: [{ op: "replace", path: "/gender", value: "male" }] });
+  report("unversioned-patch", { status: 200 });
+} catch (e) {
+  // fhir.require_if_match (default true): no If-Match, no write
+  report("unversioned-patch", { status: e.response.status, outcome: e.response.data.resourceType });
 }
 
 // 5. Conditional update: update({searchParams}) is PUT Patient?identifier=…: it creates when nothing matches (201)
