@@ -156,13 +156,24 @@ pub async fn create(
 ) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     check_json(&req)?;
-    let if_none_exist = match req.headers().get("if-none-exist") {
+    let header = match req.headers().get("if-none-exist") {
         None => None,
         Some(v) => {
             let q = v.to_str().map_err(|_| AppError::invalid("If-None-Exist", "The header is malformed."))?;
             let pairs = serde_urlencoded::from_str(q.trim_start_matches('?'))
                 .map_err(|_| AppError::invalid("If-None-Exist", "The header is malformed."))?;
             Some(no_nul(pairs, "The If-None-Exist header is malformed.")?)
+        }
+    };
+    // `POST {type}?search` (fhirpy's get_or_create) is the same conditional create as the header; a query is
+    // never ignored, which is how duplicates were made.
+    let query = query_pairs(&req)?;
+    let if_none_exist = match (header, query.is_empty()) {
+        (h, true) => h,
+        (None, false) => Some(query),
+        (Some(h), false) if h == query => Some(h),
+        (Some(_), false) => {
+            return Err(AppError::invalid("If-None-Exist", "The header and the query string name different searches."));
         }
     };
     let done = execute(&state, &req, p, Interaction::Create { rtype: rtype.clone(), body, if_none_exist }).await?;

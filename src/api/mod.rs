@@ -43,7 +43,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/auth/logout").route(web::post().to(auth::logout)))
         .service(web::resource("/auth/break-glass").route(web::post().to(fhir::break_glass)))
         .service(web::resource("/fhir/metadata").route(web::get().to(fhir::metadata)))
-        .service(web::resource("/fhir").route(web::post().to(fhir::bundle)))
+        .service(web::resource(["/fhir", "/fhir/"]).route(web::post().to(fhir::bundle)))
         .service(web::resource("/fhir/Patient/{id}/$everything").route(web::get().to(fhir::everything)))
         .service(web::resource("/fhir/Patient/{id}/$access-report").route(web::get().to(fhir::access_report)))
         .service(web::resource("/fhir/{type}/_search").route(web::post().to(fhir::search_post)))

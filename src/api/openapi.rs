@@ -81,6 +81,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Get, "/fhir/Patient/{id}/$everything"),
     (Get, "/fhir/Patient/{id}/$access-report"),
     (Post, "/fhir"),
+    (Post, "/fhir/"),
     (Post, "/fhir/{type}/_search"),
     (Post, "/fhir/{type}/$validate"),
     (Get, "/fhir/{type}/{id}/_history/{vid}"),
@@ -517,7 +518,7 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
             .response("413", outcome_response("The body is too large."))
             .response("415", outcome_response("Not FHIR JSON."))
         }),
-        (Post, "/fhir") => one(fhir_op(
+        (Post, "/fhir" | "/fhir/") => one(fhir_op(
             "bundle",
             "A batch or transaction Bundle (up to `limits.max_bundle_bytes`). A transaction is all or nothing: \
              `urn:uuid:` fullUrls and conditional references are resolved, entries run in FHIR's order in one \

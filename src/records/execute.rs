@@ -88,6 +88,11 @@ impl Disclosure {
         self.patients.insert(patient);
     }
 
+    /// A conditional update that found nothing creates: its event is a create.
+    pub(super) fn kind(&mut self, kind: AuditKind) {
+        self.kind = kind;
+    }
+
     pub(super) fn purpose(&mut self, purpose: &'static str) {
         self.purpose = purpose;
     }

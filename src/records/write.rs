@@ -297,6 +297,7 @@ impl Records {
                     return Err(AppError::internal("merge produced a non-object"));
                 };
                 let stored = self.create_in(conn, caller, decision, d, obj, new_id, now, seed)?;
+                seed.kind(crate::audit::AuditKind::Create);
                 Ok((true, new_id.to_owned(), 1, stored))
             }
             Matched::One(row) => {

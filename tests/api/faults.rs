@@ -617,3 +617,90 @@ async fn a_full_disk_under_sqlite_is_a_clear_refusal_and_nothing_is_corrupted() 
          {writes} acknowledged writes present and audited; integrity_check ok; audit verify: ok"
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// SIGKILL during a large transaction Bundle.
+
+/// The Patients and their create events in the database.
+fn patients_and_creates(target: &carevault::config::DatabaseTarget) -> (usize, usize) {
+    use carevault::store::schema::resources;
+    let db = carevault::store::Db::connect(target, 1).unwrap();
+    let mut conn = db.conn().unwrap();
+    let patients: i64 =
+        resources::table.filter(resources::resource_type.eq("Patient")).count().get_result(&mut conn).unwrap();
+    let creates = audit_pairs(target).iter().filter(|(k, _)| k == "create").count();
+    (usize::try_from(patients).unwrap(), creates)
+}
+
+fn big_transaction(n: usize, family: &str) -> Value {
+    let entries: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+                   "request": {"method": "POST", "url": "Patient"},
+                   "resource": {"resourceType": "Patient", "name": [{"family": family, "given": [format!("N{i}")]}],
+                                "identifier": [{"system": "urn:mrn", "value": format!("{family}-{i}")}]}})
+        })
+        .collect();
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
+/// SIGKILL half way through a transaction of `n` Patients (its duration measured by a first, completed one):
+/// after restart the second transaction is there whole or not at all, with exactly one create event per stored
+/// Patient, and `audit verify` passes.
+async fn sigkill_during_a_transaction(database_url: String, target: carevault::config::DatabaseTarget) {
+    const N: usize = 1500;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = DataDir::new(tmp.path(), &database_url, "");
+    let mut server = data.serve();
+    data.add_user("desk", "front_desk", None);
+    let client = data.client();
+    let token = server.login(&client, "desk").await;
+    let post = |body: Value, base: String, token: String, client: reqwest::Client| async move {
+        client
+            .post(format!("{base}/fhir"))
+            .bearer_auth(token)
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+    };
+    let started = Instant::now();
+    let first = post(big_transaction(N, "First"), server.base.clone(), token.clone(), client.clone()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let took = started.elapsed();
+    assert_eq!(patients_and_creates(&target), (N, N));
+    let second = tokio::spawn(post(big_transaction(N, "Second"), server.base.clone(), token.clone(), client.clone()));
+    tokio::time::sleep(took / 2).await;
+    server.kill9();
+    let answered = second.await.unwrap().is_ok_and(|r| r.status() == 200);
+
+    let server = data.serve();
+    let (patients, creates) = patients_and_creates(&target);
+    drop(server);
+    assert!(patients == N || patients == 2 * N, "a partial transaction survived: {patients} Patients");
+    if answered {
+        assert_eq!(patients, 2 * N, "an answered transaction was lost");
+    }
+    assert_eq!(creates, patients, "every stored Patient has its create event, and no other");
+    let (ok, text) = data.audit_verify();
+    assert!(ok, "audit verify after SIGKILL: {text}");
+    eprintln!(
+        "FIGURE sigkill-transaction: {N} entries ({} ms when completed), killed at half: {} after restart",
+        took.as_millis(),
+        if patients == N { "nothing of it" } else { "all of it" }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_transaction_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("cv.db");
+    sigkill_during_a_transaction(format!("sqlite://{}", db.display()), sqlite_target(&db)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_transaction_postgres() {
+    let Some(pg) = PgDatabase::create() else { return };
+    let target = carevault::config::parse_database_url(&pg.url).unwrap();
+    sigkill_during_a_transaction(pg.url.clone(), target).await;
+}

@@ -91,9 +91,20 @@ both_backends!(conditional_create_makes_one_resource_however_often_it_is_sent, |
     assert_eq!(first["id"], second["id"]);
     app.assert_valid(&second);
     assert_eq!(app.live_count("Patient"), before + 1, "one resource, not two");
+    // The search as the create's query string (fhirpy's get_or_create) is the same conditional create.
+    let (s2b, _, third) =
+        app.send(&w.front, reqwest::Method::POST, "/fhir/Patient?identifier=urn:mrn|MRN-77", &[], Some(&body)).await;
+    assert_eq!((s2b, &third["id"]), (200, &first["id"]));
+    let differ = [("if-none-exist", "identifier=urn:mrn|MRN-1")];
+    let (s2c, _, _) = app
+        .send(&w.front, reqwest::Method::POST, "/fhir/Patient?identifier=urn:mrn|MRN-77", &differ, Some(&body))
+        .await;
+    assert_eq!(s2c, 400, "header and query disagree");
+    assert_eq!(app.live_count("Patient"), before + 1);
     // The match is audited as what it disclosed: that resource, no write.
     let events = app.events_after(seq);
-    assert_eq!(events.len(), 1, "{events:?}");
+    // Two matches audited; the disagreeing header is refused as malformed before any access (not audited).
+    assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!((&events[0]["kind"], &events[0]["outcome"]), (&json!("create"), &json!("0")));
     assert_eq!(events[0]["detail"], "conditional-match");
     assert_eq!(events[0]["resource_id"], first["id"]);
@@ -120,8 +131,11 @@ both_backends!(conditional_create_makes_one_resource_however_often_it_is_sent, |
 both_backends!(conditional_update_creates_updates_or_refuses_ambiguity, |app: TestApp| async move {
     let w = app.world().await;
     let path = "/fhir/Patient?identifier=urn:mrn|MRN-90";
+    let seq = app.last_seq();
     let (s1, h1, created) = app.send(&w.front, reqwest::Method::PUT, path, &[], Some(&patient("Ode", "MRN-90"))).await;
     assert_eq!(s1, 201, "{created}");
+    let events = app.events_after(seq);
+    assert_eq!((&events[0]["kind"], &events[0]["action"]), (&json!("create"), &json!("C")), "it created: {events:?}");
     assert_eq!(h1["etag"], "W/\"1\"");
     let id = created["id"].as_str().unwrap().to_owned();
     let (s2, h2, updated) =
@@ -349,7 +363,8 @@ both_backends!(a_transaction_resolves_urn_uuids_and_answers_per_entry, |app: Tes
             ),
         ],
     );
-    let (s, _, resp) = app.send(&w.front, reqwest::Method::POST, "/fhir", &[], Some(&tx)).await;
+    // `/fhir/` (where fhir-kit-client and fhirpy post Bundles) is the same endpoint.
+    let (s, _, resp) = app.send(&w.front, reqwest::Method::POST, "/fhir/", &[], Some(&tx)).await;
     assert_eq!(s, 200, "{resp}");
     app.assert_valid(&resp);
     assert_eq!(resp["type"], "transaction-response");
