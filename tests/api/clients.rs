@@ -352,7 +352,7 @@ async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTree
         // The same transaction again: its ifNoneExist entry found the patient (200) and the new Encounter links to it.
         let codes: Vec<u16> = again["status"].as_array().unwrap().iter().map(status_code).collect();
         assert_eq!(codes, [200, 201], "{snippet}: {again}");
-        assert_eq!(created_in(again, "Patient"), [tx_patient.clone()], "{snippet}: {again}");
+        assert_eq!(created_in(again, "Patient"), std::slice::from_ref(&tx_patient), "{snippet}: {again}");
         encounters.extend(created_in(again, "Encounter"));
     }
     assert_eq!(total(app, &front, &format!("Patient?identifier={MRN}|{tx_mrn}")).await, 1, "{snippet}");
