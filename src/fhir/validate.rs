@@ -36,6 +36,10 @@ pub const MAX_NODES: usize = 20_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ElemType {
     Date,
+    /// `integer`, `positiveInt` or `unsignedInt`, by the least value allowed: the schema types them as
+    /// `number` (its `pattern` applies to strings only), so `1.0`, `1e2` or `2147483648` pass it. The number's
+    /// text as the client wrote it (serde_json `arbitrary_precision`) must be an integer literal in range.
+    Integer(i64),
     /// A complex type or backbone element, by definition name.
     Object(String),
     /// Any resource (`contained`, `Bundle.entry.resource`): the definition is named by its `resourceType`.
@@ -78,11 +82,17 @@ impl FhirValidator {
             .iter()
             .filter_map(|d| defs.get(*d).and_then(|v| v.get("pattern")).and_then(Value::as_str))
             .collect();
+        // (pattern of the integer type, least value): choice variants (`valueInteger`) are written inline.
+        let integer_patterns: Vec<(&str, i64)> =
+            INTEGER_TYPES.iter().filter_map(|(d, min)| Some((defs.get(*d)?.get("pattern")?.as_str()?, *min))).collect();
         let kind_of = |prop: &Value| -> ElemType {
             let target = prop.get("items").unwrap_or(prop);
             if let Some(name) =
                 target.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/definitions/"))
             {
+                if let Some((_, min)) = INTEGER_TYPES.iter().find(|(t, _)| *t == name) {
+                    return ElemType::Integer(*min);
+                }
                 return match name {
                     "date" | "dateTime" | "instant" => ElemType::Date,
                     "ResourceList" => ElemType::Resource,
@@ -94,6 +104,10 @@ impl FhirValidator {
             }
             match target.get("pattern").and_then(Value::as_str) {
                 Some(p) if date_patterns.contains(&p) => ElemType::Date,
+                Some(p) => match integer_patterns.iter().find(|(ip, _)| *ip == p) {
+                    Some((_, min)) => ElemType::Integer(*min),
+                    None => ElemType::Other,
+                },
                 _ => ElemType::Other,
             }
         };
@@ -155,11 +169,12 @@ impl FhirValidator {
     fn check(&self, resource_type: &str, resource: &Value) -> AppResult<()> {
         self.validator.validate(resource).map_err(|e| schema_error(resource_type, &e))?;
         let mut path = resource_type.to_owned();
-        self.check_dates(resource_type, resource, &mut path)
+        self.check_values(resource_type, resource, &mut path)
     }
 
-    /// Walks the resource with its schema types and checks every date, dateTime and instant is on the calendar.
-    fn check_dates(&self, def: &str, value: &Value, path: &mut String) -> AppResult<()> {
+    /// Walks the resource with its schema types and checks every date, dateTime and instant is on the calendar
+    /// and every integer is an integer literal in its type's range.
+    fn check_values(&self, def: &str, value: &Value, path: &mut String) -> AppResult<()> {
         let (Some(props), Some(obj)) = (self.types.get(def), value.as_object()) else {
             return Ok(());
         };
@@ -182,10 +197,17 @@ impl FhirValidator {
                             return Err(AppError::invalid(path.clone(), BAD_DATE));
                         }
                     }
-                    ElemType::Object(name) => self.check_dates(name, item, path)?,
+                    ElemType::Integer(min) => {
+                        if let Value::Number(n) = item
+                            && !is_integer_literal(&n.to_string(), *min)
+                        {
+                            return Err(AppError::invalid(path.clone(), BAD_INTEGER));
+                        }
+                    }
+                    ElemType::Object(name) => self.check_values(name, item, path)?,
                     ElemType::Resource => {
                         if let Some(rt) = item.get("resourceType").and_then(Value::as_str) {
-                            self.check_dates(rt, item, path)?;
+                            self.check_values(rt, item, path)?;
                         }
                     }
                     ElemType::Other => {}
@@ -252,6 +274,19 @@ const WRONG_TYPE: &str = "The resourceType does not match the type in the URL.";
 const SERVER_SECURITY: &str = "Security labels are assigned by the server.";
 const REQUIRED: &str = "A required element is missing.";
 const BAD_DATE: &str = "The value is not a valid calendar date.";
+const BAD_INTEGER: &str = "The value is not an integer in the range of its data type.";
+
+/// The R4 integer types and the least value of each; all are 32-bit (at most 2,147,483,647).
+const INTEGER_TYPES: [(&str, i64); 3] = [("integer", i32::MIN as i64), ("unsignedInt", 0), ("positiveInt", 1)];
+
+/// Whether a JSON number's text is an integer literal (`-?(0|[1-9][0-9]*)`: no fraction, no exponent) between
+/// `min` and 2,147,483,647.
+fn is_integer_literal(text: &str, min: i64) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let literal =
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && (digits == "0" || !digits.starts_with('0'));
+    literal && text.parse::<i64>().is_ok_and(|v| (min..=i64::from(i32::MAX)).contains(&v))
+}
 const TOO_DEEP: &str = "The resource is nested too deeply.";
 const TOO_LARGE: &str = "The resource has too many elements.";
 
@@ -382,6 +417,46 @@ mod tests {
         let mut p = patient();
         p["name"] = json!({"family": "Solo"});
         rejects("Patient", p, "Patient.name", "Solo");
+    }
+
+    #[test]
+    fn integers_are_integer_literals_in_range_and_decimals_keep_their_text() {
+        let obs = |value: &str| -> Value {
+            serde_json::from_str(&format!(
+                r#"{{"resourceType":"Observation","status":"final","code":{{"text":"n"}},{value}}}"#
+            ))
+            .unwrap()
+        };
+        for ok in ["0", "-0", "7", "-2147483648", "2147483647"] {
+            validator().validate("Observation", &obs(&format!(r#""valueInteger":{ok}"#))).unwrap();
+        }
+        for bad in ["1.0", "1e2", "1E0", "2147483648", "-2147483649", "12345678901234567890"] {
+            rejects("Observation", obs(&format!(r#""valueInteger":{bad}"#)), "Observation.valueInteger", bad);
+        }
+        // positiveInt / unsignedInt by their ranges, also where the schema names the type by reference.
+        let range = r#""valueSampledData":{"origin":{"value":1},"period":1,"dimensions":DIM}"#;
+        validator().validate("Observation", &obs(&range.replace("DIM", "3"))).unwrap();
+        for bad in ["0", "-1", "2.5"] {
+            rejects("Observation", obs(&range.replace("DIM", bad)), "Observation.valueSampledData.dimensions", bad);
+        }
+        // A decimal element takes any JSON number, and its digits are what is kept (serde_json writes an exponent
+        // as `e` with its sign: `1E2` is kept as `1e+2`, same digits, same precision).
+        for (d, kept) in [
+            ("5.10", "5.10"),
+            ("1.0", "1.0"),
+            ("-0.000", "-0.000"),
+            ("0.1000000000000000055511151231257827", "0.1000000000000000055511151231257827"),
+            ("1e2", "1e+2"),
+            ("1E-7", "1e-7"),
+            ("1.50E+400", "1.50e+400"),
+        ] {
+            let v = obs(&format!(r#""valueQuantity":{{"value":{d}}}"#));
+            validator().validate("Observation", &v).unwrap();
+            assert_eq!(v["valueQuantity"]["value"].to_string(), kept);
+            assert!(v.to_string().contains(&format!(r#""value":{kept}}}"#)), "{v}");
+        }
+        assert!(is_integer_literal("0", 0) && !is_integer_literal("00", 0) && !is_integer_literal("-", i64::MIN));
+        assert!(!is_integer_literal("0", 1) && !is_integer_literal("+1", 0) && !is_integer_literal("", 0));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod concurrency;
 mod execute;
 pub mod maintenance;
 mod operation;
+mod references;
 mod reindex;
 mod rekey;
 mod service;

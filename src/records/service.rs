@@ -642,8 +642,9 @@ impl Records {
         Ok(self.index_values(d, &Value::Object(obj)))
     }
 
-    /// Every reference must point at an existing, live resource of an allowed type (and, for the patient
-    /// link, at a patient the caller may reach: otherwise it looks exactly like a missing one).
+    /// Every reference of a resource being written resolves to a live resource the caller may reach, within the
+    /// resource's own patient compartment for compartment targets (`records::references`); 400 naming the
+    /// element otherwise, the same for a missing target as for one the caller may not use.
     pub(super) fn check_references(
         &self,
         conn: &mut AnyConnection,
@@ -651,31 +652,7 @@ impl Records {
         resource: &Value,
         reach: &ScopeFilter,
     ) -> AppResult<()> {
-        for (path, targets) in d.references {
-            for node in values_at(resource, path) {
-                let Some(reference) = node.get("reference").and_then(Value::as_str) else { continue };
-                if reference.starts_with('#') {
-                    continue;
-                }
-                let bad = || {
-                    AppError::invalid(
-                        format!("{}.{path}", d.name),
-                        "The reference does not resolve to a resource of an allowed type.",
-                    )
-                };
-                let (rtype, id) = reference.split_once('/').ok_or_else(bad)?;
-                if !targets.contains(&rtype) || Uuid::parse_str(id).is_err() {
-                    return Err(bad());
-                }
-                let is_link = matches!(d.patient_link, PatientLink::Element(e) if e == *path);
-                let scope = if is_link && rtype == "Patient" { reach.clone() } else { ScopeFilter::All };
-                match store::current(conn, rtype, id, &scope)? {
-                    Some(row) if !row.deleted => {}
-                    _ => return Err(bad()),
-                }
-            }
-        }
-        Ok(())
+        super::references::check(conn, d, resource, reach, &self.base)
     }
 
     pub(super) fn compartment(d: &ResourceDecl, id: &str, resource: &Value) -> AppResult<Option<String>> {
@@ -1214,23 +1191,6 @@ pub(super) fn has_nul(v: &Value) -> bool {
 
 fn encode_pairs(pairs: &[(String, String)]) -> String {
     serde_urlencoded::to_string(pairs).unwrap_or_default()
-}
-
-/// Nodes at a simple dotted path (arrays flatten).
-pub(super) fn values_at<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
-    let mut nodes = vec![v];
-    for part in path.split('.') {
-        let mut next = Vec::new();
-        for n in nodes {
-            match n.get(part) {
-                Some(Value::Array(a)) => next.extend(a.iter()),
-                Some(x) => next.push(x),
-                None => {}
-            }
-        }
-        nodes = next;
-    }
-    nodes
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod disclosure;
 mod encryption;
 mod faults;
 mod fhir;
+mod fidelity;
 mod foundation;
 mod fuzz;
 mod limits;
