@@ -169,23 +169,7 @@ async fn check_run(app: &TestApp, snippet: &str, service: &str, steps: &BTreeMap
     assert_eq!((status, &bundle["total"]), (200, &serde_json::json!(3)), "{snippet}: {bundle}");
 
     // The audit trail: the service client's sign-in and each interaction, by its account.
-    let events: Vec<Value> = {
-        let mut conn = app.state.db.conn().unwrap();
-        let bodies: Vec<String> = audit_events::table
-            .filter(audit_events::kind.ne("alert"))
-            .order(audit_events::seq.asc())
-            .select(audit_events::body)
-            .load(&mut conn)
-            .unwrap();
-        bodies.iter().map(|b| serde_json::from_str(b).unwrap()).collect()
-    };
-    // The account the service client signed in as (its login event names it); every interaction is by that id.
-    let account = events
-        .iter()
-        .find(|e| e["kind"] == "login" && e["agent"]["username"] == service)
-        .map(|e| e["agent"]["user"].clone())
-        .unwrap_or_else(|| panic!("{snippet}: no login of {service}"));
-    let mine: Vec<&Value> = events.iter().filter(|e| e["agent"]["user"] == account).collect();
+    let mine = events_of(app, snippet, service);
     let count = |kind: &str, outcome: &str, resource: Option<&str>| {
         mine.iter()
             .filter(|e| e["kind"] == kind && e["outcome"] == outcome)
@@ -196,7 +180,7 @@ async fn check_run(app: &TestApp, snippet: &str, service: &str, steps: &BTreeMap
     assert_eq!(count("create", "0", None), 3, "{snippet}: {mine:#?}");
     assert!(count("read", "0", Some(&id)) >= 1, "{snippet}: {mine:#?}");
     assert_eq!(count("update", "0", Some(&id)), 1, "{snippet}: one update succeeded: {mine:#?}");
-    let searches: Vec<&&Value> = mine.iter().filter(|e| e["kind"] == "search" && e["outcome"] == "0").collect();
+    let searches: Vec<&Value> = mine.iter().filter(|e| e["kind"] == "search" && e["outcome"] == "0").collect();
     assert!(searches.len() >= 3, "{snippet}: a search and two pages: {searches:#?}");
     assert!(
         // One disclosed patient is recorded as `patient`, several as `patients`.
@@ -206,6 +190,27 @@ async fn check_run(app: &TestApp, snippet: &str, service: &str, steps: &BTreeMap
     );
     // Parameter names only: the family name (a search value) is nowhere in the trail.
     assert!(!serde_json::to_string(&mine).unwrap().contains(&family), "{snippet}: no search value in the audit trail");
+}
+
+/// The audit events (alerts aside) of the account the service client signed in as, oldest first: its login event
+/// names it; its FHIR interactions carry the account id only.
+fn events_of(app: &TestApp, snippet: &str, service: &str) -> Vec<Value> {
+    let events: Vec<Value> = {
+        let mut conn = app.state.db.conn().unwrap();
+        let bodies: Vec<String> = audit_events::table
+            .filter(audit_events::kind.ne("alert"))
+            .order(audit_events::seq.asc())
+            .select(audit_events::body)
+            .load(&mut conn)
+            .unwrap();
+        bodies.iter().map(|b| serde_json::from_str(b).unwrap()).collect()
+    };
+    let account = events
+        .iter()
+        .find(|e| e["kind"] == "login" && e["agent"]["username"] == service)
+        .map(|e| e["agent"]["user"].clone())
+        .unwrap_or_else(|| panic!("{snippet}: no login of {service}"));
+    events.into_iter().filter(|e| e["agent"]["user"] == account).collect()
 }
 
 both_backends!(fhirpy_snippet_works, |app: TestApp| async move {
@@ -231,11 +236,254 @@ both_backends!(fhir_kit_client_snippet_works, |app: TestApp| async move {
     check_run(&app, "fhir_kit_client_example.mjs", &client.0, &steps).await;
 });
 
+/// `"201 Created"` (a Bundle entry's `response.status`) → 201.
+fn status_code(v: &Value) -> u16 {
+    let text = v.as_str().unwrap_or_else(|| panic!("a status is a string: {v}"));
+    text.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("a status code: {text}"))
+}
+
+/// The id after `{rtype}/` in a Location (`Patient/ID/_history/1`, relative or absolute).
+fn location_id(v: &Value, rtype: &str) -> String {
+    let text = v.as_str().unwrap_or_else(|| panic!("a location is a string: {v}"));
+    let mut parts = text.split('/');
+    parts.find(|p| *p == rtype).unwrap_or_else(|| panic!("{text} names no {rtype}"));
+    parts.next().filter(|id| !id.is_empty()).unwrap_or_else(|| panic!("{text} names no {rtype} id")).to_owned()
+}
+
+/// A search's total, as front desk sees it.
+async fn total(app: &TestApp, front: &crate::helpers::Session, query: &str) -> Value {
+    let (status, bundle) = app.get_json(front, &format!("/fhir/{query}&_summary=count")).await;
+    assert_eq!(status, 200, "{query}: {bundle}");
+    bundle["total"].clone()
+}
+
+const MRN: &str = "https://carevault.example/fhir/sid/mrn";
+
+/// What each write snippet must have done (`fhirpy_writes.py`, `fhir_kit_client_writes.mjs`): its report, the
+/// stored resources, and one audit event per interaction and per Bundle entry.
+async fn check_writes(app: &TestApp, snippet: &str, service: &str, steps: &BTreeMap<String, Value>) {
+    let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("{snippet}: no `{name}` step in {steps:#?}"));
+    let front = app.user(&format!("front-{service}"), Role::FrontDesk, None).await;
+
+    // Conditional create, twice: one patient.
+    let goc = step("get-or-create");
+    let family = goc["family"].as_str().unwrap().to_owned();
+    let mrn = goc["mrn"].as_str().unwrap().to_owned();
+    let id = goc["ids"][0].as_str().unwrap().to_owned();
+    assert_eq!(goc["ids"][1], id.as_str(), "{snippet}: the second conditional create found the first: {goc}");
+    assert_eq!(goc["created"], serde_json::json!([true, false]), "{snippet}: {goc}");
+    assert_eq!(total(app, &front, &format!("Patient?identifier={MRN}|{mrn}")).await, 1, "{snippet}: no duplicate");
+
+    // Update (v2), stale update refused, patch (v3): the patched element changed, the others kept.
+    assert_eq!((&step("update")["id"], &step("update")["versionId"]), (&Value::from(id.as_str()), &Value::from("2")));
+    assert_eq!(step("stale-update")["status"], 412, "{snippet}: a stale If-Match is refused");
+    assert_eq!(step("stale-update")["outcome"], "OperationOutcome", "{snippet}");
+    let patch = step("patch");
+    assert_eq!((&patch["id"], &patch["versionId"]), (&Value::from(id.as_str()), &Value::from("3")), "{snippet}");
+    assert_eq!(patch["phone"], "555-0199", "{snippet}: {patch}");
+    if let Some(bare) = steps.get("unversioned-patch") {
+        assert_eq!((&bare["status"], &bare["outcome"]), (&Value::from(428), &Value::from("OperationOutcome")));
+    }
+    if let Some(stale) = steps.get("stale-patch") {
+        assert_eq!((&stale["status"], &stale["outcome"]), (&Value::from(412), &Value::from("OperationOutcome")));
+    }
+    // fhirpy's own patch() (a JSON object: a merge patch) after it: version 4, the JSON Patch's change kept.
+    let merge = steps.get("merge-patch");
+    if let Some(merge) = merge {
+        assert_eq!((&merge["id"], &merge["versionId"]), (&Value::from(id.as_str()), &Value::from("4")), "{snippet}");
+        assert_eq!(merge["phone"], "555-0199", "{snippet}: {merge}");
+    }
+    let (version, birth_date) = if merge.is_some() { ("4", "1990-04-02") } else { ("3", "1990-04-01") };
+    let (status, stored) = app.get_json(&front, &format!("/fhir/Patient/{id}")).await;
+    assert_eq!(status, 200, "{snippet}: {stored}");
+    app.assert_valid(&stored);
+    assert_eq!(stored["meta"]["versionId"], version, "{snippet}: nothing after the patches was stored: {stored}");
+    assert_eq!(stored["telecom"][0]["value"], "555-0199", "{snippet}: {stored}");
+    assert_eq!(stored["telecom"][0]["use"], "home", "{snippet}: the patch kept the rest of the element: {stored}");
+    assert_eq!(stored["address"][0]["city"], "Springfield", "{snippet}: the update before it kept: {stored}");
+    assert_eq!(stored["gender"], "female", "{snippet}: {stored}");
+    assert_eq!(stored["birthDate"], birth_date, "{snippet}: {stored}");
+    assert_eq!(stored["name"][0]["family"], family.as_str(), "{snippet}: {stored}");
+    assert_eq!(stored["identifier"][0]["value"], mrn.as_str(), "{snippet}: {stored}");
+
+    // Conditional update: created (201), then the same resource updated (200, v2); then conditionally deleted.
+    let cu = step("conditional-update");
+    let made = cu["ids"][0].as_str().unwrap().to_owned();
+    assert_eq!(cu["ids"][1], made.as_str(), "{snippet}: the second conditional update found the first: {cu}");
+    assert_eq!(cu["created"], serde_json::json!([true, false]), "{snippet}: {cu}");
+    assert_eq!(cu["versionId"], "2", "{snippet}: {cu}");
+    let cd = step("conditional-delete");
+    assert_eq!((&cd["id"], &cd["gone"]), (&Value::from(made.as_str()), &Value::Bool(true)), "{snippet}: {cd}");
+    if let Some(status) = cd.get("status") {
+        assert!([200, 204].contains(&status.as_u64().unwrap()), "{snippet}: {cd}");
+    }
+    let r = app.get(&front, &format!("/fhir/Patient/{made}")).await;
+    assert_eq!(r.status(), 410, "{snippet}: the conditionally deleted patient reads 410");
+    let (status, v2) = app.get_json(&front, &format!("/fhir/Patient/{made}/_history/2")).await;
+    assert_eq!(status, 200, "{snippet}: history is kept: {v2}");
+    assert_eq!((&v2["gender"], &v2["name"][0]["given"][0]), (&Value::from("female"), &Value::from("Grace")));
+    let other = cu["mrn"].as_str().unwrap();
+    assert_eq!(total(app, &front, &format!("Patient?identifier={MRN}|{other}")).await, 0, "{snippet}");
+
+    // The transaction: every entry created (fhirpy's also a Practitioner and a CareTeam), every urn:uuid reference
+    // stored as the new resource's id.
+    let tx = step("transaction");
+    assert_eq!(tx["type"], "transaction-response", "{snippet}: {tx}");
+    let created_in = |bundle: &Value, rtype: &str| -> Vec<String> {
+        let locations = bundle["location"].as_array().unwrap();
+        let of_type = locations.iter().filter(|l| l.as_str().is_some_and(|l| l.contains(&format!("{rtype}/"))));
+        of_type.map(|l| location_id(l, rtype)).collect()
+    };
+    let entries = tx["status"].as_array().unwrap().len();
+    let codes: Vec<u16> = tx["status"].as_array().unwrap().iter().map(status_code).collect();
+    assert_eq!(codes, vec![201; entries], "{snippet}: {tx}");
+    let [tx_patient] = &created_in(tx, "Patient")[..] else { panic!("{snippet}: one Patient: {tx}") };
+    let tx_patient = tx_patient.clone();
+    let mut encounters = created_in(tx, "Encounter");
+    let practitioners = created_in(tx, "Practitioner");
+    let care_teams = created_in(tx, "CareTeam");
+    assert_eq!(encounters.len(), 1, "{snippet}: {tx}");
+    assert_eq!(1 + encounters.len() + practitioners.len() + care_teams.len(), entries, "{snippet}: {tx}");
+    for etag in tx["etag"].as_array().unwrap() {
+        assert_eq!(etag, "W/\"1\"", "{snippet}: {tx}");
+    }
+    let tx_mrn = tx["mrn"].as_str().unwrap();
+    if let Some(again) = steps.get("transaction-again") {
+        // The same transaction again: its ifNoneExist entry found the patient (200) and the new Encounter links to it.
+        let codes: Vec<u16> = again["status"].as_array().unwrap().iter().map(status_code).collect();
+        assert_eq!(codes, [200, 201], "{snippet}: {again}");
+        assert_eq!(created_in(again, "Patient"), std::slice::from_ref(&tx_patient), "{snippet}: {again}");
+        encounters.extend(created_in(again, "Encounter"));
+    }
+    assert_eq!(total(app, &front, &format!("Patient?identifier={MRN}|{tx_mrn}")).await, 1, "{snippet}");
+    let practitioner = practitioners.first().map(|p| format!("Practitioner/{p}"));
+    for encounter in &encounters {
+        let (status, stored) = app.get_json(&front, &format!("/fhir/Encounter/{encounter}")).await;
+        assert_eq!(status, 200, "{snippet}: {stored}");
+        app.assert_valid(&stored);
+        assert_eq!(stored["subject"]["reference"], format!("Patient/{tx_patient}"), "{snippet}: {stored}");
+        if let Some(practitioner) = &practitioner {
+            assert_eq!(
+                stored["participant"][0]["individual"]["reference"],
+                practitioner.as_str(),
+                "{snippet}: {stored}"
+            );
+        }
+    }
+    for care_team in &care_teams {
+        let (status, stored) = app.get_json(&front, &format!("/fhir/CareTeam/{care_team}")).await;
+        assert_eq!(status, 200, "{snippet}: {stored}");
+        app.assert_valid(&stored);
+        assert_eq!(stored["subject"]["reference"], format!("Patient/{tx_patient}"), "{snippet}: {stored}");
+        assert_eq!(stored["participant"][0]["member"]["reference"], practitioner.as_deref().unwrap(), "{snippet}");
+    }
+    if let Some(practitioner) = &practitioner {
+        let (status, stored) = app.get_json(&front, &format!("/fhir/{practitioner}")).await;
+        assert_eq!((status, &stored["name"][0]["family"]), (200, &Value::from("Osler")), "{snippet}: {stored}");
+    }
+
+    // The batch: each entry on its own; the Observation refused, the others done.
+    let batch = step("batch");
+    assert_eq!(batch["type"], "batch-response", "{snippet}: {batch}");
+    let codes: Vec<u16> = batch["status"].as_array().unwrap().iter().map(status_code).collect();
+    assert_eq!(codes, [201, 200, 403], "{snippet}: {batch}");
+    let batch_patient = location_id(&batch["location"][0], "Patient");
+    // Ada, Edith and Mary; Grace is deleted. No duplicates anywhere.
+    assert_eq!(total(app, &front, &format!("Patient?family={family}")).await, 3, "{snippet}");
+
+    // The audit trail: one event per interaction and per entry, by the service client's account.
+    let mine = events_of(app, snippet, service);
+    let ids_of = |kind: &str| -> std::collections::BTreeSet<String> {
+        mine.iter()
+            .filter(|e| e["kind"] == kind && e["outcome"] == "0")
+            .map(|e| e["resource_id"].as_str().unwrap_or_else(|| panic!("{snippet}: {kind} names its resource: {e}")))
+            .map(str::to_owned)
+            .collect()
+    };
+    let count = |kind: &str, outcome: &str, resource: Option<&str>| {
+        mine.iter()
+            .filter(|e| e["kind"] == kind && e["outcome"] == outcome)
+            .filter(|e| resource.is_none_or(|r| e["resource_id"] == r))
+            .count()
+    };
+    let mut created: std::collections::BTreeSet<String> =
+        [&id, &made, &tx_patient, &batch_patient].into_iter().cloned().collect();
+    created.extend(encounters.iter().chain(&practitioners).chain(&care_teams).cloned());
+    let audited = ids_of("create");
+    assert_eq!(
+        audited,
+        created,
+        "{snippet}: every created resource, nothing else (not audited as created: {:?}; audited, not created: {:?}; \
+         the patient {id}, the conditional update's {made}, the transaction's {tx_patient} and {encounters:?}, the \
+         batch's {batch_patient}): {mine:#?}",
+        created.difference(&audited).collect::<Vec<_>>(),
+        audited.difference(&created).collect::<Vec<_>>(),
+    );
+    assert_eq!(count("update", "0", Some(&id)), 1, "{snippet}: {mine:#?}");
+    assert_eq!(count("update", "0", Some(&made)), 1, "{snippet}: the conditional update that matched: {mine:#?}");
+    assert_eq!(count("update", "0", None), 2, "{snippet}: {mine:#?}");
+    assert!(count("update", "4", Some(&id)) >= 1, "{snippet}: the stale update is audited as failed: {mine:#?}");
+    let patches: Vec<&Value> = mine.iter().filter(|e| e["kind"] == "patch" && e["outcome"] == "0").collect();
+    let versions: Vec<Option<i64>> = patches.iter().map(|e| e["resource_version"].as_i64()).collect();
+    let expected = if merge.is_some() { vec![Some(3), Some(4)] } else { vec![Some(3)] };
+    assert_eq!(versions, expected, "{snippet}: one event per patch, naming the version it made: {patches:#?}");
+    for patched in &patches {
+        assert_eq!(
+            (&patched["resource_id"], &patched["patient"]),
+            (&Value::from(id.as_str()), &Value::from(id.as_str()))
+        );
+    }
+    if steps.contains_key("stale-patch") {
+        assert!(count("patch", "4", Some(&id)) >= 1, "{snippet}: the stale patch is audited as failed: {mine:#?}");
+    }
+    assert_eq!(count("delete", "0", None), 1, "{snippet}: {mine:#?}");
+    assert_eq!(count("delete", "0", Some(&made)), 1, "{snippet}: {mine:#?}");
+    assert_eq!(count("transaction", "0", None), encounters.len(), "{snippet}: one event per transaction: {mine:#?}");
+    assert_eq!(count("batch", "0", None), 1, "{snippet}: {mine:#?}");
+    let in_compartment = encounters.iter().map(|e| ("Encounter", e)).chain(care_teams.iter().map(|c| ("CareTeam", c)));
+    for (rtype, rid) in in_compartment {
+        let event = mine
+            .iter()
+            .find(|e| e["kind"] == "create" && e["resource_id"] == rid.as_str())
+            .unwrap_or_else(|| panic!("{snippet}: no create event for {rtype}/{rid}"));
+        assert_eq!(event["resource_type"], rtype, "{snippet}: {event}");
+        assert_eq!(event["patient"], tx_patient.as_str(), "{snippet}: the entry's event names its patient: {event}");
+    }
+    assert!(count("read", "0", Some(&id)) >= 1, "{snippet}: the batch's read entry: {mine:#?}");
+    let refused: Vec<&Value> =
+        mine.iter().filter(|e| e["kind"] == "create" && e["resource_type"] == "Observation").collect();
+    assert_eq!(refused.len(), 1, "{snippet}: the batch's refused entry is audited once: {mine:#?}");
+    assert_eq!(refused[0]["outcome"], "4", "{snippet}: {:?}", refused[0]);
+    let trail = serde_json::to_string(&mine).unwrap();
+    for value in [family.as_str(), mrn.as_str(), tx_mrn, other] {
+        assert!(!trail.contains(value), "{snippet}: no search or resource value in the audit trail");
+    }
+}
+
+both_backends!(fhirpy_writes_work, |app: TestApp| async move {
+    let Some(python) = python_with("fhirpy") else { return };
+    let client = service_client(&app, "fhirpy-writes");
+    let steps = run_snippet(&app, &python, "fhirpy_writes.py", &client);
+    check_writes(&app, "fhirpy_writes.py", &client.0, &steps).await;
+});
+
+both_backends!(fhir_kit_client_writes_work, |app: TestApp| async move {
+    let Some(node) = node_with_fhir_kit_client() else { return };
+    let client = service_client(&app, "fhir-kit-writes");
+    let steps = run_snippet(&app, &node, "fhir_kit_client_writes.mjs", &client);
+    for step in ["transaction-again", "stale-patch", "unversioned-patch"] {
+        assert!(steps.contains_key(step), "{step}: {steps:#?}");
+    }
+    check_writes(&app, "fhir_kit_client_writes.mjs", &client.0, &steps).await;
+});
+
 /// The snippet files the guide must show, each in a block marked `<!-- snippet: PATH -->`.
 const SNIPPETS: &[&str] = &[
     "tests/clients/fhirpy_example.py",
     "tests/clients/fhirclient_example.py",
     "tests/clients/fhir_kit_client_example.mjs",
+    "tests/clients/fhirpy_writes.py",
+    "tests/clients/fhir_kit_client_writes.mjs",
 ];
 
 /// Each `<!-- snippet: PATH -->` marker with the content of the fenced block that follows it.
