@@ -43,7 +43,7 @@ pub fn status_of(e: &AppError) -> StatusCode {
 }
 
 /// FHIR issue code and the fixed, generic diagnostics for each kind.
-fn issue(e: &AppError) -> (&'static str, &'static str) {
+pub fn issue(e: &AppError) -> (&'static str, &'static str) {
     match e {
         AppError::Invalid { reason, .. } => ("invalid", reason),
         AppError::NotFound => ("not-found", "The resource was not found."),
