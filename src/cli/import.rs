@@ -643,7 +643,8 @@ pub fn run(cli: &Cli, args: &ImportArgs) -> Result<(), CliError> {
             )));
         }
         if run.failed {
-            return Err(CliError::Message(format!("{} entr(y/ies) refused", s.refused)));
+            let what = if s.refused == 1 { "entry" } else { "entries" };
+            return Err(CliError::Message(format!("{} {what} refused (see above)", s.refused)));
         }
         Ok(())
     })

@@ -20,6 +20,7 @@ mod faults;
 mod fhir;
 mod foundation;
 mod fuzz;
+mod ingest;
 mod limits;
 mod monitor;
 mod oidc;
