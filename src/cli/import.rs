@@ -629,7 +629,7 @@ pub fn run(cli: &Cli, args: &ImportArgs) -> Result<(), CliError> {
         let created: usize = s.created.values().sum();
         let rate = if elapsed > 0.0 { created as f64 / elapsed } else { 0.0 };
         println!(
-            "imported {created} resource(s) in {elapsed:.1} s ({rate:.0} resources/s) as {}; refused: {}; \
+            "imported {created} resource(s) in {elapsed:.2} s ({rate:.0} resources/s) as {}; refused: {}; \
              chunks posted: {}, skipped (already imported): {}",
             args.account, s.refused, s.chunks, s.skipped_chunks
         );
