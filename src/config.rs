@@ -98,6 +98,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub fhir: FhirConfig,
+    #[serde(default)]
     pub audit: AuditConfig,
     /// Prometheus `/metrics` (off unless `metrics.listen` is set).
     #[serde(default)]
@@ -271,11 +273,38 @@ pub struct LimitsConfig {
     /// Expensive operations (searches, history, `$everything`, `$access-report`) one account may have in
     /// flight at once in this process; more answer 429 with `Retry-After`.
     pub max_concurrent_per_account: usize,
+    /// The body limit of `POST /fhir` (batch and transaction Bundles) only; every other body keeps
+    /// `max_body_bytes`.
+    pub max_bundle_bytes: usize,
+    /// At most this many entries in one Bundle.
+    pub max_bundle_entries: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1_048_576, requests_per_second: 1000, burst: 2000, max_concurrent_per_account: 8 }
+        Self {
+            max_body_bytes: 1_048_576,
+            requests_per_second: 1000,
+            burst: 2000,
+            max_concurrent_per_account: 8,
+            max_bundle_bytes: 16 * 1_048_576,
+            max_bundle_entries: 20_000,
+        }
+    }
+}
+
+/// `[fhir]`: FHIR interaction rules a deployment may relax for clients that cannot follow them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirConfig {
+    /// Updates and patches need `If-Match` (428 without it, 412 when stale). `false` lets clients that
+    /// cannot send it update whatever version is current.
+    pub require_if_match: bool,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
+        Self { require_if_match: true }
     }
 }
 
@@ -493,6 +522,14 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid("`limits.max_body_bytes` must be at least 1024".into()));
+        }
+        if self.limits.max_bundle_bytes < self.limits.max_body_bytes {
+            return Err(ConfigError::Invalid(
+                "`limits.max_bundle_bytes` must be at least `limits.max_body_bytes`".into(),
+            ));
+        }
+        if self.limits.max_bundle_entries == 0 {
+            return Err(ConfigError::Invalid("`limits.max_bundle_entries` must be positive".into()));
         }
         if self.limits.max_concurrent_per_account == 0 {
             return Err(ConfigError::Invalid("`limits.max_concurrent_per_account` must be positive".into()));

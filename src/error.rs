@@ -31,6 +31,17 @@ pub enum AppError {
     Unauthenticated,
     #[error("forbidden")]
     Forbidden,
+    /// Refused because of one element the caller may not see or change: `path` names it (a server-defined
+    /// name, never a value).
+    #[error("forbidden element")]
+    ForbiddenElement { path: String },
+    /// An entry of a Bundle failed: `source` is its error, `index` its position in `Bundle.entry`.
+    #[error("Bundle entry {index} failed")]
+    InEntry {
+        index: usize,
+        #[source]
+        source: Box<AppError>,
+    },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("conflict")]
@@ -75,6 +86,11 @@ impl AppError {
         Self::Invalid { path: Some(path.into()), reason }
     }
 
+    /// A 403 naming the element (`Patient.communication`) that made the write impossible.
+    pub fn forbidden_element(path: impl Into<String>) -> Self {
+        Self::ForbiddenElement { path: path.into() }
+    }
+
     /// An internal error described by a text of ours. Prefer [`AppError::internal_from`] when there is an error
     /// to keep as the cause.
     pub fn internal(detail: impl fmt::Display) -> Self {
@@ -98,6 +114,9 @@ impl AppError {
 
     /// True for the kinds that are the server's fault or a dependency's (5xx), whose cause belongs in the log.
     pub fn is_server_error(&self) -> bool {
+        if let Self::InEntry { source, .. } = self {
+            return source.is_server_error();
+        }
         matches!(
             self,
             Self::Internal(_) | Self::InternalFrom { .. } | Self::Unavailable(_) | Self::UnavailableFrom { .. }

@@ -25,11 +25,12 @@ pub fn operation_outcome(severity: &str, code: &str, diagnostics: &str, path: Op
 /// The HTTP status of each kind.
 pub fn status_of(e: &AppError) -> StatusCode {
     match e {
+        AppError::InEntry { source, .. } => status_of(source),
         AppError::Invalid { .. } => StatusCode::BAD_REQUEST,
         AppError::NotFound => StatusCode::NOT_FOUND,
         AppError::Gone => StatusCode::GONE,
         AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
-        AppError::Forbidden => StatusCode::FORBIDDEN,
+        AppError::Forbidden | AppError::ForbiddenElement { .. } => StatusCode::FORBIDDEN,
         AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         AppError::Conflict => StatusCode::CONFLICT,
         AppError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
@@ -45,11 +46,13 @@ pub fn status_of(e: &AppError) -> StatusCode {
 /// FHIR issue code and the fixed, generic diagnostics for each kind.
 pub fn issue(e: &AppError) -> (&'static str, &'static str) {
     match e {
+        AppError::InEntry { source, .. } => issue(source),
         AppError::Invalid { reason, .. } => ("invalid", reason),
         AppError::NotFound => ("not-found", "The resource was not found."),
         AppError::Gone => ("deleted", "The resource has been deleted."),
         AppError::Unauthenticated => ("login", "Authentication is required."),
         AppError::Forbidden => ("forbidden", "The operation is not permitted."),
+        AppError::ForbiddenElement { .. } => ("forbidden", "The operation is not permitted on this element."),
         AppError::MethodNotAllowed => ("not-supported", "The operation is not supported."),
         AppError::Conflict => ("conflict", "The request conflicts with the current state."),
         AppError::PreconditionFailed => ("conflict", "The version does not match the current version."),
@@ -72,6 +75,7 @@ pub fn issue(e: &AppError) -> (&'static str, &'static str) {
 /// the error is rendered.
 fn log(e: &AppError) {
     match e {
+        AppError::InEntry { source, .. } => log(source),
         AppError::Internal(_) | AppError::InternalFrom { .. } => {
             tracing::error!(error.detail = %Chain(e), "internal error")
         }
@@ -82,17 +86,39 @@ fn log(e: &AppError) {
     }
 }
 
-/// The response for an error: status, headers and the OperationOutcome (generic text only).
-pub fn render(e: &AppError) -> HttpResponse {
-    log(e);
+/// The OperationOutcome for an error (generic text only; the element path when the error names one).
+pub fn outcome_of(e: &AppError) -> serde_json::Value {
+    if let AppError::InEntry { index, source } = e {
+        // The entry first, then the element within it when the entry's error names one.
+        let mut outcome = outcome_of(source);
+        let entry = json!(format!("Bundle.entry[{index}]"));
+        if let Some(issue) = outcome["issue"].get_mut(0) {
+            match issue.get_mut("expression").and_then(serde_json::Value::as_array_mut) {
+                Some(paths) => paths.insert(0, entry),
+                None => issue["expression"] = json!([entry]),
+            }
+        }
+        return outcome;
+    }
     let (code, text) = issue(e);
     let path = match e {
         AppError::Invalid { path, .. } => path.as_deref(),
+        AppError::ForbiddenElement { path } => Some(path.as_str()),
         _ => None,
     };
+    operation_outcome("error", code, text, path)
+}
+
+/// The response for an error: status, headers and the OperationOutcome (generic text only).
+pub fn render(e: &AppError) -> HttpResponse {
+    log(e);
     let mut resp = HttpResponse::build(status_of(e));
     resp.insert_header((header::CONTENT_TYPE, FHIR_JSON));
-    match e {
+    let headers_of = match e {
+        AppError::InEntry { source, .. } => source.as_ref(),
+        other => other,
+    };
+    match headers_of {
         AppError::Unauthenticated => {
             resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carevault\"")));
         }
@@ -101,7 +127,7 @@ pub fn render(e: &AppError) -> HttpResponse {
         }
         _ => {}
     }
-    resp.body(operation_outcome("error", code, text, path).to_string())
+    resp.body(outcome_of(e).to_string())
 }
 
 impl ResponseError for AppError {

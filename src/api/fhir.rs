@@ -146,6 +146,7 @@ pub async fn history(
     rendered(actix_web::http::StatusCode::OK, done)
 }
 
+/// `POST /fhir/{type}`; with `If-None-Exist`, a conditional create (200 with the one match, nothing created).
 pub async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -155,22 +156,120 @@ pub async fn create(
 ) -> AppResult<HttpResponse> {
     let rtype = path.into_inner();
     check_json(&req)?;
-    let Done::Created(shown) = execute(&state, &req, p, Interaction::Create { rtype: rtype.clone(), body, if_none_exist: None }).await?
-    else {
-        return Err(AppError::internal("create answered without a resource"));
+    let if_none_exist = match req.headers().get("if-none-exist") {
+        None => None,
+        Some(v) => {
+            let q = v.to_str().map_err(|_| AppError::invalid("If-None-Exist", "The header is malformed."))?;
+            let pairs = serde_urlencoded::from_str(q.trim_start_matches('?'))
+                .map_err(|_| AppError::invalid("If-None-Exist", "The header is malformed."))?;
+            Some(no_nul(pairs, "The If-None-Exist header is malformed.")?)
+        }
     };
-    let id = shown.resource.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let location = format!("/fhir/{rtype}/{id}/_history/{}", shown.version_id);
-    let resp = if wants_minimal(&req) {
-        HttpResponse::Created().finish()
-    } else {
-        fhir_json(actix_web::http::StatusCode::CREATED, &shown.resource)
+    let done = execute(&state, &req, p, Interaction::Create { rtype: rtype.clone(), body, if_none_exist }).await?;
+    written(&req, &rtype, done)
+}
+
+/// The answer to a write: 201 with `Location` for a new resource, 200 for a new version (or a conditional
+/// create's match); `Prefer: return=minimal` drops the body.
+fn written(req: &HttpRequest, rtype: &str, done: Done) -> AppResult<HttpResponse> {
+    let (status, shown) = match done {
+        Done::Created(shown) => (actix_web::http::StatusCode::CREATED, shown),
+        Done::Resource(shown) => (actix_web::http::StatusCode::OK, shown),
+        _ => return Err(AppError::internal("a write answered without a resource")),
     };
+    let resp =
+        if wants_minimal(req) { HttpResponse::build(status).finish() } else { fhir_json(status, &shown.resource) };
     let mut resp = with_version(resp, &shown);
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
+    if status == actix_web::http::StatusCode::CREATED {
+        let id = shown.resource.get("id").and_then(Value::as_str).unwrap_or_default();
+        let location = format!("/fhir/{rtype}/{id}/_history/{}", shown.version_id);
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
     }
     Ok(resp)
+}
+
+/// `PUT /fhir/{type}?search`: conditional update (no match creates, one match is updated, several are 412).
+pub async fn conditional_update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
+    let rtype = path.into_inner();
+    check_json(&req)?;
+    let params = query_pairs(&req)?;
+    let if_match = if_match(&req)?;
+    let done =
+        execute(&state, &req, p, Interaction::ConditionalUpdate { rtype: rtype.clone(), params, if_match, body })
+            .await?;
+    written(&req, &rtype, done)
+}
+
+/// `DELETE /fhir/{type}?search`: conditional delete (one match at most; none is a 204 that changes nothing).
+pub async fn conditional_delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+) -> AppResult<HttpResponse> {
+    let rtype = path.into_inner();
+    let params = query_pairs(&req)?;
+    let done = execute(&state, &req, p, Interaction::ConditionalDelete { rtype, params }).await?;
+    rendered(actix_web::http::StatusCode::NO_CONTENT, done)
+}
+
+/// `PATCH /fhir/{type}/{id}`: JSON Patch (`application/json-patch+json`) or JSON Merge Patch
+/// (`application/merge-patch+json`, or a JSON object sent as FHIR JSON), under the `If-Match` rules of PUT.
+pub async fn patch(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
+    let (rtype, id) = path.into_inner();
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if ![JSON_PATCH, MERGE_PATCH, FHIR_JSON, "application/json"].contains(&mime) {
+        return Err(AppError::UnsupportedMediaType);
+    }
+    let if_match = if_match(&req)?;
+    let done = execute(&state, &req, p, Interaction::Patch { rtype: rtype.clone(), id, if_match, body }).await?;
+    written(&req, &rtype, done)
+}
+
+const JSON_PATCH: &str = "application/json-patch+json";
+const MERGE_PATCH: &str = "application/merge-patch+json";
+
+/// `POST /fhir/{type}/$validate`: the body checked as the caller's create would be; nothing stored. 200 with an
+/// OperationOutcome either way (its issue says whether the resource would be accepted).
+pub async fn validate(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> AppResult<HttpResponse> {
+    let rtype = path.into_inner();
+    check_json(&req)?;
+    let done = execute(&state, &req, p, Interaction::Validate { rtype, body }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
+}
+
+/// `POST /fhir`: a batch or transaction Bundle, up to `limits.max_bundle_bytes`.
+pub async fn bundle(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    p: Principal,
+    payload: web::Payload,
+) -> AppResult<HttpResponse> {
+    check_json(&req)?;
+    let body = super::read_body(payload, state.config.limits.max_bundle_bytes).await?;
+    let done = execute(&state, &req, p, Interaction::Bundle { body }).await?;
+    rendered(actix_web::http::StatusCode::OK, done)
 }
 
 pub async fn update(
@@ -182,21 +281,9 @@ pub async fn update(
 ) -> AppResult<HttpResponse> {
     let (rtype, id) = path.into_inner();
     check_json(&req)?;
-    let expected = if_match(&req)?;
-    if expected.is_none() {
-        return Err(AppError::PreconditionRequired);
-    }
-    let Done::Resource(shown) =
-        execute(&state, &req, p, Interaction::Update { rtype, id, if_match: expected, body }).await?
-    else {
-        return Err(AppError::internal("update answered without a resource"));
-    };
-    let resp = if wants_minimal(&req) {
-        HttpResponse::Ok().finish()
-    } else {
-        fhir_json(actix_web::http::StatusCode::OK, &shown.resource)
-    };
-    Ok(with_version(resp, &shown))
+    let if_match = if_match(&req)?;
+    let done = execute(&state, &req, p, Interaction::Update { rtype: rtype.clone(), id, if_match, body }).await?;
+    written(&req, &rtype, done)
 }
 
 pub async fn delete(

@@ -43,19 +43,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/auth/logout").route(web::post().to(auth::logout)))
         .service(web::resource("/auth/break-glass").route(web::post().to(fhir::break_glass)))
         .service(web::resource("/fhir/metadata").route(web::get().to(fhir::metadata)))
+        .service(web::resource("/fhir").route(web::post().to(fhir::bundle)))
         .service(web::resource("/fhir/Patient/{id}/$everything").route(web::get().to(fhir::everything)))
         .service(web::resource("/fhir/Patient/{id}/$access-report").route(web::get().to(fhir::access_report)))
         .service(web::resource("/fhir/{type}/_search").route(web::post().to(fhir::search_post)))
+        .service(web::resource("/fhir/{type}/$validate").route(web::post().to(fhir::validate)))
         .service(web::resource("/fhir/{type}/{id}/_history/{vid}").route(web::get().to(fhir::vread)))
         .service(web::resource("/fhir/{type}/{id}/_history").route(web::get().to(fhir::history)))
         .service(
             web::resource("/fhir/{type}/{id}")
                 .route(web::get().to(fhir::read))
                 .route(web::put().to(fhir::update))
+                .route(web::patch().to(fhir::patch))
                 .route(web::delete().to(fhir::delete)),
         )
         .service(
-            web::resource("/fhir/{type}").route(web::get().to(fhir::search_get)).route(web::post().to(fhir::create)),
+            web::resource("/fhir/{type}")
+                .route(web::get().to(fhir::search_get))
+                .route(web::post().to(fhir::create))
+                .route(web::put().to(fhir::conditional_update))
+                .route(web::delete().to(fhir::conditional_delete)),
         )
         .service(web::resource("/auth/session").route(web::get().to(auth::session)))
         .service(web::resource("/auth/oidc/login").route(web::get().to(oidc::login)))
@@ -120,9 +127,12 @@ pub async fn body_limit(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
-    let max = req
-        .app_data::<web::Data<AppState>>()
-        .map_or(crate::config::LimitsConfig::default().max_body_bytes, |s| s.config.limits.max_body_bytes);
+    // Bundles (`POST /fhir`) have their own, larger limit; every other body has `limits.max_body_bytes`.
+    let bundle = req.method() == actix_web::http::Method::POST && req.path().trim_end_matches('/') == "/fhir";
+    let max = req.app_data::<web::Data<AppState>>().map_or_else(
+        || crate::config::LimitsConfig::default().max_body_bytes,
+        |s| if bundle { s.config.limits.max_bundle_bytes } else { s.config.limits.max_body_bytes },
+    );
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {

@@ -30,6 +30,7 @@ pub enum Method {
     Get,
     Post,
     Put,
+    Patch,
     Delete,
 }
 
@@ -39,6 +40,7 @@ impl Method {
             Self::Get => "get",
             Self::Post => "post",
             Self::Put => "put",
+            Self::Patch => "patch",
             Self::Delete => "delete",
         }
     }
@@ -48,12 +50,13 @@ impl Method {
             Self::Get => HttpMethod::Get,
             Self::Post => HttpMethod::Post,
             Self::Put => HttpMethod::Put,
+            Self::Patch => HttpMethod::Patch,
             Self::Delete => HttpMethod::Delete,
         }
     }
 }
 
-use Method::{Delete, Get, Post, Put};
+use Method::{Delete, Get, Patch, Post, Put};
 
 /// Every route of [`super::routes`], as actix templates: the one list the document is built from. The test
 /// `every_registered_route_is_documented` reads `routes()` and fails on a route missing here (or here only).
@@ -77,14 +80,19 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Get, "/fhir/metadata"),
     (Get, "/fhir/Patient/{id}/$everything"),
     (Get, "/fhir/Patient/{id}/$access-report"),
+    (Post, "/fhir"),
     (Post, "/fhir/{type}/_search"),
+    (Post, "/fhir/{type}/$validate"),
     (Get, "/fhir/{type}/{id}/_history/{vid}"),
     (Get, "/fhir/{type}/{id}/_history"),
     (Get, "/fhir/{type}/{id}"),
     (Put, "/fhir/{type}/{id}"),
+    (Patch, "/fhir/{type}/{id}"),
     (Delete, "/fhir/{type}/{id}"),
     (Get, "/fhir/{type}"),
     (Post, "/fhir/{type}"),
+    (Put, "/fhir/{type}"),
+    (Delete, "/fhir/{type}"),
     (Get, "/auth/session"),
     (Get, "/auth/oidc/login"),
     (Get, "/auth/oidc/callback"),
@@ -494,10 +502,130 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
                     .header("ETag", HeaderBuilder::new().schema(Some(string())).build())
                     .build(),
             )
+            .parameter(
+                ParameterBuilder::new()
+                    .name("If-None-Exist")
+                    .parameter_in(ParameterIn::Header)
+                    .required(Required::False)
+                    .description(Some("Conditional create: a search; one match within the caller's reach answers 200 with it and creates nothing, several are 412."))
+                    .schema(Some(string())),
+            )
+            .response("200", resource_response(d, "Conditional create: the one existing match (nothing created)."))
             .response("400", outcome_response("The body is not a valid resource of this type."))
             .response("409", outcome_response("Conflicts with the current state."))
+            .response("412", outcome_response("Conditional create: more than one match."))
             .response("413", outcome_response("The body is too large."))
             .response("415", outcome_response("Not FHIR JSON."))
+        }),
+        (Post, "/fhir") => one(fhir_op(
+            "bundle",
+            "A batch or transaction Bundle (up to `limits.max_bundle_bytes`). A transaction is all or nothing: \
+             `urn:uuid:` fullUrls and conditional references are resolved, entries run in FHIR's order in one \
+             database transaction; a failed entry rolls back all and answers its error naming `Bundle.entry[i]`. \
+             A batch runs each entry on its own. Every entry is decided, masked and audited as the same request \
+             alone.",
+        )
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .content(FHIR_JSON, content(schema_ref("Bundle")))
+                .required(Some(Required::True))
+                .build(),
+        ))
+        .response("200", fhir_response("A transaction-response or batch-response Bundle.", schema_ref("Bundle")))
+        .response("400", outcome_response("Not a batch or transaction Bundle, or an entry is invalid (named)."))
+        .response("403", outcome_response("A transaction entry is not permitted (named)."))
+        .response("404", outcome_response("A transaction entry's target was not found (named)."))
+        .response("412", outcome_response("A transaction entry's version or condition failed (named)."))
+        .response("413", outcome_response("The body is larger than limits.max_bundle_bytes."))
+        .response("415", outcome_response("Not FHIR JSON."))),
+        (Post, "/fhir/{type}/$validate") => per_type(true, &|d| {
+            fhir_op(
+                &format!("{}.validate", d.name),
+                &format!(
+                    "Check a {} as the caller's create would (schema, write mask, references); nothing is stored.",
+                    d.name
+                ),
+            )
+            .request_body(Some(resource_body(d)))
+            .response(
+                "200",
+                fhir_response(
+                    "An OperationOutcome: information when valid, else the error.",
+                    schema_ref("OperationOutcome"),
+                ),
+            )
+            .response("403", outcome_response("The caller may not create this type."))
+            .response("413", outcome_response("The body is too large."))
+            .response("415", outcome_response("Not FHIR JSON."))
+        }),
+        (Patch, "/fhir/{type}/{id}") => {
+            per_type(true, &|d| {
+                fhir_op(
+                &format!("{}.patch", d.name),
+                &format!(
+                    "Patch a {} with JSON Patch (`application/json-patch+json`) or JSON Merge Patch \
+                     (`application/merge-patch+json`), applied to what the caller sees, under PUT's write masks and \
+                     `If-Match` rules. An operation on an element the caller may not see is 403 naming the element.",
+                    d.name
+                ),
+            )
+            .parameter(id_param())
+            .parameter(
+                ParameterBuilder::new()
+                    .name("If-Match")
+                    .parameter_in(ParameterIn::Header)
+                    .required(Required::False)
+                    .description(Some("The current version, as its ETag: `W/\"3\"` (required unless fhir.require_if_match = false)."))
+                    .schema(Some(string())),
+            )
+            .request_body(Some(
+                RequestBodyBuilder::new()
+                    .content("application/json-patch+json", content(ArrayBuilder::new().items(object("A JSON Patch operation.")).into()))
+                    .content("application/merge-patch+json", content(object("A JSON Merge Patch.")))
+                    .required(Some(Required::True))
+                    .build(),
+            ))
+            .response("200", resource_response(d, "The new version."))
+            .response("400", outcome_response("Not a patch, or the patch does not apply."))
+            .response("403", outcome_response("The patch touches an element the caller may not see or change (named)."))
+            .response("404", outcome_response("Not found (or not the caller's to see)."))
+            .response("410", outcome_response("Deleted."))
+            .response("412", outcome_response("The version does not match the current version."))
+            .response("413", outcome_response("The body is too large."))
+            .response("415", outcome_response("Not a patch media type."))
+            .response("428", outcome_response("No If-Match header."))
+            })
+        }
+        (Put, "/fhir/{type}") => per_type(true, &|d| {
+            fhir_op(
+                &format!("{}.conditionalUpdate", d.name),
+                &format!(
+                    "Conditional update of a {}: the query is a search within the caller's reach; no match creates \
+                     (201), one match is updated (200; `If-Match` optional), more than one is 412.",
+                    d.name
+                ),
+            )
+            .parameters(Some(search_params(d)))
+            .request_body(Some(resource_body(d)))
+            .response("200", resource_response(d, "The new version of the one match."))
+            .response("201", resource_response(d, "Created: nothing matched."))
+            .response("400", outcome_response("The body or query is invalid."))
+            .response("412", outcome_response("More than one match, or a stale If-Match."))
+            .response("413", outcome_response("The body is too large."))
+            .response("415", outcome_response("Not FHIR JSON."))
+        }),
+        (Delete, "/fhir/{type}") => per_type(true, &|d| {
+            fhir_op(
+                &format!("{}.conditionalDelete", d.name),
+                &format!(
+                    "Conditional delete of a {}: the one match within the caller's reach (none: nothing changes).",
+                    d.name
+                ),
+            )
+            .parameters(Some(search_params(d)))
+            .response("204", ResponseBuilder::new().description("Deleted, or nothing matched.").build())
+            .response("400", outcome_response("The query is invalid."))
+            .response("412", outcome_response("More than one match."))
         }),
         (Get, "/admin/alerts") => {
             one(authenticated(op("admin.alerts", "admin", "Stored alerts, newest first (admin and auditor)."))

@@ -9,7 +9,7 @@ use time::format_description::well_known::Rfc3339;
 use super::decl::{ResourceDecl, all};
 
 /// Interactions of every type clients may write.
-const WRITABLE: &[&str] = &["read", "vread", "update", "delete", "history-instance", "create", "search-type"];
+const WRITABLE: &[&str] = &["read", "vread", "update", "patch", "delete", "history-instance", "create", "search-type"];
 /// Interactions of a server-written type.
 const READ_ONLY: &[&str] = &["read", "search-type"];
 
@@ -50,7 +50,8 @@ pub fn capability_statement(base_url: &str, now: OffsetDateTime) -> Value {
                 }]}],
                 "description": "Bearer tokens; access is limited by role, care relationship and field policy."
             },
-            "resource": all().iter().map(|d| resource(d, base_url)).collect::<Vec<_>>()
+            "resource": all().iter().map(|d| resource(d, base_url)).collect::<Vec<_>>(),
+            "interaction": [{ "code": "transaction" }, { "code": "batch" }]
         }]
     })
 }
@@ -63,16 +64,21 @@ fn resource(d: &ResourceDecl, base_url: &str) -> Value {
         "versioning": if d.read_only { "no-version" } else { "versioned-update" },
         "readHistory": !d.read_only,
         "updateCreate": false,
-        "conditionalCreate": false,
-        "conditionalUpdate": false,
-        "conditionalDelete": "not-supported",
+        "conditionalCreate": !d.read_only,
+        "conditionalUpdate": !d.read_only,
+        "conditionalDelete": if d.read_only { "not-supported" } else { "single" },
         "searchParam": d.search.iter().map(|p| json!({ "name": p.name, "type": p.kind.code() })).collect::<Vec<_>>()
     });
+    let validate =
+        json!({ "name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate" });
     if d.name == "Patient" {
         r["operation"] = json!([
             { "name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything" },
-            { "name": "access-report", "definition": format!("{base_url}/OperationDefinition/Patient-access-report") }
+            { "name": "access-report", "definition": format!("{base_url}/OperationDefinition/Patient-access-report") },
+            validate
         ]);
+    } else if !d.read_only {
+        r["operation"] = json!([validate]);
     }
     r
 }

@@ -377,7 +377,10 @@ fn capability_statement_lists_the_declarations_and_validates() {
     }
     let ops: Vec<&str> =
         resources[0]["operation"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
-    assert_eq!(ops, ["everything", "access-report"]);
+    assert_eq!(ops, ["everything", "access-report", "validate"]);
+    let system: Vec<&str> =
+        cs["rest"][0]["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+    assert_eq!(system, ["transaction", "batch"]);
 }
 
 #[test]

@@ -38,12 +38,15 @@ pub(super) struct Disclosure {
 }
 
 impl Disclosure {
-    fn start(op: &Operation) -> Self {
+    pub(super) fn start(op: &Operation) -> Self {
         let i = &op.interaction;
         let rtype = decl::decl(i.rtype()).map(|d| d.name);
         let id = i.target_id().and_then(|t| Uuid::parse_str(t).ok());
         let params = match i {
-            Interaction::Search { params, .. } => {
+            Interaction::Search { params, .. }
+            | Interaction::ConditionalUpdate { params, .. }
+            | Interaction::ConditionalDelete { params, .. }
+            | Interaction::Create { if_none_exist: Some(params), .. } => {
                 let d = decl::decl(i.rtype());
                 params
                     .iter()
@@ -161,7 +164,7 @@ impl Records {
         result
     }
 
-    /// The per-account concurrency limit: searches, history, `$everything` and `$access-report` take a permit
+    /// The per-account concurrency limit: searches, history, `$everything`, `$access-report` and Bundles take a permit
     /// (at most `limits.max_concurrent_per_account` per account in flight); other interactions take none.
     fn admit(&self, op: &Operation) -> AppResult<Option<super::concurrency::Permit>> {
         let expensive = matches!(
@@ -170,6 +173,7 @@ impl Records {
                 | Interaction::History { .. }
                 | Interaction::Everything { .. }
                 | Interaction::AccessReport { .. }
+                | Interaction::Bundle { .. }
         );
         if !expensive {
             return Ok(None);
@@ -185,7 +189,7 @@ impl Records {
 
     /// The decide stage: the policy decision for this type and action, or the role rule of a security
     /// operation. Anything not allowed is refused here, before any storage is touched.
-    fn gate(&self, op: &Operation) -> AppResult<Gate> {
+    pub(super) fn gate(&self, op: &Operation) -> AppResult<Gate> {
         let p = &op.caller.principal;
         let i = &op.interaction;
         match i {
@@ -217,7 +221,7 @@ impl Records {
         let decision = match self.gate(op)? {
             Gate::Policy(decision) => decision,
             Gate::Role => return self.run_security(op, d).await,
-            Gate::Bundle => return Err(AppError::MethodNotAllowed),
+            Gate::Bundle => return self.bundle(op, d).await,
         };
         let c = &op.caller;
         match &op.interaction {
@@ -230,7 +234,9 @@ impl Records {
             Interaction::AccessReport { patient } => {
                 trail::access_report(self, c, &decision, patient, d).await.map(Done::Document)
             }
-            Interaction::Create { rtype, body, .. } => self.create(c, decision, rtype, body, d).await.map(Done::Created),
+            Interaction::Create { rtype, body, if_none_exist } => {
+                self.create(c, decision, rtype, body, if_none_exist.as_deref(), d).await
+            }
             Interaction::Read { rtype, id, elements } => {
                 self.read(c, decision, rtype, id, elements.as_deref(), d).await.map(Done::Resource)
             }
@@ -246,10 +252,16 @@ impl Records {
             }
             Interaction::History { rtype, id } => self.history(c, decision, rtype, id, d).await.map(Done::Bundle),
             Interaction::Everything { patient } => self.everything(c, decision, patient, d).await.map(Done::Bundle),
-            Interaction::ConditionalUpdate { .. }
-            | Interaction::Patch { .. }
-            | Interaction::ConditionalDelete { .. }
-            | Interaction::Validate { .. } => Err(AppError::MethodNotAllowed),
+            Interaction::ConditionalUpdate { rtype, params, if_match, body } => {
+                self.conditional_update(c, decision, rtype, params, *if_match, body, d).await
+            }
+            Interaction::Patch { rtype, id, if_match, body } => {
+                self.patch(c, decision, rtype, id, *if_match, body, d).await.map(Done::Resource)
+            }
+            Interaction::ConditionalDelete { rtype, params } => {
+                self.conditional_delete(c, decision, rtype, params, d).await.map(|()| Done::Deleted)
+            }
+            Interaction::Validate { rtype, body } => self.validate(c, decision, rtype, body).await.map(Done::Document),
             Interaction::BreakGlass { .. }
             | Interaction::ListAlerts { .. }
             | Interaction::AckAlert { .. }

@@ -15,6 +15,7 @@ mod rekey;
 mod service;
 mod store;
 mod trail;
+mod write;
 
 pub use operation::{Done, Interaction, Operation, Shown};
 pub use reindex::Reindexed;

@@ -127,7 +127,11 @@ impl Interaction {
             Self::Delete { .. } | Self::ConditionalDelete { .. } => AuditKind::Delete,
             Self::Validate { .. } => AuditKind::Validate,
             Self::Bundle { body } => {
-                if super::bundle::is_transaction(body) { AuditKind::Transaction } else { AuditKind::Batch }
+                if super::bundle::is_transaction(body) {
+                    AuditKind::Transaction
+                } else {
+                    AuditKind::Batch
+                }
             }
             Self::Search { .. } => AuditKind::Search,
             Self::History { .. } => AuditKind::History,

@@ -7,9 +7,9 @@
 
 use super::execute::Disclosure;
 use super::operation::Shown;
-use super::store::{self, IndexValues, Row, ScopeFilter, WriteExtras};
+use super::store::{self, IndexValues, Row, ScopeFilter};
 use crate::access::{AccessControl, Action, Decision, FieldMask, Scope};
-use crate::audit::{Agent, Outcome, purpose};
+use crate::audit::{Agent, purpose};
 use crate::auth::principal::Principal;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -22,7 +22,6 @@ use crate::fhir::{FhirValidator, PatientLink, ResourceDecl, decl};
 use crate::monitor::{Subject as AlertSubject, rules};
 use crate::role::Role;
 use crate::store::{AnyConnection, Db};
-use diesel::prelude::*;
 use serde_json::{Map, Value, json};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -82,13 +81,13 @@ pub fn join_restricted(resource: &mut Map<String, Value>, restricted: Value) -> 
 }
 
 /// Whether a reader under `mask` may see restricted identifiers (then they are decrypted, else never).
-fn restricted_readable(mask: &FieldMask) -> bool {
+pub(super) fn restricted_readable(mask: &FieldMask) -> bool {
     mask.allows("identifier") && !RESTRICTED_SYSTEMS.iter().any(|s| mask.hides_system(s))
 }
 
 /// What of a client's `meta` is stored: `profile` and `tag` (less the server's SUBSETTED tag); `None` when
 /// nothing is left.
-fn client_meta(meta: &Value) -> Option<Value> {
+pub(super) fn client_meta(meta: &Value) -> Option<Value> {
     let mut kept = Map::new();
     if let Some(profile) = meta.get("profile").filter(|p| p.as_array().is_some_and(|a| !a.is_empty())) {
         kept.insert("profile".into(), profile.clone());
@@ -110,7 +109,7 @@ fn client_meta(meta: &Value) -> Option<Value> {
 }
 
 /// The resource's `meta`: the stored client part (profile, tag) with the server's versionId and lastUpdated.
-fn with_server_meta(obj: &mut Map<String, Value>, version: i64, when: String) {
+pub(super) fn with_server_meta(obj: &mut Map<String, Value>, version: i64, when: String) {
     let mut meta = match obj.remove("meta") {
         Some(Value::Object(m)) => m,
         _ => Map::new(),
@@ -172,7 +171,7 @@ pub struct Version<'a> {
 }
 
 impl Row {
-    fn view(&self) -> Version<'_> {
+    pub(super) fn view(&self) -> Version<'_> {
         Version { id: &self.id, version: self.version_id, updated: self.last_updated, content: &self.content }
     }
 }
@@ -184,17 +183,24 @@ impl store::HistoryRow {
 }
 
 /// What a write stored, for its audit event.
-struct Written<'a> {
-    d: &'a ResourceDecl,
-    id: &'a str,
-    version: i64,
-    patient: Option<&'a str>,
+pub(super) struct Written<'a> {
+    pub(super) d: &'a ResourceDecl,
+    pub(super) id: &'a str,
+    pub(super) version: i64,
+    pub(super) patient: Option<&'a str>,
 }
 
 /// What `resolve_scope` found: the SQL scope plus the patients reachable only through break-glass.
-struct Reach {
-    filter: ScopeFilter,
-    break_glass: Vec<String>,
+/// A search ready to run: the parsed request, its SQL part, and whether candidates need decrypt-and-filter.
+pub(super) struct SearchPlan {
+    pub(super) req: SearchRequest,
+    pub(super) query: store::IndexQuery,
+    pub(super) needs_filter: bool,
+}
+
+pub(super) struct Reach {
+    pub(super) filter: ScopeFilter,
+    pub(super) break_glass: Vec<String>,
 }
 
 pub struct Records {
@@ -235,15 +241,15 @@ impl std::fmt::Debug for Records {
     }
 }
 
-fn from_micros(m: i64) -> OffsetDateTime {
+pub(super) fn from_micros(m: i64) -> OffsetDateTime {
     crate::auth::service::from_micros(m)
 }
 
-fn parse_id(id: &str) -> AppResult<Uuid> {
+pub(super) fn parse_id(id: &str) -> AppResult<Uuid> {
     Uuid::parse_str(id).map_err(|_| AppError::NotFound)
 }
 
-fn decl_of(rtype: &str) -> AppResult<&'static ResourceDecl> {
+pub(super) fn decl_of(rtype: &str) -> AppResult<&'static ResourceDecl> {
     decl::decl(rtype).ok_or(AppError::NotFound)
 }
 
@@ -350,7 +356,7 @@ impl Records {
 
     /// Turns the decision's scope into SQL, reading care teams and break-glass grants now (a change takes
     /// effect on the next request). A care-team role without a linked Practitioner reaches nothing.
-    fn resolve_scope(&self, conn: &mut AnyConnection, caller: &Caller, d: &Decision) -> AppResult<Reach> {
+    pub(super) fn resolve_scope(&self, conn: &mut AnyConnection, caller: &Caller, d: &Decision) -> AppResult<Reach> {
         let reach = self.resolve_role_scope(conn, caller, d)?;
         // A `patient/` scope: only the launch patient's compartment, within what the role reaches.
         Ok(match d.narrowing.as_ref().and_then(|n| n.patient) {
@@ -375,7 +381,7 @@ impl Records {
 
     /// A write under a narrowed decision stays inside it: the launch patient's compartment, and resources that
     /// satisfy the granular restrictions (403 otherwise: the caller's own data, nothing revealed).
-    fn check_write_narrowing(
+    pub(super) fn check_write_narrowing(
         d: &'static ResourceDecl,
         value: &Value,
         patient: Option<&str>,
@@ -444,7 +450,7 @@ impl Records {
     }
 
     /// BTG when the patient is reached only through a break-glass grant.
-    fn purpose_for(
+    pub(super) fn purpose_for(
         &self,
         conn: &mut AnyConnection,
         caller: &Caller,
@@ -482,7 +488,7 @@ impl Records {
 
     /// Encrypts every PHI element on its own (AAD: type, id, element). `keep` holds stored ciphertexts the
     /// caller could not see, carried over unchanged (valid: same row, same element).
-    fn encode(
+    pub(super) fn encode(
         &self,
         d: &ResourceDecl,
         id: &str,
@@ -531,7 +537,12 @@ impl Records {
 
     /// Decrypts only the elements `mask` allows; the rest are never decrypted. Returns the resource (with
     /// server meta) and whether anything was withheld.
-    fn decode(&self, d: &ResourceDecl, v: Version<'_>, mask: &FieldMask) -> AppResult<(Map<String, Value>, bool)> {
+    pub(super) fn decode(
+        &self,
+        d: &ResourceDecl,
+        v: Version<'_>,
+        mask: &FieldMask,
+    ) -> AppResult<(Map<String, Value>, bool)> {
         let Version { id, version, updated, content } = v;
         let stored: Map<String, Value> = serde_json::from_str(content).map_err(AppError::internal)?;
         let mut out = Map::new();
@@ -578,7 +589,7 @@ impl Records {
     }
 
     /// decode + shape (mask ∩ `_elements`), tagging SUBSETTED when anything was removed.
-    fn show(
+    pub(super) fn show(
         &self,
         d: &ResourceDecl,
         v: Version<'_>,
@@ -600,7 +611,7 @@ impl Records {
     /// The search-index rows of a resource: blind indexes for PHI parameters, plain keys otherwise. Dates of
     /// PHI parameters are not indexed at all (searched by decrypt-and-filter within a bounded candidate set).
     /// Returns them with the version of the index key used (recorded on the row for `keys reindex`).
-    fn index_values(&self, d: &'static ResourceDecl, resource: &Value) -> (IndexValues, i32) {
+    pub(super) fn index_values(&self, d: &'static ResourceDecl, resource: &Value) -> (IndexValues, i32) {
         let ring = self.cipher.ring();
         let blind = ring.blind_indexer();
         let version = i32::try_from(ring.index_version()).unwrap_or(i32::MAX);
@@ -633,7 +644,7 @@ impl Records {
 
     /// Every reference must point at an existing, live resource of an allowed type (and, for the patient
     /// link, at a patient the caller may reach: otherwise it looks exactly like a missing one).
-    fn check_references(
+    pub(super) fn check_references(
         &self,
         conn: &mut AnyConnection,
         d: &ResourceDecl,
@@ -667,7 +678,7 @@ impl Records {
         Ok(())
     }
 
-    fn compartment(d: &ResourceDecl, id: &str, resource: &Value) -> AppResult<Option<String>> {
+    pub(super) fn compartment(d: &ResourceDecl, id: &str, resource: &Value) -> AppResult<Option<String>> {
         Ok(match d.patient_link {
             PatientLink::Itself => Some(id.to_owned()),
             PatientLink::Element(e) => Some(crate::fhir::patient_of_reference(resource.get(e)).ok_or_else(|| {
@@ -683,7 +694,7 @@ impl Records {
     }
 
     /// [`Self::parse_body`], and the `id` the body carried (the server's own ids replace it).
-    fn parse_body_and_id(&self, rtype: &str, body: &[u8]) -> AppResult<(Map<String, Value>, Option<Value>)> {
+    pub(super) fn parse_body_and_id(&self, rtype: &str, body: &[u8]) -> AppResult<(Map<String, Value>, Option<Value>)> {
         let value: Value =
             serde_json::from_slice(body).map_err(|_| AppError::invalid(rtype, "The body is not valid JSON."))?;
         // JSON can escape a NUL (`\u0000`); no FHIR string holds one, and PostgreSQL text cannot store one.
@@ -707,96 +718,8 @@ impl Records {
 
     // ---- interactions -------------------------------------------------------------------------------------
 
-    pub(super) async fn create(
-        &self,
-        caller: &Caller,
-        decision: Decision,
-        rtype: &str,
-        body: &[u8],
-        trail: &mut Disclosure,
-    ) -> AppResult<Shown> {
-        let d = decl_of(rtype)?;
-        let mut obj = self.parse_body(rtype, body)?;
-        let mut incoming = Value::Object(obj.clone());
-        decision.merge_hidden(None, &mut incoming)?;
-        obj = match incoming {
-            Value::Object(o) => o,
-            _ => return Err(AppError::internal("merge produced a non-object")),
-        };
-        let id = Uuid::new_v4().to_string();
-        obj.insert("id".into(), Value::String(id.clone()));
-        let value = Value::Object(obj.clone());
-        let now = self.clock.now();
-        let (content, key_version) = self.encode(d, &id, &obj, &Map::new())?;
-        let (index, index_version) = self.index_values(d, &value);
-        let care = d.care_relationships(&value);
-        let this = self.clone_parts();
-        let caller2 = caller.clone();
-        let id2 = id.clone();
-        let mut seed = trail.clone();
-        let (version, seed) = self
-            .db
-            .run(move |conn| {
-                conn.transaction(|conn| {
-                    let early = this.audit.lock_early(conn)?;
-                    let reach = this.resolve_scope(conn, &caller2, &decision)?;
-                    this.check_references(conn, d, &value, &reach.filter)?;
-                    let patient = Self::compartment(d, &id2, &value)?;
-                    Self::check_write_narrowing(d, &value, patient.as_deref(), &decision)?;
-                    let row = Row {
-                        resource_type: d.name.to_owned(),
-                        id: id2.clone(),
-                        version_id: 1,
-                        last_updated: micros(now),
-                        deleted: false,
-                        patient_id: patient.clone(),
-                        key_version,
-                        content,
-                        index_version,
-                    };
-                    store::insert(conn, &row, &WriteExtras { index, care })?;
-                    let written = Written { d, id: &id2, version: 1, patient: patient.as_deref() };
-                    this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;
-                    Ok((1i64, seed))
-                })
-            })
-            .await?;
-        *trail = seed;
-        trail.durable();
-        let shown = self.shape_plain(
-            d,
-            &id,
-            version,
-            micros(now),
-            obj,
-            &self.decision(&caller.principal, rtype, Action::Read),
-        )?;
-        Ok(shown)
-    }
-
-    /// Appends the event of a committed-to write inside its transaction (taking the chain lock as late as the
-    /// backend allows): the resource written, its patient, and the purpose (BTG when only a grant reached it).
-    #[allow(clippy::too_many_arguments)]
-    fn audit_write(
-        &self,
-        conn: &mut AnyConnection,
-        early: Option<Option<crate::audit::ChainLink>>,
-        seed: &mut Disclosure,
-        caller: &Caller,
-        reach: &Reach,
-        written: Written<'_>,
-        now: OffsetDateTime,
-    ) -> AppResult<()> {
-        seed.resource(written.d, written.id, written.version);
-        seed.patient(written.patient);
-        seed.purpose(self.purpose_for(conn, caller, reach, written.patient)?);
-        let head = self.audit.lock_late(conn, early)?;
-        self.audit.append_locked(conn, head, &[seed.event(caller, Outcome::Success, now)])?;
-        Ok(())
-    }
-
     /// The body returned by create and update: shaped by the caller's *read* mask (no decryption needed).
-    fn shape_plain(
+    pub(super) fn shape_plain(
         &self,
         d: &ResourceDecl,
         id: &str,
@@ -827,7 +750,7 @@ impl Records {
     }
 
     /// A cheap handle for closures that run on the blocking pool.
-    fn clone_parts(&self) -> Arc<Records> {
+    pub(super) fn clone_parts(&self) -> Arc<Records> {
         Arc::new(Records {
             db: self.db.clone(),
             cipher: self.cipher.clone(),
@@ -959,191 +882,6 @@ impl Records {
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn update(
-        &self,
-        caller: &Caller,
-        decision: Decision,
-        rtype: &str,
-        id: &str,
-        if_match: Option<i64>,
-        body: &[u8],
-        trail: &mut Disclosure,
-    ) -> AppResult<Shown> {
-        let d = decl_of(rtype)?;
-        parse_id(id)?;
-        let (mut obj, body_id) = self.parse_body_and_id(rtype, body)?;
-        // FHIR R4 update: the body's id, when present, is the URL's (a mismatch is 400, not a silent rename).
-        if body_id.is_some_and(|v| v.as_str() != Some(id)) {
-            return Err(AppError::invalid(format!("{rtype}.id"), "The resource id does not match the id in the URL."));
-        }
-        let expected = if_match.ok_or(AppError::PreconditionRequired)?;
-        let now = self.clock.now();
-        let read_decision = self.decision(&caller.principal, rtype, Action::Read);
-        let this = self.clone_parts();
-        let (caller2, id2) = (caller.clone(), id.to_owned());
-        let read2 = read_decision.clone();
-        let mut seed = trail.clone();
-        let (version, out_obj, seed) = self
-            .db
-            .run(move |conn| {
-                conn.transaction(|conn| {
-                    let early = this.audit.lock_early(conn)?;
-                    let reach = this.resolve_scope(conn, &caller2, &decision)?;
-                    let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
-                    if current.deleted {
-                        return Err(AppError::Gone);
-                    }
-                    if current.version_id != expected {
-                        return Err(AppError::PreconditionFailed);
-                    }
-                    // What the caller could see is decrypted; what it could not is carried over as ciphertext.
-                    let visible_mask =
-                        if read2.allowed { read2.read_mask.clone() } else { Arc::new(FieldMask::nothing()) };
-                    let stored: Map<String, Value> =
-                        serde_json::from_str(&current.content).map_err(AppError::internal)?;
-                    let (mut view, _) = this.decode(d, current.view(), &visible_mask)?;
-                    view.remove("meta");
-                    let mut keep = Map::new();
-                    for (k, v) in &stored {
-                        if k == "meta" {
-                            continue; // the client's meta is replaced by what this update sends
-                        }
-                        if k == RESTRICTED_IDENTIFIERS && restricted_readable(&visible_mask) {
-                            continue; // decrypted into `identifier` above
-                        }
-                        if !view.contains_key(k) {
-                            view.insert(k.clone(), v.clone());
-                            keep.insert(k.clone(), v.clone());
-                        }
-                    }
-                    let mut incoming = Value::Object(std::mem::take(&mut obj));
-                    decision.merge_hidden(Some(&Value::Object(view)), &mut incoming)?;
-                    let Value::Object(mut merged) = incoming else {
-                        return Err(AppError::internal("merge produced a non-object"));
-                    };
-                    merged.insert("id".into(), Value::String(id2.clone()));
-                    if let Some(ct) = keep.get(RESTRICTED_IDENTIFIERS) {
-                        merged.insert(RESTRICTED_IDENTIFIERS.into(), ct.clone());
-                    }
-                    // The merged resource (with hidden elements restored) must still be valid FHIR.
-                    let mut check = merged.clone();
-                    for k in keep.keys() {
-                        check.remove(k);
-                    }
-                    let value = Value::Object(merged.clone());
-                    this.check_references(conn, d, &value, &reach.filter)?;
-                    let patient = Self::compartment(d, &id2, &value).or_else(|e| {
-                        // A hidden link element (kept as ciphertext) keeps the stored compartment.
-                        if keep.contains_key(match d.patient_link {
-                            PatientLink::Element(e) => e,
-                            _ => "",
-                        }) {
-                            Ok(current.patient_id.clone())
-                        } else {
-                            Err(e)
-                        }
-                    })?;
-                    Self::check_write_narrowing(d, &value, patient.as_deref(), &decision)?;
-                    if d.patient_link != PatientLink::Itself
-                        && patient != current.patient_id
-                        && current.patient_id.is_some()
-                    {
-                        // Moving a record to another patient's compartment is not an update.
-                        return Err(AppError::invalid(
-                            format!(
-                                "{}.{}",
-                                d.name,
-                                match d.patient_link {
-                                    PatientLink::Element(e) => e,
-                                    _ => "subject",
-                                }
-                            ),
-                            "The patient of a record cannot change.",
-                        ));
-                    }
-                    let (content, key_version) = this.encode(d, &id2, &merged, &keep)?;
-                    let (index, index_version) = this.index_values(d, &Value::Object(check));
-                    let care = d.care_relationships(&value);
-                    let version = current.version_id + 1;
-                    let row = Row {
-                        resource_type: d.name.to_owned(),
-                        id: id2.clone(),
-                        version_id: version,
-                        last_updated: micros(now),
-                        deleted: false,
-                        patient_id: patient.clone(),
-                        key_version,
-                        content,
-                        index_version,
-                    };
-                    store::replace(conn, &row, expected, &WriteExtras { index, care })?;
-                    let written = Written { d, id: &id2, version, patient: patient.as_deref() };
-                    this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;
-                    for k in keep.keys() {
-                        merged.remove(k);
-                    }
-                    Ok((version, merged, seed))
-                })
-            })
-            .await?;
-        *trail = seed;
-        trail.durable();
-        self.shape_plain(d, id, version, micros(now), out_obj, &read_decision)
-    }
-
-    pub(super) async fn delete(
-        &self,
-        caller: &Caller,
-        decision: Decision,
-        rtype: &str,
-        id: &str,
-        trail: &mut Disclosure,
-    ) -> AppResult<()> {
-        let d = decl_of(rtype)?;
-        parse_id(id)?;
-        let now = self.clock.now();
-        let this = self.clone_parts();
-        let (caller2, id2) = (caller.clone(), id.to_owned());
-        let mut seed = trail.clone();
-        let seed = self
-            .db
-            .run(move |conn| {
-                conn.transaction(|conn| {
-                    let early = this.audit.lock_early(conn)?;
-                    let reach = this.resolve_scope(conn, &caller2, &decision)?;
-                    let current = store::current(conn, d.name, &id2, &reach.filter)?.ok_or(AppError::NotFound)?;
-                    if current.deleted {
-                        // Deleting a deleted resource changes nothing; execute() records the no-op.
-                        return Ok(None);
-                    }
-                    let version = current.version_id + 1;
-                    let row = Row {
-                        resource_type: d.name.to_owned(),
-                        id: id2.clone(),
-                        version_id: version,
-                        last_updated: micros(now),
-                        deleted: true,
-                        patient_id: current.patient_id.clone(),
-                        key_version: i32::try_from(this.cipher.active_version()).unwrap_or(i32::MAX),
-                        content: "{}".into(),
-                        index_version: i32::try_from(this.cipher.ring().index_version()).unwrap_or(i32::MAX),
-                    };
-                    let care = d.has_care_relationships().then(Vec::new);
-                    store::replace(conn, &row, current.version_id, &WriteExtras { index: vec![], care })?;
-                    let written = Written { d, id: &id2, version, patient: current.patient_id.as_deref() };
-                    this.audit_write(conn, early, &mut seed, &caller2, &reach, written, now)?;
-                    Ok(Some(seed))
-                })
-            })
-            .await?;
-        if let Some(seed) = seed {
-            *trail = seed;
-            trail.durable();
-        }
-        Ok(())
-    }
-
     /// Search: index clauses in SQL within scope; exact matching (and dates) by decrypt-and-filter on the
     /// candidates, using only elements the caller may read. Keyset paging over ids; never OFFSET.
     pub(super) async fn search(
@@ -1158,31 +896,7 @@ impl Records {
         let d = decl_of(rtype)?;
         let (pairs, after) = self.open_cursor(caller, d, pairs)?;
         let self_link = self.cursor_link(caller, d, &pairs, after.as_deref())?;
-        let req = match decision.narrowing.as_deref().filter(|n| !n.params.is_empty()) {
-            None => search::parse(d, &pairs, handling)?,
-            // Granular scopes: their clauses are ANDed to the query (the links keep the client's own).
-            Some(n) => search::parse(d, &[pairs.clone(), n.params.clone()].concat(), handling)?,
-        };
-        // A role may search only by what it may read (else the result would reveal hidden values).
-        for clause in &req.clauses {
-            for path in clause.param.paths {
-                let top = path.split('.').next().unwrap_or(path);
-                if top != "id" && top != "meta" && !decision.read_mask.allows(top) {
-                    return Err(AppError::Forbidden);
-                }
-            }
-            if clause.param.name == "identifier" && !decision.read_mask.hidden_identifier_systems().is_empty() {
-                for v in &clause.values {
-                    if let search::SearchValue::Token { system: Some(s), .. } = v
-                        && decision.read_mask.hides_system(s)
-                    {
-                        return Err(AppError::Forbidden);
-                    }
-                }
-            }
-        }
-        let query = index_query(d, &req, &self.cipher.ring().blind_indexers());
-        let needs_filter = req.clauses.iter().any(|c| c.param.phi || c.param.kind == crate::fhir::ParamKind::Date);
+        let SearchPlan { req, query, needs_filter } = self.plan_search(d, &decision, &pairs, handling)?;
         let page = usize::try_from(req.count).unwrap_or(20);
         let this = self.clone_parts();
         let caller2 = caller.clone();
@@ -1221,10 +935,47 @@ impl Records {
         Ok(bundle::searchset(entries, &self.base, &self_link, next, None))
     }
 
+    /// A search as the caller may run it: parsed (the caller's granular-scope clauses ANDed in), refused when it
+    /// filters by anything the caller may not read (the answer would reveal hidden values), and its SQL part.
+    pub(super) fn plan_search(
+        &self,
+        d: &'static ResourceDecl,
+        decision: &Decision,
+        pairs: &[(String, String)],
+        handling: Handling,
+    ) -> AppResult<SearchPlan> {
+        let req = match decision.narrowing.as_deref().filter(|n| !n.params.is_empty()) {
+            None => search::parse(d, pairs, handling)?,
+            // Granular scopes: their clauses are ANDed to the query (the links keep the client's own).
+            Some(n) => search::parse(d, &[pairs.to_vec(), n.params.clone()].concat(), handling)?,
+        };
+        // A role may search only by what it may read (else the result would reveal hidden values).
+        for clause in &req.clauses {
+            for path in clause.param.paths {
+                let top = path.split('.').next().unwrap_or(path);
+                if top != "id" && top != "meta" && !decision.read_mask.allows(top) {
+                    return Err(AppError::Forbidden);
+                }
+            }
+            if clause.param.name == "identifier" && !decision.read_mask.hidden_identifier_systems().is_empty() {
+                for v in &clause.values {
+                    if let search::SearchValue::Token { system: Some(s), .. } = v
+                        && decision.read_mask.hides_system(s)
+                    {
+                        return Err(AppError::Forbidden);
+                    }
+                }
+            }
+        }
+        let query = index_query(d, &req, &self.cipher.ring().blind_indexers());
+        let needs_filter = req.clauses.iter().any(|c| c.param.phi || c.param.kind == crate::fhir::ParamKind::Date);
+        Ok(SearchPlan { req, query, needs_filter })
+    }
+
     /// The rows of one search page within the caller's reach: index clauses in SQL, then (for PHI parameters and
     /// dates) decrypt-and-filter on the candidates. Returns the page and whether more rows match.
     #[allow(clippy::too_many_arguments)]
-    fn scan(
+    pub(super) fn scan(
         &self,
         conn: &mut AnyConnection,
         d: &'static ResourceDecl,
@@ -1328,7 +1079,13 @@ impl Records {
     }
 
     /// Whether a candidate satisfies every clause, judged on the elements the caller may read.
-    fn matches(&self, d: &'static ResourceDecl, row: &Row, mask: &FieldMask, req: &SearchRequest) -> AppResult<bool> {
+    pub(super) fn matches(
+        &self,
+        d: &'static ResourceDecl,
+        row: &Row,
+        mask: &FieldMask,
+        req: &SearchRequest,
+    ) -> AppResult<bool> {
         let (obj, _) = self.decode(d, row.view(), mask)?;
         let value = Value::Object(obj);
         let entries = search::extract_index(d, &value);
@@ -1446,7 +1203,7 @@ fn index_query(d: &ResourceDecl, req: &SearchRequest, blind: &[BlindIndexer]) ->
     q
 }
 
-fn has_nul(v: &Value) -> bool {
+pub(super) fn has_nul(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(has_nul),
@@ -1460,7 +1217,7 @@ fn encode_pairs(pairs: &[(String, String)]) -> String {
 }
 
 /// Nodes at a simple dotted path (arrays flatten).
-fn values_at<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
+pub(super) fn values_at<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
     let mut nodes = vec![v];
     for part in path.split('.') {
         let mut next = Vec::new();

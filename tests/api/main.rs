@@ -33,3 +33,4 @@ mod smart;
 mod tamper;
 mod telemetry;
 mod world;
+mod writes;

@@ -41,7 +41,7 @@ fn assert_openapi_3_1(doc: &Value) {
     for (path, item) in paths {
         assert!(path.starts_with('/'), "{path}");
         for (method, op) in item.as_object().unwrap() {
-            assert!(["get", "post", "put", "delete"].contains(&method.as_str()), "{path} {method}");
+            assert!(["get", "post", "put", "patch", "delete"].contains(&method.as_str()), "{path} {method}");
             let responses = op["responses"].as_object().unwrap_or_else(|| panic!("{path} {method}: responses"));
             assert!(!responses.is_empty(), "{path} {method}");
             // Every path template parameter is declared.
@@ -87,7 +87,7 @@ fn assert_every_route(doc: &Value) {
     for (method, template) in ROUTES {
         let m = method.as_str();
         if template.contains("{type}") {
-            let writes = matches!(method, Method::Put | Method::Delete)
+            let writes = matches!(method, Method::Put | Method::Patch | Method::Delete)
                 || (*method == Method::Post && !template.ends_with("_search"));
             for d in carevault::fhir::decl::all() {
                 let path = template.replace("{type}", d.name);
