@@ -44,7 +44,7 @@ pub fn status_of(e: &AppError) -> StatusCode {
 }
 
 /// FHIR issue code and the fixed, generic diagnostics for each kind.
-pub fn issue(e: &AppError) -> (&'static str, &'static str) {
+fn issue(e: &AppError) -> (&'static str, &'static str) {
     match e {
         AppError::InEntry { source, .. } => issue(source),
         AppError::Invalid { reason, .. } => ("invalid", reason),

@@ -331,23 +331,22 @@ impl Refusal {
     fn from_outcome(entry: Option<usize>, status: u16, outcome: Option<&Value>) -> Self {
         let issue = outcome.and_then(|o| o.pointer("/issue/0"));
         let text = |k: &str| issue.and_then(|i| i.get(k)).and_then(Value::as_str).unwrap_or("").to_owned();
-        let expression = issue.and_then(|i| i.pointer("/expression/0")).and_then(Value::as_str).map(str::to_owned);
+        let paths: Vec<&str> = issue
+            .and_then(|i| i.get("expression"))
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let expression = (!paths.is_empty()).then(|| paths.join(", "));
         Self { entry, status, code: text("code"), diagnostics: text("diagnostics"), expression }
     }
 
     fn from_error(e: &AppError) -> Self {
-        let (code, diagnostics) = crate::api::error::issue(e);
-        let expression = match e {
-            AppError::Invalid { path, .. } => path.clone(),
-            _ => None,
-        };
-        Self {
-            entry: None,
-            status: crate::api::error::status_of(e).as_u16(),
-            code: code.to_owned(),
-            diagnostics: diagnostics.to_owned(),
-            expression,
+        let outcome = crate::api::error::outcome_of(e);
+        let mut r = Self::from_outcome(None, crate::api::error::status_of(e).as_u16(), Some(&outcome));
+        if let AppError::InEntry { index, .. } = e {
+            r.entry = Some(*index);
         }
+        r
     }
 
     fn line(&self, file: &str, chunk: usize) -> String {

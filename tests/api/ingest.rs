@@ -78,6 +78,7 @@ const PHASES: &[(Writer, &[&str])] = &[
             "Observation",
             "AllergyIntolerance",
             "MedicationRequest",
+            "Medication",
             "MedicationAdministration",
             "Procedure",
             "Immunization",
@@ -97,6 +98,48 @@ const PHASES: &[(Writer, &[&str])] = &[
 
 fn served() -> HashSet<&'static str> {
     carevault::fhir::decl::all().iter().map(|d| d.name).filter(|n| *n != "AuditEvent").collect()
+}
+
+/// The Patient elements policies/fields.toml does not let the front desk write yet, removed (and named): the
+/// US Core elements (`extension`, `communication`, `active`, ...) and the SSN, which the front desk writes
+/// write-only once `write_only_identifier_systems` names it. With those rules in place nothing is removed.
+fn strip_unwritable_patient_elements(patient: &mut Value) -> Vec<String> {
+    let fields: toml::Value = std::fs::read_to_string(policy_dir().join("fields.toml")).unwrap().parse().unwrap();
+    let rules = &fields["front_desk"]["Patient"];
+    let list = |k: &str| -> Vec<String> {
+        rules
+            .get(k)
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .map(str::to_owned)
+            .collect()
+    };
+    let (write, ssn_writable) =
+        (list("write"), list("write_only_identifier_systems").iter().any(|s| s.ends_with("us-ssn")));
+    let mut out = Vec::new();
+    let o = patient.as_object_mut().unwrap();
+    let keys: Vec<String> = o.keys().cloned().collect();
+    for k in keys {
+        let base = k.strip_prefix("deceased").map_or(k.as_str(), |_| "deceased[x]");
+        let base = if k.starts_with("multipleBirth") { "multipleBirth[x]" } else { base };
+        if !matches!(k.as_str(), "resourceType" | "id" | "meta") && !write.iter().any(|w| w == base) {
+            o.remove(&k);
+            out.push(k);
+        }
+    }
+    if !ssn_writable && let Some(ids) = o.get_mut("identifier").and_then(Value::as_array_mut) {
+        let before = ids.len();
+        ids.retain(|i| i["system"] != "http://hl7.org/fhir/sid/us-ssn");
+        if ids.len() != before {
+            out.push("identifier (SSN)".into());
+        }
+    }
+    if ssn_writable {
+        assert!(out.is_empty(), "the US Core Patient rules are in place: nothing may be left out ({out:?})");
+    }
+    out
 }
 
 /// Removes every reference to an entry that is neither loaded already (`known`) nor in this transaction
@@ -336,6 +379,7 @@ both_backends!(synthea_records_load_by_transaction_with_nothing_refused, |app: T
     let mut expected: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_writer: HashMap<&str, usize> = HashMap::new();
     let (mut dropped, mut left_out) = (0usize, BTreeMap::<String, usize>::new());
+    let mut stripped = std::collections::BTreeSet::new();
     for (p, bundle) in bundles.iter().enumerate() {
         let mut map: HashMap<String, String> = HashMap::new();
         for (phase, (writer, types)) in PHASES.iter().enumerate() {
@@ -349,6 +393,9 @@ both_backends!(synthea_records_load_by_transaction_with_nothing_refused, |app: T
                 })
                 .cloned()
                 .collect();
+            if phase == 1 {
+                stripped.extend(strip_unwritable_patient_elements(&mut entries[0]["resource"]));
+            }
             if phase == 1 {
                 // The registration assigns the test clinician (the front desk is the role that assigns care teams).
                 let patient = entries[0]["fullUrl"].clone();
@@ -418,7 +465,10 @@ both_backends!(synthea_records_load_by_transaction_with_nothing_refused, |app: T
             }
         }
     }
-    eprintln!("loaded {expected:?}; left out (not served yet) {left_out:?}; references to them dropped: {dropped}");
+    eprintln!(
+        "loaded {expected:?}; left out (not served yet) {left_out:?}; references to them dropped: {dropped}; \
+         Patient elements the front desk may not write yet, left out: {stripped:?}"
+    );
     assert!(expected.values().sum::<usize>() > 1000, "a real record: {expected:?}");
 
     // Read back by search, as the clinician (the care team reaches all three patients), or as the writer for
@@ -543,7 +593,7 @@ both_backends!(import_reports_refusals_by_entry_without_values, |app: TestApp| a
     assert!(!out.status.success(), "{}", text(&out));
     assert_eq!(families(&app, &front).await, vec!["Resume-000", "Resume-001", "Resume-003", "Resume-004"]);
     // An account that does not exist is refused before anything is read.
-    let out = carevault(&app, &["import", "--account", "nobody", "--quiet", file.to_str().unwrap()]);
+    let out = carevault(&app, &["import", "--account", "nobody", "--batch", "2", "--quiet", file.to_str().unwrap()]);
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no account named"),
         "{}",
