@@ -66,7 +66,7 @@ impl Account {
         self.role.parse().ok()
     }
 
-    fn principal(&self, session: Option<Uuid>, issuer: &str) -> AppResult<Principal> {
+    pub fn principal(&self, session: Option<Uuid>, issuer: &str) -> AppResult<Principal> {
         let role = self.role().ok_or_else(|| AppError::internal("stored account has an unknown role"))?;
         Ok(Principal {
             subject: self.id.clone(),

@@ -5,6 +5,7 @@ pub mod apps;
 pub mod audit;
 pub mod deploy;
 pub mod healthcheck;
+pub mod import;
 pub mod incident;
 pub mod keys;
 pub mod policy;
@@ -132,6 +133,8 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// Add synthetic patients (load tests, benchmarks; refused in production).
     Seed(seed::SeedArgs),
+    /// Load NDJSON files and FHIR Bundles through the records pipeline as an account (resumable).
+    Import(import::ImportArgs),
     /// Ask a running server whether it is ready; exit 0 when it is (container healthchecks).
     Healthcheck(healthcheck::HealthcheckArgs),
     /// Deployment helpers: `deploy init` makes every secret and certificate a deployment needs.
@@ -162,6 +165,7 @@ pub fn run(cli: Cli) -> i32 {
         Some(Command::Audit(cmd)) => audit::run(&cli, cmd),
         Some(Command::Policy(cmd)) => policy::run(&cli, cmd),
         Some(Command::Seed(args)) => seed::run(&cli, args),
+        Some(Command::Import(args)) => import::run(&cli, args),
         Some(Command::Healthcheck(args)) => healthcheck::run(&cli, args),
         Some(Command::Deploy(cmd)) => deploy::run(&cli, cmd),
     };

@@ -21,6 +21,7 @@ mod fhir;
 mod fidelity;
 mod foundation;
 mod fuzz;
+mod ingest;
 mod limits;
 mod monitor;
 mod oidc;
