@@ -536,7 +536,10 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
         .response("400", outcome_response("Not a batch or transaction Bundle, or an entry is invalid (named)."))
         .response("403", outcome_response("A transaction entry is not permitted (named)."))
         .response("404", outcome_response("A transaction entry's target was not found (named)."))
+        .response("409", outcome_response("A transaction entry conflicts with the current state (named)."))
+        .response("410", outcome_response("A transaction entry's target was deleted (named)."))
         .response("412", outcome_response("A transaction entry's version or condition failed (named)."))
+        .response("428", outcome_response("A transaction entry's update or patch has no ifMatch (named)."))
         .response("413", outcome_response("The body is larger than limits.max_bundle_bytes."))
         .response("415", outcome_response("Not FHIR JSON."))),
         (Post, "/fhir/{type}/$validate") => per_type(true, &|d| {
@@ -590,6 +593,7 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
             .response("400", outcome_response("Not a patch, or the patch does not apply."))
             .response("403", outcome_response("The patch touches an element the caller may not see or change (named)."))
             .response("404", outcome_response("Not found (or not the caller's to see)."))
+            .response("409", outcome_response("Conflicts with the current state."))
             .response("410", outcome_response("Deleted."))
             .response("412", outcome_response("The version does not match the current version."))
             .response("413", outcome_response("The body is too large."))
@@ -611,6 +615,7 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
             .response("200", resource_response(d, "The new version of the one match."))
             .response("201", resource_response(d, "Created: nothing matched."))
             .response("400", outcome_response("The body or query is invalid."))
+            .response("409", outcome_response("Conflicts with the current state."))
             .response("412", outcome_response("More than one match, or a stale If-Match."))
             .response("413", outcome_response("The body is too large."))
             .response("415", outcome_response("Not FHIR JSON."))
@@ -626,6 +631,7 @@ fn operations(method: Method, template: &str) -> Vec<(String, utoipa::openapi::p
             .parameters(Some(search_params(d)))
             .response("204", ResponseBuilder::new().description("Deleted, or nothing matched.").build())
             .response("400", outcome_response("The query is invalid."))
+            .response("409", outcome_response("Conflicts with the current state."))
             .response("412", outcome_response("More than one match."))
         }),
         (Get, "/admin/alerts") => {
