@@ -645,7 +645,9 @@ async fn watcher_reloads_on_change() {
     let until = |want: bool| {
         let ac = Arc::clone(&ac);
         async move {
-            for _ in 0..400 {
+            // Up to 30 s: with 26 types one load asks casbin some 4,000 questions, several seconds in a debug
+            // build on a loaded machine.
+            for _ in 0..1200 {
                 if ac.decide(&[Role::Admin], "Practitioner", Action::Create).allowed == want {
                     return true;
                 }

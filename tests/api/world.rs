@@ -93,7 +93,8 @@ impl TestApp {
                        "telecom":[{"system":"phone","value":"555-0100"}],"address":[{"city":"Springfield","state":"IL"}]}),
             )
             .await;
-        // The SSN arrives from the registration feed (no role of the contract writes it through the API).
+        // The SSN arrives from the registration feed, stored as an import would (the front desk may also write it,
+        // blind: tests/api/types.rs).
         self.seed_identifier(&alice, json!({"system":SSN_SYSTEM,"value":"123-45-6789"}));
         let bob = self
             .create(&front, json!({"resourceType":"Patient","name":[{"family":"Brown","given":["Bob"]}],"gender":"male","birthDate":"1975-01-02"}))
