@@ -94,6 +94,11 @@ impl Records {
             return Err(AppError::Forbidden);
         }
         let plan = self.plan_search(d, &dec, params, Handling::Strict)?;
+        // Check-then-act: two conditional writes of the same search must not both find nothing and both create.
+        // Every caller is inside a write transaction; holding the audit chain head (which every write locks to
+        // append, and which SQLite's writers already hold from the start) from the match to the commit orders
+        // them, and the second one's search then sees the first one's row.
+        self.audit.lock_head(conn)?;
         let reach = self.resolve_scope(conn, caller, &dec)?;
         let (mut rows, _) = self.scan(conn, d, &plan.query, &reach, &dec, &plan.req, None, 2, plan.needs_filter)?;
         Ok(match rows.len() {
